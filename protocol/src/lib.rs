@@ -1,0 +1,562 @@
+//! Wire types shared by the sluice scheduler and the runner sidecar.
+//!
+//! This crate is the API boundary between the two processes: plain serde types with public
+//! fields and no behaviour beyond parsing. It does no I/O and depends on neither side, so a
+//! change here is a change of the wire contract ([`PROTOCOL_VERSION`]).
+//!
+//! # Layout
+//!
+//! - ids and the fencing triple: [`JobId`], [`Attempt`], [`LeaseToken`], [`RunnerId`], [`LeaseRef`];
+//! - job specs, tagged by `kind`: [`JobSpec`] and its variants;
+//! - the internal runner endpoints: [`RegisterRequest`] … [`CompleteResponse`];
+//! - the JSON error body every endpoint answers with: [`ErrorBody`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Version of the scheduler↔sidecar wire contract; sent by the sidecar at registration.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Header carrying a runner's bearer token (`Authorization: Bearer <token>`).
+pub const AUTHORIZATION: &str = "authorization";
+
+/// A job's id: the `bigint` primary key of `sluice.jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub i64);
+
+/// The attempt number of a job; the first run is attempt 1. Part of every fencing check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Attempt(pub i32);
+
+/// A fresh random token minted with each claim; a runner write is applied only while the
+/// job's current lease carries this token, so a reclaimed attempt cannot write.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseToken(pub Uuid);
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Lease tokens are capabilities for one attempt; logs get only a prefix.
+        let text = self.0.simple().to_string();
+        write!(f, "LeaseToken({}…)", &text[..8])
+    }
+}
+
+/// A runner instance's id; a new one is minted on every registration, even for a known pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunnerId(pub Uuid);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for RunnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The fencing triple that names one attempt's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseRef {
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+}
+
+/// The states of a job, mirrored by the Postgres enum `sluice.job_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waits on workflow parents.
+    Blocked,
+    /// `run_at` is in the future (a delay or a retry back-off).
+    Scheduled,
+    /// Ready to be claimed.
+    Available,
+    /// Leased to a runner.
+    Running,
+    Succeeded,
+    /// Attempts exhausted, or the failure was not retryable.
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// All states, in lifecycle order.
+    pub const ALL: [JobState; 7] = [
+        JobState::Blocked,
+        JobState::Scheduled,
+        JobState::Available,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// The name used in SQL, JSON and the docs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Blocked => "blocked",
+            JobState::Scheduled => "scheduled",
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the SQL/JSON name.
+    pub fn parse(name: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Terminal states never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Job specs
+// ---------------------------------------------------------------------------------------------
+
+/// The kinds a spec may name; the SQL trigger keeps the same list.
+pub const SPEC_KINDS: [&str; 4] = ["bash", "tool", "agent", "noop"];
+
+/// What a job runs, tagged by `kind`. Unknown fields are ignored so that a newer scheduler can
+/// add fields an older sidecar does not know; unknown kinds are rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobSpec {
+    Bash(BashSpec),
+    Tool(ToolSpec),
+    Agent(AgentSpec),
+    /// Completes at once without forking: health checks and queue benchmarks.
+    Noop(NoopSpec),
+}
+
+impl JobSpec {
+    /// The `kind` tag.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Bash(_) => "bash",
+            JobSpec::Tool(_) => "tool",
+            JobSpec::Agent(_) => "agent",
+            JobSpec::Noop(_) => "noop",
+        }
+    }
+
+    /// The spec's own wall timeout, if it sets one.
+    pub fn timeout_ms(&self) -> Option<u64> {
+        match self {
+            JobSpec::Bash(spec) => spec.timeout_ms,
+            _ => None,
+        }
+    }
+}
+
+/// `{"kind":"bash","script":"…"}`: run a script with `bash -c` in the task's workspace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BashSpec {
+    pub script: String,
+    /// Extra environment for the script; added to the sidecar's allow-list, never replacing it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// Per-job resource limits. A job can only lower the runner's defaults, never raise them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size_bytes: Option<u64>,
+}
+
+/// The tools a runner offers, to `tool` jobs and to the agent loop alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolName {
+    Bash,
+    ReadFile,
+    WriteFile,
+    Grep,
+    WebFetch,
+}
+
+/// `{"kind":"tool","tool":"read_file","input":{…}}`: one tool call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub tool: ToolName,
+    #[serde(default)]
+    pub input: Value,
+}
+
+/// `{"kind":"agent","prompt":"…"}`: an Anthropic Messages tool-use loop run by the sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolName>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_turns: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+}
+
+/// `{"kind":"noop"}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NoopSpec {}
+
+/// Why a spec was refused, in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError(pub String);
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// Validates a spec as JSON and returns it typed. The message names the problem (a missing
+/// `kind`, an unknown one, a missing field) without echoing large inputs.
+pub fn parse_spec(value: &Value) -> Result<JobSpec, SpecError> {
+    let Some(object) = value.as_object() else {
+        return Err(SpecError("spec must be a JSON object".into()));
+    };
+    match object.get("kind") {
+        None => {
+            return Err(SpecError(format!(
+                "spec has no \"kind\"; expected one of {}",
+                SPEC_KINDS.join(", ")
+            )))
+        }
+        Some(Value::String(kind)) if !SPEC_KINDS.contains(&kind.as_str()) => {
+            let shown: String = kind.chars().take(64).collect();
+            return Err(SpecError(format!(
+                "unknown spec kind {shown:?}; expected one of {}",
+                SPEC_KINDS.join(", ")
+            )));
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(SpecError("spec \"kind\" must be a string".into())),
+    }
+    JobSpec::deserialize(value).map_err(|e| SpecError(format!("invalid spec: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Internal runner endpoints
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /internal/runners/register`, authorised by the pool's registration secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub pod_name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub slots: u32,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// The runner's identity and the timings it must keep.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub runner_id: RunnerId,
+    /// Bearer token for every later call; stored hashed by the scheduler.
+    pub token: String,
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+}
+
+impl fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("runner_id", &self.runner_id)
+            .field("token", &"***")
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("lease_ms", &self.lease_ms)
+            .finish()
+    }
+}
+
+/// `POST /internal/runners/:pod/heartbeat`: renews the listed leases.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    #[serde(default)]
+    pub running: Vec<LeaseRef>,
+}
+
+/// Orders for the runner: stop these attempts; stop claiming when `drain` is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    #[serde(default)]
+    pub cancel: Vec<CancelOrder>,
+    #[serde(default)]
+    pub drain: bool,
+}
+
+/// One attempt the runner must kill and abandon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelOrder {
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    /// `lease_lost`, `cancelled` or `timed_out`.
+    pub reason: String,
+}
+
+/// `POST /internal/runners/:pod/claim`: a long poll for up to `max` tasks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub max: u32,
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// The tasks leased to the runner; empty when the wait ran out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    pub tasks: Vec<Task>,
+}
+
+/// One leased attempt of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Task {
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub queue: String,
+    /// The spec as stored; the sidecar parses it with [`parse_spec`] so that a spec it cannot
+    /// run fails that one job instead of the whole claim.
+    pub spec: Value,
+    /// The job's server-side deadline, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl Task {
+    /// The fencing triple of this attempt.
+    pub fn lease(&self) -> LeaseRef {
+        LeaseRef {
+            job_id: self.job_id,
+            attempt: self.attempt,
+            lease_token: self.lease_token,
+        }
+    }
+}
+
+/// Event kinds the sidecar emits for a bash or tool run.
+pub mod event_kind {
+    /// `{"text": …}` — a chunk of the tool's stdout.
+    pub const STDOUT: &str = "stdout";
+    /// `{"text": …}` — a chunk of the tool's stderr.
+    pub const STDERR: &str = "stderr";
+    /// `{"stream", "limit_bytes"}` — output beyond the per-attempt cap was dropped.
+    pub const TRUNCATED: &str = "truncated";
+    /// `{"pid"}` — the tool process started.
+    pub const STARTED: &str = "started";
+    /// `{"exit_code", "signal"}` — the tool process ended.
+    pub const EXITED: &str = "exited";
+}
+
+/// One event of an attempt; `seq` starts at 1 and is dense per attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: i64,
+    pub kind: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// `POST /internal/tasks/:id/stream`: idempotent on `(job, attempt, seq)`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamRequest {
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub events: Vec<Event>,
+}
+
+/// How many of the posted events were new.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamResponse {
+    pub stored: u64,
+}
+
+/// How an attempt ended, as the runner saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+}
+
+/// A machine-readable error: `code` for programs, `message` for people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// `POST /internal/tasks/:id/complete`: idempotent; a stale attempt gets 409.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub output: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+    /// `false` for failures that another attempt cannot fix (an invalid spec, for one).
+    #[serde(default = "default_true")]
+    pub retryable: bool,
+    /// The last event `seq` of this attempt; later events are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_seq: Option<i64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The job's state after the completion was applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteResponse {
+    pub state: JobState,
+}
+
+/// The body of every error response: `{"error":{"code","message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// Error codes with a meaning the other side acts on.
+pub mod error_code {
+    /// The attempt no longer holds the lease: kill the tool and abandon the task.
+    pub const LEASE_LOST: &str = "lease_lost";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const MALFORMED: &str = "malformed_json";
+    pub const INVALID: &str = "invalid_request";
+    pub const INVALID_SPEC: &str = "invalid_spec";
+    pub const TOO_LARGE: &str = "payload_too_large";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const INTERNAL: &str = "internal";
+    pub const CONFLICT: &str = "conflict";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_bash_spec_parses_with_defaults() {
+        let spec = parse_spec(&json!({"kind": "bash", "script": "echo hi"})).unwrap();
+        let JobSpec::Bash(bash) = spec else {
+            panic!("expected bash")
+        };
+        assert_eq!(bash.script, "echo hi");
+        assert!(bash.env.is_empty());
+        assert_eq!(bash.timeout_ms, None);
+    }
+
+    #[test]
+    fn an_unknown_kind_is_named_in_the_error() {
+        let err = parse_spec(&json!({"kind": "python", "code": "1"})).unwrap_err();
+        assert!(err.0.contains("\"python\""), "{err}");
+        assert!(err.0.contains("bash"), "{err}");
+    }
+
+    #[test]
+    fn a_spec_without_kind_or_not_an_object_is_refused() {
+        assert!(parse_spec(&json!({"script": "x"}))
+            .unwrap_err()
+            .0
+            .contains("no \"kind\""));
+        assert!(parse_spec(&json!("bash")).is_err());
+        assert!(parse_spec(&json!({"kind": 3})).is_err());
+    }
+
+    #[test]
+    fn a_bash_spec_without_script_is_refused() {
+        let err = parse_spec(&json!({"kind": "bash"})).unwrap_err();
+        assert!(err.0.contains("script"), "{err}");
+    }
+
+    #[test]
+    fn limits_refuse_unknown_fields() {
+        let err = parse_spec(&json!({"kind":"bash","script":"x","limits":{"cpu":1}})).unwrap_err();
+        assert!(err.0.contains("cpu"), "{err}");
+    }
+
+    #[test]
+    fn job_states_round_trip_through_their_names() {
+        for state in JobState::ALL {
+            assert_eq!(JobState::parse(state.as_str()), Some(state));
+            let json = serde_json::to_value(state).unwrap();
+            assert_eq!(json, json!(state.as_str()));
+        }
+        assert!(JobState::Failed.is_terminal());
+        assert!(!JobState::Running.is_terminal());
+    }
+
+    #[test]
+    fn lease_tokens_and_runner_tokens_are_not_printed_whole() {
+        let token = LeaseToken(Uuid::new_v4());
+        let shown = format!("{token:?}");
+        assert!(!shown.contains(&token.0.simple().to_string()));
+        let reg = RegisterResponse {
+            runner_id: RunnerId(Uuid::new_v4()),
+            token: "CANARY-secret".into(),
+            heartbeat_ms: 1,
+            lease_ms: 2,
+        };
+        assert!(!format!("{reg:?}").contains("CANARY"));
+    }
+}

@@ -1,0 +1,170 @@
+//! The scheduler's two HTTP listeners. Only this module knows HTTP: status codes, headers and
+//! JSON error bodies are chosen here, in [`AppError`]'s one `IntoResponse` impl.
+//!
+//! - [`public`] — `/api/*` for applications and operators, bearer `SLUICE_API_TOKEN`, plus
+//!   `/healthz` and `/readyz`.
+//! - [`internal`] — `/internal/*` for runners: registration with the pool's secret, then
+//!   per-runner tokens. Served on its own listener, never on the public one.
+
+pub mod internal;
+pub mod public;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use sluice_protocol::{ErrorBody, ErrorDetail};
+use sqlx::PgPool;
+
+use crate::config::ServeConfig;
+use crate::wake::Wake;
+use crate::Error;
+
+/// Largest request body either listener accepts.
+pub const BODY_LIMIT_BYTES: usize = 1 << 20;
+
+/// Shared state of both listeners.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub wake: Wake,
+    pub config: Arc<ServeConfig>,
+    /// Flips to `true` when the scheduler shuts down, ending long polls early.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The HTTP face of [`Error`].
+#[derive(Debug)]
+pub struct AppError(pub Error);
+
+impl From<Error> for AppError {
+    fn from(err: Error) -> Self {
+        AppError(err)
+    }
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(err: sqlx::Error) -> Self {
+        AppError(err.into())
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let err = self.0;
+        let status = match &err {
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::LeaseLost | Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Malformed(_) | Error::Invalid { .. } | Error::InvalidSpec(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &err {
+            // Database error texts can name tables and values; keep them in the log.
+            Error::Internal(_) => {
+                tracing::error!(error = %err, "internal error");
+                "internal error; see the scheduler log".to_string()
+            }
+            Error::Unavailable(_) => {
+                tracing::warn!(error = %err, "database unavailable");
+                "the database is unavailable; retry later".to_string()
+            }
+            _ => err.to_string(),
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: err.code().to_string(),
+                message,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// `Result` for handlers.
+pub type ApiResult<T> = std::result::Result<T, AppError>;
+
+/// A JSON request body, whatever its `Content-Type` (so `curl -d` works), with errors in the
+/// API's own JSON shape: 413 over [`BODY_LIMIT_BYTES`], 400 for bad JSON or bad fields.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError(Error::TooLarge {
+                    limit_bytes: BODY_LIMIT_BYTES,
+                })
+            } else {
+                AppError(Error::Malformed(rejection.body_text()))
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody).map_err(AppError)
+    }
+}
+
+/// Parses a body: syntax errors are `Malformed`, shape errors are `Invalid`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> crate::Result<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::Malformed("the request body is empty".into()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Error::invalid("body", e.to_string()),
+        _ => Error::Malformed(e.to_string()),
+    })
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The JSON 404 for unknown paths on either listener.
+pub async fn not_found() -> AppError {
+    AppError(Error::NotFound("route"))
+}
+
+/// The JSON 405 for a known path with the wrong method.
+pub async fn method_not_allowed() -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: "method_not_allowed".into(),
+            message: "method not allowed on this path".into(),
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}

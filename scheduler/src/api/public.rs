@@ -1,0 +1,234 @@
+//! The public API: enqueue and read jobs, health. Every `/api/*` route needs
+//! `Authorization: Bearer <SLUICE_API_TOKEN>`; the check runs before the body is read.
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sluice_protocol::{parse_spec, JobId, JobState};
+
+use super::{bearer_token, ApiResult, AppError, AppState, JsonBody, BODY_LIMIT_BYTES};
+use crate::store::jobs::{self, AttemptView, Enqueued, JobView, NewJob};
+use crate::{store, Error};
+
+/// Most jobs one batch request may carry.
+pub const MAX_BATCH: usize = 10_000;
+
+/// The public router (`/api/*`, `/healthz`, `/readyz`).
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/jobs", post(enqueue))
+        .route("/api/jobs/batch", post(enqueue_batch))
+        .route("/api/jobs/{id}", get(get_job))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_token,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(super::not_found)
+        .method_not_allowed_fallback(super::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .with_state(state)
+}
+
+async fn require_api_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match bearer_token(&headers) {
+        None => AppError(Error::Unauthorized("missing bearer token")).into_response(),
+        Some(token) if state.config.api_token.matches(token) => next.run(request).await,
+        Some(_) => AppError(Error::Unauthorized("invalid API token")).into_response(),
+    }
+}
+
+/// `POST /api/jobs` body.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueRequest {
+    #[serde(default)]
+    pub queue: Option<String>,
+    pub spec: Value,
+    #[serde(default)]
+    pub priority: Option<i32>,
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /api/jobs/batch` body: `{"jobs":[…]}`, or a bare array.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum BatchRequest {
+    Wrapped { jobs: Vec<EnqueueRequest> },
+    Bare(Vec<EnqueueRequest>),
+}
+
+/// What an enqueue answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnqueueResponse {
+    pub id: JobId,
+    pub state: JobState,
+}
+
+fn valid_queue_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Checks a request and turns it into a [`NewJob`]; every message names the field.
+pub fn validate(request: EnqueueRequest) -> crate::Result<NewJob> {
+    let queue = request.queue.unwrap_or_else(|| "default".to_string());
+    if !valid_queue_name(&queue) {
+        return Err(Error::invalid(
+            "queue",
+            "must be 1-128 characters of letters, digits, '_', '.', ':' or '-', starting with a letter or digit",
+        ));
+    }
+    parse_spec(&request.spec).map_err(|e| Error::InvalidSpec(e.0))?;
+    if request.run_at.is_some() && request.delay_ms.is_some() {
+        return Err(Error::invalid(
+            "run_at",
+            "give run_at or delay_ms, not both",
+        ));
+    }
+    if let Some(max_attempts) = request.max_attempts {
+        if !(1..=1000).contains(&max_attempts) {
+            return Err(Error::invalid("max_attempts", "must be between 1 and 1000"));
+        }
+    }
+    let timeout_ms = match request.timeout_ms {
+        Some(0) => return Err(Error::invalid("timeout_ms", "must be positive")),
+        Some(ms) => Some(i64::try_from(ms).map_err(|_| Error::invalid("timeout_ms", "too large"))?),
+        None => None,
+    };
+    if let Some(delay_ms) = request.delay_ms {
+        if delay_ms > 366 * 24 * 3_600_000 {
+            return Err(Error::invalid("delay_ms", "must be at most one year"));
+        }
+    }
+    if let Some(key) = &request.idempotency_key {
+        if key.is_empty() || key.len() > 255 {
+            return Err(Error::invalid("idempotency_key", "must be 1-255 bytes"));
+        }
+    }
+    Ok(NewJob {
+        queue,
+        spec: request.spec,
+        priority: request.priority,
+        run_at: request.run_at,
+        delay: request.delay_ms.map(Duration::from_millis),
+        max_attempts: request.max_attempts,
+        timeout_ms,
+        idempotency_key: request.idempotency_key,
+    })
+}
+
+fn response_of(enqueued: &Enqueued) -> EnqueueResponse {
+    EnqueueResponse {
+        id: enqueued.id,
+        state: enqueued.state,
+    }
+}
+
+async fn enqueue(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<EnqueueRequest>,
+) -> ApiResult<(StatusCode, Json<EnqueueResponse>)> {
+    let job = validate(request)?;
+    let enqueued = jobs::insert_many(&state.pool, std::slice::from_ref(&job)).await?;
+    let first = enqueued
+        .first()
+        .ok_or_else(|| Error::Internal("enqueue returned nothing".into()))?;
+    let status = if first.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(response_of(first))))
+}
+
+async fn enqueue_batch(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<BatchRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let requests = match request {
+        BatchRequest::Wrapped { jobs } | BatchRequest::Bare(jobs) => jobs,
+    };
+    if requests.is_empty() {
+        return Err(Error::invalid("jobs", "must hold at least one job").into());
+    }
+    if requests.len() > MAX_BATCH {
+        return Err(Error::invalid("jobs", format!("at most {MAX_BATCH} jobs per batch")).into());
+    }
+    let mut new_jobs = Vec::with_capacity(requests.len());
+    for (index, request) in requests.into_iter().enumerate() {
+        let job = validate(request).map_err(|err| match err {
+            Error::InvalidSpec(message) => Error::InvalidSpec(format!("jobs[{index}]: {message}")),
+            Error::Invalid { field, reason } => {
+                Error::invalid(field, format!("jobs[{index}]: {reason}"))
+            }
+            other => other,
+        })?;
+        new_jobs.push(job);
+    }
+    let enqueued = jobs::insert_many(&state.pool, &new_jobs).await?;
+    let jobs: Vec<EnqueueResponse> = enqueued.iter().map(response_of).collect();
+    Ok((StatusCode::CREATED, Json(json!({ "jobs": jobs }))))
+}
+
+/// `GET /api/jobs/:id`.
+#[derive(Debug, Serialize)]
+pub struct JobResponse {
+    #[serde(flatten)]
+    pub job: JobView,
+    pub attempts: Vec<AttemptView>,
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobResponse>> {
+    let id: i64 = id.parse().map_err(|_| Error::NotFound("job"))?;
+    let job = jobs::get(&state.pool, JobId(id))
+        .await?
+        .ok_or(Error::NotFound("job"))?;
+    let attempts = jobs::list_attempts(&state.pool, JobId(id)).await?;
+    Ok(Json(JobResponse { job, attempts }))
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    match tokio::time::timeout(Duration::from_secs(2), store::ping(&state.pool)).await {
+        Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
+        Ok(Err(err)) => Err(err.into()),
+        Err(_) => Err(Error::Unavailable("database ping timed out".into()).into()),
+    }
+}

@@ -1,0 +1,47 @@
+//! The scheduler's configuration (`sluice serve`), from flags and `SLUICE_*` variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::lifecycle::LeaseTimings;
+use crate::secret::Secret;
+
+/// Everything `sluice serve` needs; built by the CLI, by `sluice dev` and by tests.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub database_url: Secret,
+    /// The public API listener (`/api/*`).
+    pub listen: SocketAddr,
+    /// The internal runner listener (`/internal/*`); never the public one.
+    pub internal_listen: SocketAddr,
+    /// Bearer token for the public API.
+    pub api_token: Secret,
+    /// Registration secret that runners present to `register`.
+    pub runner_secret: Secret,
+    pub timings: LeaseTimings,
+    /// How long a claim may wait at most, whatever the runner asks.
+    pub max_claim_wait: Duration,
+    /// How often a waiting claim re-checks without a notification (covers a lost LISTEN).
+    pub claim_poll_interval: Duration,
+    pub max_connections: u32,
+    /// Apply migrations at start.
+    pub migrate: bool,
+}
+
+impl ServeConfig {
+    /// A config with the defaults for everything but the database and the secrets.
+    pub fn new(database_url: Secret, api_token: Secret, runner_secret: Secret) -> Self {
+        ServeConfig {
+            database_url,
+            listen: "127.0.0.1:7070".parse().expect("static address"),
+            internal_listen: "127.0.0.1:7071".parse().expect("static address"),
+            api_token,
+            runner_secret,
+            timings: LeaseTimings::default(),
+            max_claim_wait: Duration::from_secs(60),
+            claim_poll_interval: Duration::from_secs(1),
+            max_connections: 16,
+            migrate: true,
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! `sluice dev`: everything on one machine with one command.
+//!
+//! Starts (or reuses) a private Postgres cluster under `.sluice/`, applies the migrations, runs
+//! the scheduler in-process and two `sluice-runner` child processes, writes `.sluice/dev.env`,
+//! enqueues the example job and prints its events, then serves until Ctrl-C or SIGTERM, when
+//! it stops the runners, the scheduler and Postgres, in that order.
+//!
+//! The cluster and the runners are started from the main thread with a parent-death signal,
+//! so even a `kill -9` of `sluice dev` leaves nothing running.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use sluice_protocol::{JobId, JobState};
+
+use crate::config::ServeConfig;
+use crate::lifecycle::LeaseTimings;
+use crate::postgres::{self, Cluster, ClusterConfig};
+use crate::secret::Secret;
+use crate::server::Server;
+use crate::store::{self, events, jobs};
+use crate::{Error, Result};
+
+/// The example job `sluice dev` runs first.
+pub const EXAMPLE_JOB: &str = include_str!("../../examples/hello.json");
+
+/// Options of `sluice dev`.
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    /// State directory (`.sluice`): cluster, `dev.env`, runner workspaces, logs.
+    pub dir: PathBuf,
+    /// Use this server instead of a private cluster.
+    pub database_url: Option<Secret>,
+    pub listen: SocketAddr,
+    pub internal_listen: SocketAddr,
+    pub runners: u32,
+    /// Enqueue the example job and print its events.
+    pub run_example: bool,
+    pub timings: LeaseTimings,
+}
+
+/// Runs `sluice dev` to completion (until a signal). Call from the main thread, before any
+/// async runtime exists: the cluster and the runners use this thread as their parent.
+pub fn run(config: DevConfig) -> Result<()> {
+    fs::create_dir_all(&config.dir)
+        .map_err(|e| Error::Internal(format!("creating {}: {e}", config.dir.display())))?;
+    let dir = std::path::absolute(&config.dir).unwrap_or_else(|_| config.dir.clone());
+    let started = Instant::now();
+
+    let mut cluster = None;
+    let database_url = match &config.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let data_dir = postgres::data_dir_for(&dir.join("pg").join("data"))?;
+            println!("starting Postgres in {}", data_dir.display());
+            let started_cluster = Cluster::start(&ClusterConfig {
+                data_dir,
+                port: 0,
+                durable: true,
+                settings: Vec::new(),
+            })?;
+            let url = Secret::new(started_cluster.url("sluice"));
+            cluster = Some(started_cluster);
+            url
+        }
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let outcome = runtime.block_on(serve_dev(
+        &config,
+        &dir,
+        database_url,
+        cluster.is_some(),
+        started,
+    ));
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if let Some(mut cluster) = cluster {
+        cluster.stop();
+        println!("Postgres stopped");
+    }
+    outcome
+}
+
+async fn serve_dev(
+    config: &DevConfig,
+    dir: &Path,
+    database_url: Secret,
+    private_cluster: bool,
+    started: Instant,
+) -> Result<()> {
+    if private_cluster {
+        create_database(database_url.expose()).await?;
+    }
+    let env_path = dir.join("dev.env");
+    let api_token = previous_token(&env_path).unwrap_or_else(|| Secret::generate("sk_"));
+    let runner_secret = Secret::generate("srs_");
+
+    let mut serve = ServeConfig::new(
+        database_url.clone(),
+        api_token.clone(),
+        runner_secret.clone(),
+    );
+    serve.listen = config.listen;
+    serve.internal_listen = config.internal_listen;
+    serve.timings = config.timings;
+    let server = match Server::start(serve.clone()).await {
+        Ok(server) => server,
+        Err(Error::Invalid { field, reason }) if field.ends_with("LISTEN") => {
+            println!("note: {reason}; using free ports instead");
+            serve.listen.set_port(0);
+            serve.internal_listen.set_port(0);
+            Server::start(serve).await?
+        }
+        Err(err) => return Err(err),
+    };
+    let api_url = format!("http://{}", server.api_addr);
+    let internal_url = format!("http://{}", server.internal_addr);
+
+    write_env_file(&env_path, database_url.expose(), &api_url, &api_token)?;
+
+    let runner_binary = match find_runner_binary() {
+        Ok(path) => path,
+        Err(err) => {
+            server.shutdown().await;
+            return Err(err);
+        }
+    };
+    let logs = dir.join("logs");
+    fs::create_dir_all(&logs).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut runners = Vec::new();
+    for n in 1..=config.runners {
+        match spawn_runner(&runner_binary, n, dir, &logs, &internal_url, &runner_secret) {
+            Ok(child) => {
+                println!(
+                    "runner dev-runner-{n} pid {} (log: {})",
+                    child.id(),
+                    logs.join(format!("runner-{n}.log")).display()
+                );
+                runners.push(child);
+            }
+            Err(err) => {
+                stop_runners(&mut runners).await;
+                server.shutdown().await;
+                return Err(err);
+            }
+        }
+    }
+
+    print_banner(&api_url, &api_token, database_url.expose(), &env_path);
+
+    let pool = store::pool(
+        store::connect_options(database_url.expose())?,
+        &store::PoolConfig::default(),
+    );
+    let example = async {
+        if config.run_example {
+            if let Err(err) = run_example(&pool, started).await {
+                println!("example job: {err}");
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = example => {}
+        signal = shutdown_signal() => println!("\n{signal}: shutting down"),
+    }
+
+    stop_runners(&mut runners).await;
+    println!("runners stopped");
+    pool.close().await;
+    server.shutdown().await;
+    println!("scheduler stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
+}
+
+async fn create_database(url: &str) -> Result<()> {
+    let admin = url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/postgres"))
+        .unwrap_or_default();
+    let pool = store::pool(
+        store::connect_options(&admin)?,
+        &store::PoolConfig::default(),
+    );
+    let exists: Option<(i32,)> =
+        sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = 'sluice'")
+            .fetch_optional(&pool)
+            .await?;
+    if exists.is_none() {
+        sqlx::query("CREATE DATABASE sluice").execute(&pool).await?;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// Keeps the API token stable across restarts, so a saved `dev.env` stays valid.
+fn previous_token(env_path: &Path) -> Option<Secret> {
+    let text = fs::read_to_string(env_path).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("SLUICE_API_TOKEN="))
+        .map(|token| Secret::new(token.trim()))
+        .filter(|token| !token.expose().is_empty())
+}
+
+fn write_env_file(path: &Path, database_url: &str, api_url: &str, token: &Secret) -> Result<()> {
+    let text = format!(
+        "DATABASE_URL={database_url}\nSLUICE_API_URL={api_url}\nSLUICE_API_TOKEN={}\n",
+        token.expose()
+    );
+    fs::write(path, text)
+        .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// `sluice-runner` next to this executable, else on PATH. Started through `cargo run`, which
+/// builds only this binary, build the runner first with the same profile.
+pub fn find_runner_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| Error::Internal(e.to_string()))?;
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let beside = dir.join("sluice-runner");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        if dir.ends_with("target/release") || dir.ends_with("target/debug") {
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "sluice-runner"]);
+            if dir.ends_with("target/release") {
+                build.arg("--release");
+            }
+            println!("building sluice-runner …");
+            let status = build
+                .status()
+                .map_err(|e| Error::Internal(format!("running cargo build: {e}")))?;
+            if !status.success() {
+                return Err(Error::Internal(
+                    "`cargo build -p sluice-runner` failed".into(),
+                ));
+            }
+        }
+    }
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("sluice-runner");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(Error::Unavailable(format!(
+        "sluice-runner was not found next to {} or on PATH; build it with `cargo build --release -p sluice-runner`",
+        exe.display()
+    )))
+}
+
+fn spawn_runner(
+    binary: &Path,
+    n: u32,
+    dir: &Path,
+    logs: &Path,
+    internal_url: &str,
+    secret: &Secret,
+) -> Result<Child> {
+    let log_path = logs.join(format!("runner-{n}.log"));
+    let log = fs::File::create(&log_path).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut command = Command::new(binary);
+    // The sidecar gets what it needs and nothing else: no DATABASE_URL, no API token.
+    command.env_clear();
+    for name in ["PATH", "HOME", "TMPDIR", "RUST_LOG", "LANG"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+        .env("SLUICE_API_URL", internal_url)
+        .env("RUNNER_POD_NAME", format!("dev-runner-{n}"))
+        .env("SLUICE_RUNNER_SECRET", secret.expose())
+        .env(
+            "SLUICE_RUNNER_WORKDIR",
+            dir.join("runners").join(n.to_string()),
+        )
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        )
+        .stderr(log);
+    // SAFETY: prctl is async-signal-safe. The main thread (the spawner) lives until exit.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+        });
+    }
+    command
+        .spawn()
+        .map_err(|e| Error::Internal(format!("starting {}: {e}", binary.display())))
+}
+
+/// SIGTERM (the runners drain), then SIGKILL whatever is left after 10 s.
+async fn stop_runners(runners: &mut Vec<Child>) {
+    for child in runners.iter() {
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for child in runners.iter_mut() {
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    runners.clear();
+}
+
+fn print_banner(api_url: &str, token: &Secret, database_url: &str, env_path: &Path) {
+    let token = token.expose();
+    println!(
+        "\nsluice dev is running\n\
+         \n  API:      {api_url}\
+         \n  token:    {token}\
+         \n  database: {database_url}\
+         \n  env file: {env} (source it: set -a; . {env}; set +a)\
+         \n\
+         \n  curl -H \"Authorization: Bearer {token}\" -d '{{\"spec\":{{\"kind\":\"bash\",\"script\":\"echo hi\"}}}}' {api_url}/api/jobs\
+         \n  psql \"{database_url}\" -c \"INSERT INTO sluice.jobs (queue, spec) VALUES ('default', '{{\\\"kind\\\":\\\"bash\\\",\\\"script\\\":\\\"echo hello\\\"}}')\"\
+         \n\nCtrl-C stops everything.\n",
+        env = env_path.display(),
+    );
+}
+
+/// Enqueues the example job and prints its events until it ends.
+async fn run_example(pool: &sqlx::PgPool, started: Instant) -> Result<()> {
+    let spec: Value = serde_json::from_str(EXAMPLE_JOB)
+        .map_err(|e| Error::Internal(format!("examples/hello.json: {e}")))?;
+    let job = jobs::NewJob {
+        queue: "default".into(),
+        spec,
+        ..Default::default()
+    };
+    let enqueued = jobs::insert_many(pool, std::slice::from_ref(&job)).await?;
+    let id = enqueued[0].id;
+    println!("example job {id} enqueued");
+    let mut position = 0;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let batch = events::list_after(pool, id, position, 500).await?;
+        for event in &batch {
+            position = position.max(event.position);
+            print_event(id, event);
+        }
+        let view = jobs::get(pool, id).await?.ok_or(Error::NotFound("job"))?;
+        let state = JobState::parse(&view.state).unwrap_or(JobState::Running);
+        if state.is_terminal() && batch.is_empty() {
+            println!(
+                "example job {id} {state} after {:.2?} from start; result: {}",
+                started.elapsed(),
+                view.result.unwrap_or(Value::Null)
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+fn print_event(id: JobId, event: &events::StoredEvent) {
+    match event.data.get("text").and_then(Value::as_str) {
+        Some(text) => {
+            for line in text.lines() {
+                println!("[job {id} #{} {}] {line}", event.attempt, event.kind);
+            }
+        }
+        None => println!(
+            "[job {id} #{} {}] {}",
+            event.attempt, event.kind, event.data
+        ),
+    }
+}

@@ -1,0 +1,68 @@
+//! The job lifecycle's policy: how long leases last, how failed attempts back off.
+//!
+//! The transitions themselves are guarded SQL statements in [`crate::store::jobs`]; this
+//! module holds the numbers they are given, so the whole policy reads in one place:
+//!
+//! ```text
+//!  blocked ──parents done──▶ available ◀──promote (run_at due)── scheduled
+//!                               │  ▲                                 ▲
+//!                         claim │  │ lease expired, attempts left    │ failed, retryable,
+//!                               ▼  │                                 │ attempts left
+//!                             running ───────────────────────────────┘
+//!                               │
+//!           succeeded ◀─────────┼──────────▶ failed (attempts used up, not retryable,
+//!                               │                    or lease expired on the last attempt)
+//!                               ▼
+//!                           cancelled
+//! ```
+//!
+//! Terminal states (succeeded, failed, cancelled) never change again: every statement that
+//! moves a job names the state it moves it from.
+
+use std::time::Duration;
+
+/// Timings that runners and the reaper share.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTimings {
+    /// How often a runner heartbeats.
+    pub heartbeat: Duration,
+    /// How long a lease lasts without a renewal.
+    pub lease: Duration,
+    /// How often the leader reclaims expired leases and promotes due jobs.
+    pub maintenance_interval: Duration,
+}
+
+impl Default for LeaseTimings {
+    fn default() -> Self {
+        LeaseTimings {
+            heartbeat: Duration::from_secs(5),
+            lease: Duration::from_secs(30),
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Retry back-off after a failed attempt: exponential from 1 s, doubling, capped at one hour,
+/// with ±25 % jitter so that a burst of failures does not retry in lock step.
+pub fn retry_backoff(failed_attempt: i32) -> Duration {
+    let exponent = failed_attempt.clamp(1, 20) as u32 - 1;
+    let base_ms = 1000u64.saturating_mul(1u64 << exponent).min(3_600_000);
+    let jitter = 0.75 + fastrand::f64() * 0.5;
+    Duration::from_millis((base_ms as f64 * jitter) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let first = retry_backoff(1);
+        assert!(first >= Duration::from_millis(750) && first <= Duration::from_millis(1250));
+        let third = retry_backoff(3);
+        assert!(third >= Duration::from_millis(3000) && third <= Duration::from_millis(5000));
+        let huge = retry_backoff(1000);
+        assert!(huge <= Duration::from_millis(4_500_000));
+        assert!(retry_backoff(0) <= Duration::from_millis(1250));
+    }
+}

@@ -1,0 +1,354 @@
+//! The `sluice` binary: parses the command line and calls the library.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use sluice::client::{ApiClient, ClientError};
+use sluice::config::ServeConfig;
+use sluice::dev::DevConfig;
+use sluice::lifecycle::LeaseTimings;
+use sluice::secret::Secret;
+
+/// sluice: a Postgres-backed job system whose runners execute tools in sandboxes.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Secret,
+    },
+    /// Run a scheduler: the public API, the internal runner API and the reaper.
+    Serve(ServeArgs),
+    /// Enqueue a job through the public API; `--wait` prints its output and exits with its status.
+    Enqueue(EnqueueArgs),
+    /// Start a private Postgres, the scheduler and two local runners; run an example job.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct TimingArgs {
+    /// How often runners heartbeat.
+    #[arg(long, env = "SLUICE_HEARTBEAT_MS", default_value_t = 5000)]
+    heartbeat_ms: u64,
+    /// How long a lease lasts without a renewal.
+    #[arg(long, env = "SLUICE_LEASE_MS", default_value_t = 30000)]
+    lease_ms: u64,
+    /// How often expired leases are reclaimed and due jobs promoted.
+    #[arg(long, env = "SLUICE_REAPER_INTERVAL_MS", default_value_t = 1000)]
+    reaper_interval_ms: u64,
+}
+
+impl TimingArgs {
+    fn timings(&self) -> anyhow::Result<LeaseTimings> {
+        if self.heartbeat_ms == 0 || self.reaper_interval_ms == 0 {
+            anyhow::bail!("SLUICE_HEARTBEAT_MS and SLUICE_REAPER_INTERVAL_MS must be positive");
+        }
+        if self.lease_ms < 2 * self.heartbeat_ms {
+            anyhow::bail!(
+                "SLUICE_LEASE_MS ({}) must be at least twice SLUICE_HEARTBEAT_MS ({}), so one lost heartbeat does not lose the lease",
+                self.lease_ms,
+                self.heartbeat_ms
+            );
+        }
+        Ok(LeaseTimings {
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            lease: Duration::from_millis(self.lease_ms),
+            maintenance_interval: Duration::from_millis(self.reaper_interval_ms),
+        })
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Secret,
+    /// Public API address.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Internal runner API address.
+    #[arg(long, env = "SLUICE_INTERNAL_LISTEN", default_value = "127.0.0.1:7071")]
+    internal_listen: SocketAddr,
+    /// Bearer token for the public API.
+    #[arg(long, env = "SLUICE_API_TOKEN", hide_env_values = true)]
+    api_token: Secret,
+    /// Secret runners present to register.
+    #[arg(long, env = "SLUICE_RUNNER_SECRET", hide_env_values = true)]
+    runner_secret: Secret,
+    #[command(flatten)]
+    timings: TimingArgs,
+    /// Database connections in the pool.
+    #[arg(long, env = "SLUICE_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    max_connections: u32,
+    /// Do not apply migrations at start.
+    #[arg(long)]
+    no_migrate: bool,
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    /// The job spec (`{"kind":"bash","script":"…"}`) or a full request (`{"spec":{…},"queue":…}`);
+    /// `-` reads it from stdin, `@file` from a file.
+    spec: String,
+    /// Wait for the job to end, print its output, and exit with its status.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    priority: Option<i32>,
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[arg(long)]
+    delay_ms: Option<u64>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Public API URL; defaults to the one in `.sluice/dev.env`.
+    #[arg(long, env = "SLUICE_API_URL")]
+    api_url: Option<String>,
+    /// API token; defaults to the one in `.sluice/dev.env`.
+    #[arg(long, env = "SLUICE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<Secret>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// State directory: the cluster, dev.env, runner workspaces and logs.
+    #[arg(long, default_value = ".sluice")]
+    dir: PathBuf,
+    /// Use this Postgres instead of a private cluster.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<Secret>,
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    internal_listen: SocketAddr,
+    /// Local runners to start.
+    #[arg(long, default_value_t = 2)]
+    runners: u32,
+    /// Do not run the example job.
+    #[arg(long)]
+    no_example: bool,
+    #[command(flatten)]
+    timings: TimingArgs,
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Dev(args) => {
+            init_tracing("warn,sluice=info");
+            dev(args)
+        }
+        Command::Migrate { database_url } => {
+            init_tracing("info");
+            block_on(migrate(database_url))
+        }
+        Command::Serve(args) => {
+            init_tracing("info");
+            block_on(serve(args))
+        }
+        Command::Enqueue(args) => {
+            init_tracing("warn");
+            block_on(enqueue(args))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
+    future: F,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}
+
+fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    sluice::dev::run(DevConfig {
+        dir: args.dir,
+        database_url: args.database_url,
+        listen: args.listen,
+        internal_listen: args.internal_listen,
+        runners: args.runners,
+        run_example: !args.no_example,
+        timings: args.timings.timings()?,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(database_url: Secret) -> anyhow::Result<ExitCode> {
+    let pool = sluice::store::pool(
+        sluice::store::connect_options(database_url.expose())?,
+        &Default::default(),
+    );
+    sluice::store::migrate(&pool).await?;
+    println!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = ServeConfig::new(args.database_url, args.api_token, args.runner_secret);
+    if config.api_token.expose().is_empty() || config.runner_secret.expose().is_empty() {
+        anyhow::bail!("SLUICE_API_TOKEN and SLUICE_RUNNER_SECRET must not be empty");
+    }
+    config.listen = args.listen;
+    config.internal_listen = args.internal_listen;
+    config.timings = args.timings.timings()?;
+    config.max_connections = args.max_connections;
+    config.migrate = !args.no_migrate;
+    let server = sluice::server::Server::start(config).await?;
+    // One line on stdout that scripts (and the testkit) can wait for.
+    println!(
+        "sluice listening api=http://{} internal=http://{}",
+        server.api_addr, server.internal_addr
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// `SLUICE_API_URL`/`SLUICE_API_TOKEN` from `.sluice/dev.env`, for whichever is unset.
+fn dev_env_value(name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(".sluice/dev.env").ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+        .map(|v| v.trim().to_string())
+}
+
+fn read_spec_argument(spec: &str) -> anyhow::Result<String> {
+    if spec == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        Ok(text)
+    } else if let Some(path) = spec.strip_prefix('@') {
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {path}: {e}"))
+    } else {
+        Ok(spec.to_string())
+    }
+}
+
+async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
+    let text = read_spec_argument(&args.spec)?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("the spec is not valid JSON: {e}"))?;
+    let mut request = match &value {
+        Value::Object(map) if map.contains_key("spec") => value.clone(),
+        Value::Object(_) => json!({ "spec": value }),
+        _ => anyhow::bail!(
+            "the spec must be a JSON object such as {{\"kind\":\"bash\",\"script\":\"echo hi\"}}"
+        ),
+    };
+    let fields = [
+        ("queue", args.queue.map(Value::from)),
+        ("priority", args.priority.map(Value::from)),
+        ("max_attempts", args.max_attempts.map(Value::from)),
+        ("timeout_ms", args.timeout_ms.map(Value::from)),
+        ("delay_ms", args.delay_ms.map(Value::from)),
+        ("idempotency_key", args.idempotency_key.map(Value::from)),
+    ];
+    for (name, field) in fields {
+        if let Some(field) = field {
+            request[name] = field;
+        }
+    }
+    let api_url = args
+        .api_url
+        .or_else(|| dev_env_value("SLUICE_API_URL"))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "set SLUICE_API_URL (or run `sluice dev` here, which writes .sluice/dev.env)"
+            )
+        })?;
+    let token = args
+        .api_token
+        .or_else(|| dev_env_value("SLUICE_API_TOKEN").map(Secret::new))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "set SLUICE_API_TOKEN (or run `sluice dev` here, which writes .sluice/dev.env)"
+            )
+        })?;
+    let client = ApiClient::new(&api_url, token);
+    let (_, created) = client.enqueue(&request).await.map_err(describe)?;
+    let id = created
+        .get("id")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| anyhow::anyhow!("unexpected answer: {created}"))?;
+    if !args.wait {
+        println!("{created}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let job = client.wait_terminal(id).await.map_err(describe)?;
+    let result = job.get("result").cloned().unwrap_or(Value::Null);
+    if let Some(out) = result.get("stdout_tail").and_then(Value::as_str) {
+        print!("{out}");
+    }
+    if let Some(err) = result.get("stderr_tail").and_then(Value::as_str) {
+        eprint!("{err}");
+    }
+    let state = job
+        .get("state")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
+    let attempts = job.get("attempt").and_then(Value::as_i64).unwrap_or(0);
+    if state == "succeeded" {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exit_code = result.get("exit_code").and_then(Value::as_i64);
+    let error = job.get("error").cloned().unwrap_or(Value::Null);
+    eprintln!("job {id} {state} after {attempts} attempt(s): {error}");
+    Ok(match exit_code {
+        Some(code) if (1..=255).contains(&code) => ExitCode::from(code as u8),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn describe(err: ClientError) -> anyhow::Error {
+    anyhow::anyhow!("{err}")
+}

@@ -1,0 +1,113 @@
+//! `sluice serve`: binds both listeners, starts the LISTEN task and the maintenance loop, and
+//! shuts all of them down together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::api::{self, AppState};
+use crate::config::ServeConfig;
+use crate::wake::{self, Wake};
+use crate::{maintenance, store, Error, Result};
+
+/// A running scheduler.
+pub struct Server {
+    /// Where the public API listens (the real port when 0 was asked for).
+    pub api_addr: SocketAddr,
+    /// Where the internal runner API listens.
+    pub internal_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Binds, migrates (when configured) and starts serving in the background.
+    pub async fn start(config: ServeConfig) -> Result<Server> {
+        let options = store::connect_options(config.database_url.expose())?;
+        let pool = store::pool(
+            options,
+            &store::PoolConfig {
+                max_connections: config.max_connections,
+                ..Default::default()
+            },
+        );
+        if config.migrate {
+            store::migrate(&pool).await?;
+        }
+        let public = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::invalid("SLUICE_LISTEN", format!("{}: {e}", config.listen)))?;
+        let internal = tokio::net::TcpListener::bind(config.internal_listen)
+            .await
+            .map_err(|e| {
+                Error::invalid(
+                    "SLUICE_INTERNAL_LISTEN",
+                    format!("{}: {e}", config.internal_listen),
+                )
+            })?;
+        let api_addr = public
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let internal_addr = internal
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let wake = Wake::new();
+        let interval = config.timings.maintenance_interval;
+        let state = AppState {
+            pool: pool.clone(),
+            wake: wake.clone(),
+            config: Arc::new(config),
+            shutdown: shutdown_rx.clone(),
+        };
+        let mut tasks = JoinSet::new();
+        tasks.spawn(wake::listen(
+            pool.clone(),
+            wake.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(maintenance::run(
+            pool.clone(),
+            wake,
+            interval,
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(serve(
+            public,
+            api::public::router(state.clone()),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(serve(internal, api::internal::router(state), shutdown_rx));
+        tracing::info!(%api_addr, %internal_addr, "scheduler listening");
+        Ok(Server {
+            api_addr,
+            internal_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and waits for every task.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(err) = result {
+        tracing::error!(error = %err, "listener failed");
+    }
+}

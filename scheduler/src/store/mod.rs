@@ -1,0 +1,76 @@
+//! The store layer: every SQL statement of the scheduler, as named operations.
+//!
+//! Following River's driver interface, each operation is one function named noun-first with
+//! its guard in the name (`jobs::complete_if_leased`), taking plain typed parameters. Callers
+//! never see a query string, and every value is a bind parameter.
+//!
+//! - [`jobs`] — enqueue, claim, heartbeat renewal, completion, reclaim, promotion, reads.
+//! - [`runners`] — registration and token lookup.
+//! - [`events`] — the per-attempt event stream.
+
+pub mod events;
+pub mod jobs;
+pub mod runners;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::{Error, Result};
+
+/// The embedded migrations from `sql/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../sql");
+
+/// How the scheduler's pool connects.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_connections: u32,
+    /// How long a request waits for a connection before answering 503.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Parses a `DATABASE_URL`, with a message that names the variable.
+pub fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(database_url)
+        .map_err(|e| Error::invalid("DATABASE_URL", e.to_string()))?;
+    Ok(options
+        .application_name("sluice")
+        // No statement of ours runs long; a stuck one must not hold a connection forever.
+        .options([
+            ("statement_timeout", "30s"),
+            ("idle_in_transaction_session_timeout", "10s"),
+        ]))
+}
+
+/// A lazily connecting pool: the scheduler starts (and answers 503) while Postgres is down.
+pub fn pool(options: PgConnectOptions, config: &PoolConfig) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options)
+}
+
+/// Applies the embedded migrations (idempotent; safe to run from several replicas, which
+/// serialise on sqlx's advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// `SELECT 1`, for readiness.
+pub async fn ping(pool: &PgPool) -> Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}

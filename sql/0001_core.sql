@@ -1,0 +1,197 @@
+-- sluice core schema: queues, jobs, attempts, events, runners.
+--
+-- Applications enqueue with a plain INSERT into sluice.jobs (every column but spec has a
+-- default) or with sluice.enqueue(...). A trigger validates the spec's kind and NOTIFYs the
+-- schedulers once per statement. All lease maths uses the database clock (now()).
+
+CREATE SCHEMA IF NOT EXISTS sluice;
+
+CREATE TYPE sluice.job_state AS ENUM (
+    'blocked', 'scheduled', 'available', 'running', 'succeeded', 'failed', 'cancelled'
+);
+
+CREATE TABLE sluice.queues (
+    name                 text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$'),
+    paused               boolean NOT NULL DEFAULT false,
+    max_running          integer CHECK (max_running IS NULL OR max_running > 0),
+    default_priority     integer NOT NULL DEFAULT 0,
+    default_max_attempts integer NOT NULL DEFAULT 3 CHECK (default_max_attempts > 0),
+    default_timeout_ms   bigint CHECK (default_timeout_ms IS NULL OR default_timeout_ms > 0),
+    retention            interval NOT NULL DEFAULT interval '7 days',
+    created_at           timestamptz NOT NULL DEFAULT now()
+);
+
+INSERT INTO sluice.queues (name) VALUES ('default');
+
+CREATE TABLE sluice.runners (
+    id            uuid PRIMARY KEY,
+    pod_name      text NOT NULL,
+    token_hash    bytea NOT NULL UNIQUE,
+    labels        jsonb NOT NULL DEFAULT '{}',
+    slots         integer NOT NULL CHECK (slots > 0),
+    version       text NOT NULL DEFAULT '',
+    state         text NOT NULL DEFAULT 'idle'
+                  CHECK (state IN ('starting', 'idle', 'busy', 'draining', 'gone')),
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    last_seen_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX runners_pod_name_idx ON sluice.runners (pod_name) WHERE state <> 'gone';
+
+CREATE TABLE sluice.jobs (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue            text NOT NULL DEFAULT 'default'
+                     CHECK (queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$'),
+    spec             jsonb NOT NULL,
+    state            sluice.job_state NOT NULL DEFAULT 'available',
+    priority         integer NOT NULL DEFAULT 0,
+    run_at           timestamptz NOT NULL DEFAULT now(),
+    attempt          integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
+    max_attempts     integer NOT NULL DEFAULT 3 CHECK (max_attempts > 0),
+    timeout_ms       bigint CHECK (timeout_ms IS NULL OR timeout_ms > 0),
+    lease_token      uuid,
+    lease_expires_at timestamptz,
+    runner_id        uuid,
+    idempotency_key  text CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 255),
+    result           jsonb,
+    error            jsonb,
+    workflow_run_id  bigint,
+    step_id          text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    CONSTRAINT jobs_running_has_lease CHECK (
+        state <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)
+    )
+);
+
+-- The claim: available jobs in (priority, run_at, id) order. Partial, so finished rows (the
+-- vast majority of a busy table) are not in it and the claim stays an index scan.
+CREATE INDEX jobs_claim_idx ON sluice.jobs (priority, run_at, id) WHERE state = 'available';
+-- The reaper: running jobs by lease expiry.
+CREATE INDEX jobs_lease_idx ON sluice.jobs (lease_expires_at) WHERE state = 'running';
+-- Promotion of delayed jobs and retry back-offs.
+CREATE INDEX jobs_scheduled_idx ON sluice.jobs (run_at) WHERE state = 'scheduled';
+-- Retention pruning of finished jobs.
+CREATE INDEX jobs_finished_idx ON sluice.jobs (finished_at)
+    WHERE state IN ('succeeded', 'failed', 'cancelled');
+-- Idempotency keys are unique among the jobs still stored.
+CREATE UNIQUE INDEX jobs_idempotency_key_idx ON sluice.jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE sluice.job_attempts (
+    job_id      bigint NOT NULL REFERENCES sluice.jobs (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL,
+    runner_id   uuid,
+    lease_token uuid NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    outcome     text,
+    error       jsonb,
+    final_seq   bigint,
+    PRIMARY KEY (job_id, attempt)
+);
+
+CREATE TABLE sluice.job_events (
+    position bigint GENERATED ALWAYS AS IDENTITY,
+    job_id   bigint NOT NULL REFERENCES sluice.jobs (id) ON DELETE CASCADE,
+    attempt  integer NOT NULL,
+    seq      bigint NOT NULL CHECK (seq > 0),
+    kind     text NOT NULL,
+    data     jsonb NOT NULL DEFAULT '{}',
+    at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, attempt, seq)
+);
+
+CREATE INDEX job_events_position_idx ON sluice.job_events (job_id, position);
+
+-- Validation of the minimum every enqueue path must meet, so that a plain INSERT cannot
+-- create a job no runner understands. The full spec is validated again by the runner.
+CREATE FUNCTION sluice.jobs_before_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF jsonb_typeof(NEW.spec) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'sluice: spec must be a JSON object'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NOT (NEW.spec ? 'kind') OR jsonb_typeof(NEW.spec -> 'kind') <> 'string' THEN
+        RAISE EXCEPTION 'sluice: spec has no "kind"; expected one of bash, tool, agent, noop'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NOT (NEW.spec ->> 'kind' = ANY (ARRAY['bash', 'tool', 'agent', 'noop'])) THEN
+        RAISE EXCEPTION 'sluice: unknown spec kind "%"; expected one of bash, tool, agent, noop',
+            left(NEW.spec ->> 'kind', 64)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.spec ->> 'kind' = 'bash' AND jsonb_typeof(NEW.spec -> 'script') IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION 'sluice: a bash spec needs a string "script"'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    -- A job inserted to run later waits as 'scheduled' until the scheduler promotes it.
+    IF NEW.state = 'available' AND NEW.run_at > now() THEN
+        NEW.state := 'scheduled';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER jobs_before_insert BEFORE INSERT ON sluice.jobs
+    FOR EACH ROW EXECUTE FUNCTION sluice.jobs_before_insert();
+
+-- Once per statement: create unknown queues and wake the schedulers. A bulk INSERT of 1,000
+-- rows sends one notification per queue, not 1,000.
+CREATE FUNCTION sluice.jobs_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    q text;
+BEGIN
+    INSERT INTO sluice.queues (name)
+        SELECT DISTINCT queue FROM new_jobs
+        WHERE NOT EXISTS (SELECT 1 FROM sluice.queues WHERE name = new_jobs.queue)
+        ON CONFLICT DO NOTHING;
+    FOR q IN SELECT DISTINCT queue FROM new_jobs WHERE state = 'available' LOOP
+        PERFORM pg_notify('sluice_jobs', q);
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER jobs_after_insert AFTER INSERT ON sluice.jobs
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION sluice.jobs_after_insert();
+
+-- The richer SQL enqueue. Returns the job id; with an idempotency key already stored it
+-- returns that job's id and inserts nothing.
+CREATE FUNCTION sluice.enqueue(
+    queue           text,
+    spec            jsonb,
+    run_at          timestamptz DEFAULT NULL,
+    priority        integer DEFAULT NULL,
+    max_attempts    integer DEFAULT NULL,
+    timeout_ms      bigint DEFAULT NULL,
+    idempotency_key text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id bigint;
+    q sluice.queues%ROWTYPE;
+BEGIN
+    SELECT * INTO q FROM sluice.queues WHERE name = enqueue.queue;
+    INSERT INTO sluice.jobs AS j (queue, spec, run_at, priority, max_attempts, timeout_ms, idempotency_key)
+    VALUES (
+        enqueue.queue,
+        enqueue.spec,
+        coalesce(enqueue.run_at, now()),
+        coalesce(enqueue.priority, q.default_priority, 0),
+        coalesce(enqueue.max_attempts, q.default_max_attempts, 3),
+        coalesce(enqueue.timeout_ms, q.default_timeout_ms),
+        enqueue.idempotency_key
+    )
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING j.id INTO new_id;
+    IF new_id IS NULL THEN
+        SELECT j.id INTO new_id FROM sluice.jobs j WHERE j.idempotency_key = enqueue.idempotency_key;
+    END IF;
+    RETURN new_id;
+END;
+$$;

@@ -1,0 +1,615 @@
+//! sluice's integration harness: real parts, started per test.
+//!
+//! # Layout
+//!
+//! - [`TestDb`] — a fresh database per test, created from a migrated template in one private
+//!   Postgres cluster per test process (the system's binaries; as root, run as `postgres`).
+//! - [`Scheduler`] / [`Runner`] — `sluice serve` and `sluice-runner` as real child processes,
+//!   killed when dropped; their logs are printed when a test fails.
+//! - [`FakeRunner`] — the test itself speaking the runner protocol over HTTP, to create exact
+//!   interleavings (a stale complete, many concurrent claimers).
+//! - [`wait_until`] — poll a condition with a deadline instead of sleeping.
+//!
+//! Binaries are found next to the test executable's `target/<profile>/` (override with
+//! `SLUICE_BIN_DIR`); `cargo test --workspace` builds them.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice::postgres::{Cluster, ClusterConfig};
+use sluice_protocol as protocol;
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Polls `check` every 10 ms until it returns `Some`, or panics after `timeout` naming `what`
+/// and the last value seen.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("nothing yet");
+    loop {
+        match check().await {
+            Ok(Some(value)) => return value,
+            Ok(None) => {}
+            Err(seen) => last = seen,
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct SharedCluster {
+    port: u16,
+}
+
+static CLUSTER: OnceLock<Result<SharedCluster, String>> = OnceLock::new();
+static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The process's private cluster, started on first use from a thread that lives until the
+/// process exits (the postmaster's parent-death signal is tied to that thread).
+fn shared_cluster() -> &'static SharedCluster {
+    let result = CLUSTER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("sluice-testkit-postgres".into())
+            .spawn(move || {
+                let started = start_cluster();
+                match started {
+                    Ok((cluster, shared)) => {
+                        let _ = tx.send(Ok(shared));
+                        // Keep the cluster (and this thread, its parent) alive until exit.
+                        let _keep = cluster;
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(err));
+                    }
+                }
+            })
+            .expect("spawn the postgres thread");
+        rx.recv()
+            .unwrap_or_else(|_| Err("the postgres thread died".into()))
+    });
+    match result {
+        Ok(shared) => shared,
+        Err(err) => panic!("cannot start the test Postgres cluster: {err}"),
+    }
+}
+
+fn sweep_stale_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("sluice-testkit-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn start_cluster() -> Result<(Cluster, SharedCluster), String> {
+    let tmp = std::env::temp_dir();
+    sweep_stale_dirs(&tmp);
+    let base_dir = tmp.join(format!(
+        "sluice-testkit-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&base_dir).map_err(|e| e.to_string())?;
+    let cluster = Cluster::start(&ClusterConfig {
+        data_dir: base_dir.join("data"),
+        port: 0,
+        durable: false,
+        settings: vec![("max_connections".into(), "400".into())],
+    })
+    .map_err(|e| e.to_string())?;
+    let url = cluster.url("postgres");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let admin = PgPool::connect(&url).await.map_err(|e| e.to_string())?;
+        sqlx::query("CREATE DATABASE sluice_template")
+            .execute(&admin)
+            .await
+            .map_err(|e| e.to_string())?;
+        admin.close().await;
+        let template = PgPool::connect(&cluster.url("sluice_template"))
+            .await
+            .map_err(|e| e.to_string())?;
+        sluice::store::migrate(&template)
+            .await
+            .map_err(|e| e.to_string())?;
+        template.close().await;
+        Ok::<_, String>(())
+    })?;
+    let shared = SharedCluster {
+        port: cluster.port(),
+    };
+    Ok((cluster, shared))
+}
+
+/// A fresh, migrated database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// Creates the database from the migrated template (a file copy: milliseconds).
+    pub async fn new() -> TestDb {
+        let cluster = shared_cluster();
+        let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t_{}_{n}", std::process::id());
+        let admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+        let admin = PgPool::connect(&admin_url)
+            .await
+            .expect("connect to the test cluster");
+        // Identifiers cannot be bound; this name is built from two integers above.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name} TEMPLATE sluice_template"
+        )))
+        .execute(&admin)
+        .await
+        .expect("create the test database");
+        admin.close().await;
+        let url = format!("postgres://postgres@127.0.0.1:{}/{name}", cluster.port);
+        let pool = PgPool::connect(&url)
+            .await
+            .expect("connect to the test database");
+        TestDb { name, url, pool }
+    }
+
+    /// The cluster's port.
+    pub fn port(&self) -> u16 {
+        shared_cluster().port
+    }
+
+    /// Counts rows of a query returning one bigint.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        n
+    }
+}
+
+/// The path of one of the workspace's binaries (`sluice`, `sluice-runner`): next to the test
+/// executable's `target/<profile>/`, or in `SLUICE_BIN_DIR`.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("SLUICE_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("current exe");
+            // target/<profile>/deps/<test> → target/<profile>
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("test executable in target/<profile>/deps")
+                .to_path_buf()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (`cargo test --workspace` does), or set SLUICE_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new empty directory under the system temp dir.
+    pub fn new(label: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "sluice-test-{label}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Lease timings for a scheduler under test.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub reaper_interval_ms: u64,
+}
+
+impl Timings {
+    /// RELIABILITY.md's test profile: heartbeat 1 s, lease 5 s, reaper 1 s.
+    pub const TEST: Timings = Timings {
+        heartbeat_ms: 1000,
+        lease_ms: 5000,
+        reaper_interval_ms: 1000,
+    };
+    /// Short leases for tests that wait for a reclaim.
+    pub const FAST: Timings = Timings {
+        heartbeat_ms: 200,
+        lease_ms: 1000,
+        reaper_interval_ms: 100,
+    };
+}
+
+/// Kills the child when the thread that started it (the test's) ends, even if the test
+/// process itself is killed before `Drop` runs.
+fn die_with_test(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// A child process whose stderr goes to a log file, printed if the test fails.
+struct Proc {
+    child: Child,
+    label: String,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("---- {} log (last lines) ----", self.label);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// `sluice serve` as a child process.
+pub struct Scheduler {
+    proc: Proc,
+    pub api_url: String,
+    pub internal_url: String,
+    pub api_token: String,
+    pub runner_secret: String,
+    pub timings: Timings,
+    _logs: TempDir,
+}
+
+impl Scheduler {
+    /// Starts a scheduler on free ports against `db` and waits until it listens.
+    pub async fn start(db: &TestDb, timings: Timings) -> Scheduler {
+        let logs = TempDir::new("scheduler");
+        let log = logs.path().join("scheduler.log");
+        let api_token = format!("test-api-{}", uuid::Uuid::new_v4().simple());
+        let runner_secret = format!("test-runner-{}", uuid::Uuid::new_v4().simple());
+        let mut command = Command::new(bin("sluice"));
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,sqlx=warn")
+            .env("DATABASE_URL", &db.url)
+            .env("SLUICE_LISTEN", "127.0.0.1:0")
+            .env("SLUICE_INTERNAL_LISTEN", "127.0.0.1:0")
+            .env("SLUICE_API_TOKEN", &api_token)
+            .env("SLUICE_RUNNER_SECRET", &runner_secret)
+            .env("SLUICE_HEARTBEAT_MS", timings.heartbeat_ms.to_string())
+            .env("SLUICE_LEASE_MS", timings.lease_ms.to_string())
+            .env(
+                "SLUICE_REAPER_INTERVAL_MS",
+                timings.reaper_interval_ms.to_string(),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .kill_on_drop(true);
+        die_with_test(&mut command);
+        let mut child = command.spawn().expect("start sluice serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let proc = Proc {
+            child,
+            label: "scheduler".into(),
+            log,
+        };
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("scheduler did not start listening within 30 s")
+            .expect("read scheduler stdout")
+            .expect("scheduler exited before listening");
+        // Keep draining stdout so the scheduler never writes into a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut api_url = String::new();
+        let mut internal_url = String::new();
+        for part in line.split_whitespace() {
+            if let Some(url) = part.strip_prefix("api=") {
+                api_url = url.to_string();
+            } else if let Some(url) = part.strip_prefix("internal=") {
+                internal_url = url.to_string();
+            }
+        }
+        assert!(
+            !api_url.is_empty() && !internal_url.is_empty(),
+            "unexpected first line from sluice serve: {line}"
+        );
+        Scheduler {
+            proc,
+            api_url,
+            internal_url,
+            api_token,
+            runner_secret,
+            timings,
+            _logs: logs,
+        }
+    }
+
+    /// A client of the public API with this scheduler's token.
+    pub fn api(&self) -> Api {
+        Api {
+            base: self.api_url.clone(),
+            token: self.api_token.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Starts a `sluice-runner` against this scheduler.
+    pub async fn runner(&self, pod_name: &str, slots: u32) -> Runner {
+        Runner::start(self, pod_name, slots, &[]).await
+    }
+
+    /// The scheduler's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.child.id()
+    }
+}
+
+/// `sluice-runner` as a child process.
+pub struct Runner {
+    proc: Proc,
+    pub pod_name: String,
+    pub workdir: TempDir,
+    _logs: TempDir,
+}
+
+impl Runner {
+    /// Starts a sidecar with `extra_env` on top of the scheduler's settings.
+    pub async fn start(
+        scheduler: &Scheduler,
+        pod_name: &str,
+        slots: u32,
+        extra_env: &[(&str, &str)],
+    ) -> Runner {
+        let logs = TempDir::new("runner-log");
+        let workdir = TempDir::new("runner-work");
+        let log = logs.path().join("runner.log");
+        let mut command = Command::new(bin("sluice-runner"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("SLUICE_API_URL", &scheduler.internal_url)
+            .env("RUNNER_POD_NAME", pod_name)
+            .env("SLUICE_RUNNER_SECRET", &scheduler.runner_secret)
+            .env("SLUICE_RUNNER_SLOTS", slots.to_string())
+            .env("SLUICE_RUNNER_WORKDIR", workdir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .kill_on_drop(true);
+        for (name, value) in extra_env {
+            command.env(name, value);
+        }
+        die_with_test(&mut command);
+        let child = command.spawn().expect("start sluice-runner");
+        Runner {
+            proc: Proc {
+                child,
+                label: format!("runner {pod_name}"),
+                log,
+            },
+            pod_name: pod_name.to_string(),
+            workdir,
+            _logs: logs,
+        }
+    }
+
+    /// The sidecar's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.child.id()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        let _ = self.proc.child.kill().await;
+    }
+}
+
+/// A raw client of the public API that keeps status codes visible.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    /// POSTs `body` as JSON to `path` with the API token; returns status and JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .expect("POST to the scheduler");
+        decode(response).await
+    }
+
+    /// GETs `path` with the API token.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET from the scheduler");
+        decode(response).await
+    }
+
+    /// Enqueues a spec with extra request fields; panics unless the answer is 201.
+    pub async fn enqueue(&self, request: Value) -> i64 {
+        let (status, body) = self.post("/api/jobs", &request).await;
+        assert_eq!(status, 201, "enqueue answered {status}: {body}");
+        body["id"].as_i64().expect("job id")
+    }
+
+    /// Waits until the job is terminal and returns it.
+    pub async fn wait_terminal(&self, id: i64, timeout: Duration) -> Value {
+        wait_until(&format!("job {id} to end"), timeout, || async move {
+            let (status, job) = self.get(&format!("/api/jobs/{id}")).await;
+            if status != 200 {
+                return Err(format!("{status}: {job}"));
+            }
+            let state = job["state"].as_str().unwrap_or_default().to_string();
+            match protocol::JobState::parse(&state) {
+                Some(s) if s.is_terminal() => Ok(Some(job)),
+                _ => Err(format!("state {state}")),
+            }
+        })
+        .await
+    }
+}
+
+async fn decode(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("read body");
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({"non_json": String::from_utf8_lossy(&bytes)}))
+    };
+    (status, body)
+}
+
+/// The test acting as a runner over the real internal HTTP protocol.
+pub struct FakeRunner {
+    pub base: String,
+    pub pod_name: String,
+    pub token: String,
+    pub runner_id: protocol::RunnerId,
+    pub http: reqwest::Client,
+}
+
+impl FakeRunner {
+    /// Registers `pod_name` with the scheduler's secret.
+    pub async fn register(scheduler: &Scheduler, pod_name: &str) -> FakeRunner {
+        let http = reqwest::Client::new();
+        let response = http
+            .post(format!(
+                "{}/internal/runners/register",
+                scheduler.internal_url
+            ))
+            .bearer_auth(&scheduler.runner_secret)
+            .json(&protocol::RegisterRequest {
+                pod_name: pod_name.into(),
+                labels: Default::default(),
+                slots: 4,
+                version: "test".into(),
+            })
+            .send()
+            .await
+            .expect("register");
+        let (status, body) = decode(response).await;
+        assert_eq!(status, 201, "register answered {status}: {body}");
+        let registered: protocol::RegisterResponse =
+            serde_json::from_value(body).expect("register response");
+        FakeRunner {
+            base: scheduler.internal_url.clone(),
+            pod_name: pod_name.into(),
+            token: registered.token,
+            runner_id: registered.runner_id,
+            http,
+        }
+    }
+
+    /// POSTs to an internal path with this runner's token.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .expect("POST to the internal API");
+        decode(response).await
+    }
+
+    /// Claims up to `max` tasks, waiting up to `wait_ms`.
+    pub async fn claim(&self, max: u32, wait_ms: u64) -> Vec<protocol::Task> {
+        let (status, body) = self
+            .post(
+                &format!("/internal/runners/{}/claim", self.pod_name),
+                &json!({"max": max, "wait_ms": wait_ms}),
+            )
+            .await;
+        assert_eq!(status, 200, "claim answered {status}: {body}");
+        serde_json::from_value::<protocol::ClaimResponse>(body)
+            .expect("claim response")
+            .tasks
+    }
+
+    /// Completes a task as succeeded with `output`; returns status and body.
+    pub async fn complete(&self, task: &protocol::Task, output: Value) -> (u16, Value) {
+        self.post(
+            &format!("/internal/tasks/{}/complete", task.job_id),
+            &json!({
+                "attempt": task.attempt,
+                "lease_token": task.lease_token,
+                "outcome": "succeeded",
+                "output": output,
+            }),
+        )
+        .await
+    }
+}

@@ -1,0 +1,228 @@
+//! `sluice dev` and `sluice enqueue` as a new user runs them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sluice_testkit::{bin, Scheduler, TempDir, TestDb, Timings};
+
+fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); count it as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let haystack = String::from_utf8_lossy(&[cmdline, environ].concat()).into_owned();
+        if haystack.contains(needle) && alive(pid) && pid != std::process::id() as i32 {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn sluice_dev_runs_the_example_job_and_leaves_nothing_behind_on_ctrl_c() {
+    let home = TempDir::new("dev");
+    let state_dir = home.path().join(".sluice");
+    let mut child = Command::new(bin("sluice"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(home.path())
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice dev");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut transcript = Vec::new();
+    let mut runner_pids = Vec::new();
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(remaining) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "sluice dev did not finish its example job:\n{}",
+                    transcript.join("\n")
+                );
+            }
+        };
+        if let Some(rest) = line.strip_prefix("runner ") {
+            if let Some(pid) = rest
+                .split_whitespace()
+                .nth(2)
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                runner_pids.push(pid);
+            }
+        }
+        transcript.push(line.clone());
+        if line.contains("example job") && line.contains("succeeded after") {
+            break;
+        }
+        assert!(
+            !line.contains("example job") || !line.contains("failed"),
+            "{}",
+            transcript.join("\n")
+        );
+    }
+    let transcript_text = transcript.join("\n");
+    assert_eq!(runner_pids.len(), 2, "{transcript_text}");
+    assert!(
+        transcript_text.contains("hello from sluice"),
+        "{transcript_text}"
+    );
+    assert!(transcript_text.contains("curl -H"), "{transcript_text}");
+    assert!(transcript_text.contains("psql"), "{transcript_text}");
+
+    // dev.env is shell-sourceable and names a working API.
+    let env = std::fs::read_to_string(state_dir.join("dev.env")).expect("dev.env written");
+    for name in ["DATABASE_URL=", "SLUICE_API_URL=", "SLUICE_API_TOKEN="] {
+        assert!(env.lines().any(|l| l.starts_with(name)), "{env}");
+    }
+    let value = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .to_string()
+    };
+    let output = Command::new(bin("sluice"))
+        .args([
+            "enqueue",
+            "--wait",
+            r#"{"kind":"bash","script":"echo from-cli"}"#,
+        ])
+        .env("SLUICE_API_URL", value("SLUICE_API_URL="))
+        .env("SLUICE_API_TOKEN", value("SLUICE_API_TOKEN="))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "from-cli\n");
+
+    // The first line names the cluster's data directory (a temp dir when the postgres user
+    // cannot reach this one); its pid file names the postmaster.
+    let data_dir = transcript
+        .iter()
+        .find_map(|l| l.strip_prefix("starting Postgres in "))
+        .expect("data directory printed");
+    let postmaster_pid: i32 = std::fs::read_to_string(format!("{data_dir}/postmaster.pid"))
+        .expect("postmaster.pid while running")
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(postmaster_pid));
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let exit_deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < exit_deadline,
+            "sluice dev did not exit after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "sluice dev exited with {status}");
+    for pid in runner_pids.iter().chain([&postmaster_pid]) {
+        assert!(!alive(*pid), "process {pid} survived sluice dev");
+    }
+    let leftovers = processes_mentioning(&home.path().to_string_lossy());
+    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+}
+
+#[tokio::test]
+async fn sluice_enqueue_wait_prints_the_output_and_exits_with_the_jobs_status() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let _runner = scheduler.runner("cli-runner", 2).await;
+    let run = |args: Vec<String>| {
+        let api_url = scheduler.api_url.clone();
+        let token = scheduler.api_token.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(bin("sluice"))
+                .arg("enqueue")
+                .args(args)
+                .env("SLUICE_API_URL", api_url)
+                .env("SLUICE_API_TOKEN", token)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let ok = run(vec![
+        "--wait".into(),
+        r#"{"kind":"bash","script":"uname -s"}"#.into(),
+    ])
+    .await
+    .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "Linux\n");
+
+    let failed = run(vec![
+        "--wait".into(),
+        "--max-attempts".into(),
+        "1".into(),
+        r#"{"kind":"bash","script":"echo out; echo err >&2; exit 7"}"#.into(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(failed.status.code(), Some(7), "{failed:?}");
+    assert_eq!(String::from_utf8_lossy(&failed.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("err\n"));
+
+    let no_wait = run(vec![r#"{"spec":{"kind":"noop"},"queue":"cli"}"#.into()])
+        .await
+        .unwrap();
+    assert!(no_wait.status.success(), "{no_wait:?}");
+    let created: serde_json::Value = serde_json::from_slice(&no_wait.stdout).unwrap();
+    assert!(created["id"].is_i64(), "{created}");
+
+    // Bad input: a clear message and a non-zero exit, nothing enqueued.
+    let before = db.count("SELECT count(*) FROM sluice.jobs").await;
+    for bad in ["not json", r#"{"kind":"python"}"#, "[1]"] {
+        let out = run(vec![bad.into()]).await.unwrap();
+        assert!(!out.status.success(), "{bad}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("error: "), "{bad}: {stderr}");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM sluice.jobs").await, before);
+}

@@ -1,0 +1,235 @@
+//! Leases and fencing over the real internal protocol: a runner that lost its lease cannot
+//! write, concurrent claimers never share a job, and a runner acts only as itself.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_testkit::{wait_until, FakeRunner, Scheduler, TestDb, Timings};
+
+#[tokio::test]
+async fn a_stale_complete_after_the_lease_was_reclaimed_is_refused_and_changes_nothing() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "echo hi"}}))
+        .await;
+
+    let first = FakeRunner::register(&scheduler, "slow-pod").await;
+    let tasks = first.claim(1, 5000).await;
+    assert_eq!(tasks.len(), 1);
+    let stale = tasks[0].clone();
+    assert_eq!((stale.job_id.0, stale.attempt.0), (id, 1));
+
+    // The first runner never heartbeats; the reaper hands the job out again.
+    let second = FakeRunner::register(&scheduler, "fast-pod").await;
+    let retaken = wait_until(
+        "the job to be claimable again",
+        Duration::from_secs(20),
+        || {
+            let second = &second;
+            async move {
+                let tasks = second.claim(1, 500).await;
+                Ok(tasks.into_iter().next()).map(|t| t)
+            }
+        },
+    )
+    .await;
+    assert_eq!((retaken.job_id.0, retaken.attempt.0), (id, 2));
+
+    let (status, body) = first.complete(&stale, json!({"from": "stale"})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "lease_lost");
+    let (status, body) = first
+        .post(
+            &format!("/internal/tasks/{id}/stream"),
+            &json!({"attempt": 1, "lease_token": stale.lease_token, "events": [{"seq": 1, "kind": "stdout", "data": {"text": "late"}}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("lease_lost"))
+    );
+    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    assert_eq!(job["state"], "running");
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(job["attempts"][0]["outcome"], "lease_expired");
+
+    let (status, body) = second.complete(&retaken, json!({"from": "live"})).await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("succeeded")),
+        "{body}"
+    );
+    // Repeating the accepted completion is idempotent; the stale one still is not accepted.
+    let (status, _) = second.complete(&retaken, json!({"from": "live"})).await;
+    assert_eq!(status, 200);
+    let (status, _) = first.complete(&stale, json!({"from": "stale"})).await;
+    assert_eq!(status, 409);
+
+    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["result"], json!({"from": "live"}));
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.job_events").await,
+        0,
+        "the stale attempt's event must not be stored"
+    );
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_claimers_claim_each_of_1000_jobs_exactly_once() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let jobs: Vec<_> = (0..1000)
+        .map(|_| json!({"spec": {"kind": "noop"}}))
+        .collect();
+    let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+    assert_eq!(status, 201, "{body}");
+
+    let mut claimers = tokio::task::JoinSet::new();
+    for n in 0..16 {
+        let runner = FakeRunner::register(&scheduler, &format!("claimer-{n}")).await;
+        claimers.spawn(async move {
+            let mut claimed = Vec::new();
+            loop {
+                let tasks = runner.claim(7, 0).await;
+                if tasks.is_empty() {
+                    return claimed;
+                }
+                for task in tasks {
+                    let (status, body) = runner.complete(&task, json!({})).await;
+                    assert_eq!(status, 200, "{body}");
+                    claimed.push((task.job_id.0, task.attempt.0));
+                }
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(claimed) = claimers.join_next().await {
+        all.extend(claimed.unwrap());
+    }
+    let unique: HashSet<i64> = all.iter().map(|(id, _)| *id).collect();
+    assert_eq!(all.len(), 1000, "claims in total");
+    assert_eq!(unique.len(), 1000, "distinct jobs claimed");
+    assert!(all.iter().all(|(_, attempt)| *attempt == 1));
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.jobs WHERE state = 'succeeded' AND attempt = 1")
+            .await,
+        1000
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.job_attempts").await,
+        1000
+    );
+}
+
+#[tokio::test]
+async fn runners_act_only_with_their_own_token_on_their_own_leases() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let http = reqwest::Client::new();
+
+    // Registration needs the pool's secret.
+    for secret in [None, Some("wrong-secret")] {
+        let mut request = http
+            .post(format!(
+                "{}/internal/runners/register",
+                scheduler.internal_url
+            ))
+            .json(&json!({"pod_name": "intruder", "slots": 1}));
+        if let Some(secret) = secret {
+            request = request.bearer_auth(secret);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401);
+    }
+    assert_eq!(db.count("SELECT count(*) FROM sluice.runners").await, 0);
+
+    let id = scheduler
+        .api()
+        .enqueue(json!({"spec": {"kind": "noop"}}))
+        .await;
+    let owner = FakeRunner::register(&scheduler, "owner").await;
+    let other = FakeRunner::register(&scheduler, "other").await;
+    let task = owner.claim(1, 1000).await.remove(0);
+
+    // Another runner cannot complete, stream or renew the owner's lease, even with its token.
+    let (status, _) = other.complete(&task, json!({"stolen": true})).await;
+    assert_eq!(status, 409);
+    let (status, _) = other
+        .post(
+            &format!("/internal/runners/{}/heartbeat", other.pod_name),
+            &json!({"running": [task.lease()]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // A runner token cannot be used on another pod's path.
+    let (status, _) = other
+        .post(
+            "/internal/runners/owner/claim",
+            &json!({"max": 1, "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    // A wrong token is 401 everywhere.
+    let bogus = FakeRunner {
+        token: "bogus".into(),
+        ..FakeRunner::register(&scheduler, "bogus").await
+    };
+    for path in [
+        "/internal/runners/bogus/claim".to_string(),
+        "/internal/runners/bogus/heartbeat".to_string(),
+        format!("/internal/tasks/{id}/complete"),
+        format!("/internal/tasks/{id}/stream"),
+    ] {
+        let (status, body) = bogus.post(&path, &json!({})).await;
+        assert_eq!(status, 401, "{path}: {body}");
+    }
+    // The owner's heartbeat renews it, and it completes.
+    let (status, body) = owner
+        .post(
+            &format!("/internal/runners/{}/heartbeat", owner.pod_name),
+            &json!({"running": [task.lease()]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["cancel"], json!([]), "{body}");
+    let (status, _) = owner.complete(&task, json!({"ok": true})).await;
+    assert_eq!(status, 200);
+    let (_, job) = scheduler.api().get(&format!("/api/jobs/{id}")).await;
+    assert_eq!(job["result"], json!({"ok": true}));
+    // Tokens are stored hashed, never in plain text.
+    let (stored,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM sluice.runners WHERE position(convert_to($1, 'UTF8') in token_hash) > 0",
+    )
+    .bind(&owner.token)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test]
+async fn a_re_registered_pod_loses_the_leases_of_its_previous_instance() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let id = scheduler
+        .api()
+        .enqueue(json!({"spec": {"kind": "noop"}}))
+        .await;
+    let before = FakeRunner::register(&scheduler, "pod-a").await;
+    let task = before.claim(1, 1000).await.remove(0);
+    let after = FakeRunner::register(&scheduler, "pod-a").await;
+    assert_ne!(before.runner_id, after.runner_id);
+
+    // The old instance's token is revoked and its attempt is handed out again quickly
+    // (by the next reaper pass, not after the 5 s lease).
+    let (status, _) = before.complete(&task, json!({})).await;
+    assert_eq!(status, 401);
+    let retaken = after.claim(1, 3000).await;
+    assert_eq!(retaken.len(), 1);
+    assert_eq!((retaken[0].job_id.0, retaken[0].attempt.0), (id, 2));
+}
