@@ -49,8 +49,9 @@ CREATE TABLE sluice.jobs (
     attempt          integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
     max_attempts     integer NOT NULL DEFAULT 3 CHECK (max_attempts > 0),
     timeout_ms       bigint CHECK (timeout_ms IS NULL OR timeout_ms > 0),
+    -- The current attempt's lease token; its expiry lives in job_attempts (renewed by
+    -- heartbeats there, so heartbeats never rewrite the wide, hot job rows).
     lease_token      uuid,
-    lease_expires_at timestamptz,
     runner_id        uuid,
     idempotency_key  text CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 255),
     result           jsonb,
@@ -60,16 +61,14 @@ CREATE TABLE sluice.jobs (
     created_at       timestamptz NOT NULL DEFAULT now(),
     started_at       timestamptz,
     finished_at      timestamptz,
-    CONSTRAINT jobs_running_has_lease CHECK (
-        state <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)
-    )
+    CONSTRAINT jobs_running_has_lease CHECK (state <> 'running' OR lease_token IS NOT NULL)
 );
 
 -- The claim: available jobs in (priority, run_at, id) order. Partial, so finished rows (the
 -- vast majority of a busy table) are not in it and the claim stays an index scan.
 CREATE INDEX jobs_claim_idx ON sluice.jobs (priority, run_at, id) WHERE state = 'available';
--- The reaper: running jobs by lease expiry.
-CREATE INDEX jobs_lease_idx ON sluice.jobs (lease_expires_at) WHERE state = 'running';
+-- Server-side deadlines: running jobs by start.
+CREATE INDEX jobs_running_idx ON sluice.jobs (started_at) WHERE state = 'running';
 -- Promotion of delayed jobs and retry back-offs.
 CREATE INDEX jobs_scheduled_idx ON sluice.jobs (run_at) WHERE state = 'scheduled';
 -- Retention pruning of finished jobs.
@@ -79,18 +78,27 @@ CREATE INDEX jobs_finished_idx ON sluice.jobs (finished_at)
 CREATE UNIQUE INDEX jobs_idempotency_key_idx ON sluice.jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
+-- One row per attempt. The row whose outcome IS NULL is the live lease of a running job:
+-- every transition that ends an attempt sets its outcome in the same statement.
 CREATE TABLE sluice.job_attempts (
-    job_id      bigint NOT NULL REFERENCES sluice.jobs (id) ON DELETE CASCADE,
-    attempt     integer NOT NULL,
-    runner_id   uuid,
-    lease_token uuid NOT NULL,
-    started_at  timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz,
-    outcome     text,
-    error       jsonb,
-    final_seq   bigint,
+    job_id           bigint NOT NULL REFERENCES sluice.jobs (id) ON DELETE CASCADE,
+    attempt          integer NOT NULL,
+    runner_id        uuid,
+    lease_token      uuid NOT NULL,
+    lease_expires_at timestamptz NOT NULL,
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    outcome          text CHECK (outcome IN ('succeeded', 'failed', 'lease_expired',
+                                              'cancelled', 'timed_out')),
+    error            jsonb,
+    final_seq        bigint,
     PRIMARY KEY (job_id, attempt)
-);
+) WITH (fillfactor = 70);
+
+-- The live leases (one per running job). lease_expires_at is deliberately in no index, so a
+-- heartbeat's renewal is a HOT update (fillfactor leaves the room for it); the reaper scans
+-- this small partial index and filters on expiry.
+CREATE INDEX job_attempts_live_idx ON sluice.job_attempts (job_id) WHERE outcome IS NULL;
 
 CREATE TABLE sluice.job_events (
     position bigint GENERATED ALWAYS AS IDENTITY,
@@ -172,6 +180,7 @@ CREATE FUNCTION sluice.enqueue(
     idempotency_key text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     new_id bigint;
     q sluice.queues%ROWTYPE;

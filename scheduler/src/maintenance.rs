@@ -1,5 +1,10 @@
 //! The maintenance loop: every `maintenance_interval`, one replica (the holder of a
-//! transaction-scoped advisory lock) reclaims expired leases and promotes due scheduled jobs.
+//! transaction-scoped advisory lock) reclaims expired leases, fails jobs past their deadline,
+//! promotes due scheduled jobs and prunes finished jobs past their queue's retention.
+//!
+//! After a pass failed because Postgres was unreachable, the first good pass gives every lease
+//! that expired meanwhile one more lease term before anything is reclaimed: runners could not
+//! heartbeat during the outage, and mass-reclaiming their live work would run it twice.
 //!
 //! The lock is taken per pass, not held: a replica that dies mid-pass releases it with its
 //! connection, and the next pass of any replica takes over. Each statement guards itself with
@@ -21,25 +26,47 @@ const BATCH: i64 = 1000;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PassReport {
     pub led: bool,
+    pub extended: u64,
     pub requeued: u64,
     pub failed: u64,
+    pub timed_out: u64,
     pub promoted: u64,
+    pub pruned: u64,
 }
 
-/// Runs one maintenance pass, if no other replica is running one.
-pub async fn run_pass(pool: &PgPool, wake: &Wake) -> Result<PassReport> {
+/// Runs one maintenance pass, if no other replica is running one. `after_outage` extends
+/// the leases that expired while the database was away instead of reclaiming them.
+pub async fn run_pass(
+    pool: &PgPool,
+    wake: &Wake,
+    lease: Duration,
+    after_outage: bool,
+) -> Result<PassReport> {
     let mut tx = pool.begin().await?;
     if !jobs::try_lead_maintenance(&mut tx).await? {
         return Ok(PassReport::default());
     }
+    let extended = if after_outage {
+        jobs::extend_expired_leases(&mut tx, lease).await?
+    } else {
+        0
+    };
     let reclaimed = jobs::reclaim_expired(&mut tx, BATCH).await?;
+    let timed_out = jobs::fail_overdue(&mut tx, BATCH).await?;
     let promoted = jobs::promote_due(&mut tx, BATCH).await?;
+    let pruned = jobs::prune_finished(&mut tx, BATCH).await?;
     if reclaimed.requeued > 0 || promoted > 0 {
         jobs::notify_available(&mut tx).await?;
     }
     tx.commit().await?;
     if reclaimed.requeued > 0 || promoted > 0 {
         wake.notify();
+    }
+    if extended > 0 {
+        tracing::warn!(
+            extended,
+            "database was unreachable; gave expired leases one more term"
+        );
     }
     if reclaimed.requeued > 0 || reclaimed.failed > 0 {
         tracing::info!(
@@ -48,11 +75,17 @@ pub async fn run_pass(pool: &PgPool, wake: &Wake) -> Result<PassReport> {
             "reclaimed expired leases"
         );
     }
+    if timed_out > 0 {
+        tracing::info!(timed_out, "failed jobs past their timeout");
+    }
     Ok(PassReport {
         led: true,
+        extended,
         requeued: reclaimed.requeued,
         failed: reclaimed.failed,
+        timed_out,
         promoted,
+        pruned,
     })
 }
 
@@ -62,9 +95,11 @@ pub async fn run(
     pool: PgPool,
     wake: Wake,
     interval: Duration,
+    lease: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
+    let mut after_outage = false;
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -72,16 +107,22 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
         loop {
-            match run_pass(&pool, &wake).await {
+            match run_pass(&pool, &wake, lease, after_outage).await {
                 Ok(report) => {
+                    if report.led {
+                        after_outage = false;
+                    }
                     let full = report.requeued + report.failed >= BATCH as u64
-                        || report.promoted >= BATCH as u64;
+                        || report.timed_out >= BATCH as u64
+                        || report.promoted >= BATCH as u64
+                        || report.pruned >= BATCH as u64;
                     if !full {
                         break;
                     }
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "maintenance pass failed");
+                    after_outage |= matches!(err, crate::Error::Unavailable(_));
                     break;
                 }
             }

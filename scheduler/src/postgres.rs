@@ -44,7 +44,7 @@ impl Binaries {
                     Some((version, e.path().join("bin")))
                 })
                 .collect();
-            versions.sort_by(|a, b| b.0.cmp(&a.0));
+            versions.sort_by_key(|v| std::cmp::Reverse(v.0));
             dirs.extend(versions.into_iter().map(|(_, dir)| dir));
         }
         for dir in dirs {

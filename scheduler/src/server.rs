@@ -57,6 +57,7 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let wake = Wake::new();
         let interval = config.timings.maintenance_interval;
+        let lease = config.timings.lease;
         let state = AppState {
             pool: pool.clone(),
             wake: wake.clone(),
@@ -73,6 +74,7 @@ impl Server {
             pool.clone(),
             wake,
             interval,
+            lease,
             shutdown_rx.clone(),
         ));
         tasks.spawn(serve(

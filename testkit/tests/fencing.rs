@@ -31,7 +31,7 @@ async fn a_stale_complete_after_the_lease_was_reclaimed_is_refused_and_changes_n
             let second = &second;
             async move {
                 let tasks = second.claim(1, 500).await;
-                Ok(tasks.into_iter().next()).map(|t| t)
+                Ok(tasks.into_iter().next())
             }
         },
     )

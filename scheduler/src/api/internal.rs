@@ -128,7 +128,7 @@ async fn heartbeat(
     JsonBody(request): JsonBody<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
     check_pod(&runner, &pod)?;
-    let renewed = jobs::renew_leases_if_held(
+    let ends = jobs::renew_leases_if_held(
         &state.pool,
         runner.id,
         &request.running,
@@ -138,11 +138,19 @@ async fn heartbeat(
     let cancel = request
         .running
         .iter()
-        .filter(|l| !renewed.contains(&(l.job_id, l.attempt)))
-        .map(|l| CancelOrder {
-            job_id: l.job_id,
-            attempt: l.attempt,
-            reason: sluice_protocol::error_code::LEASE_LOST.to_string(),
+        .zip(ends)
+        .filter_map(|(lease, end)| {
+            let reason = match end {
+                jobs::LeaseEnd::Renewed => return None,
+                jobs::LeaseEnd::Lost => sluice_protocol::error_code::LEASE_LOST,
+                jobs::LeaseEnd::Cancelled => "cancelled",
+                jobs::LeaseEnd::TimedOut => "timed_out",
+            };
+            Some(CancelOrder {
+                job_id: lease.job_id,
+                attempt: lease.attempt,
+                reason: reason.to_string(),
+            })
         })
         .collect();
     Ok(Json(HeartbeatResponse {

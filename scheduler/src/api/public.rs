@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 use sluice_protocol::{parse_spec, JobId, JobState};
 
 use super::{bearer_token, ApiResult, AppError, AppState, JsonBody, BODY_LIMIT_BYTES};
-use crate::store::jobs::{self, AttemptView, Enqueued, JobView, NewJob};
+use crate::store::jobs::{self, AttemptView, CancelOutcome, Enqueued, JobView, NewJob};
+use crate::store::queues;
 use crate::{store, Error};
 
 /// Most jobs one batch request may carry.
@@ -27,6 +28,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs", post(enqueue))
         .route("/api/jobs/batch", post(enqueue_batch))
         .route("/api/jobs/{id}", get(get_job))
+        .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/jobs/{id}/retry", post(retry_job))
+        .route("/api/queues", get(list_queues))
+        .route("/api/queues/{name}/pause", post(pause_queue))
+        .route("/api/queues/{name}/resume", post(resume_queue))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_token,
@@ -213,12 +219,77 @@ async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobResponse>> {
-    let id: i64 = id.parse().map_err(|_| Error::NotFound("job"))?;
-    let job = jobs::get(&state.pool, JobId(id))
+    let id = job_id(&id)?;
+    let job = jobs::get(&state.pool, id)
         .await?
         .ok_or(Error::NotFound("job"))?;
-    let attempts = jobs::list_attempts(&state.pool, JobId(id)).await?;
+    let attempts = jobs::list_attempts(&state.pool, id).await?;
     Ok(Json(JobResponse { job, attempts }))
+}
+
+fn job_id(id: &str) -> crate::Result<JobId> {
+    id.parse().map(JobId).map_err(|_| Error::NotFound("job"))
+}
+
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(&id)?;
+    match jobs::cancel(&state.pool, id).await? {
+        None => Err(Error::NotFound("job").into()),
+        Some(CancelOutcome::Cancelled)
+        | Some(CancelOutcome::AlreadyFinished(JobState::Cancelled)) => {
+            Ok(Json(json!({"id": id, "state": JobState::Cancelled})))
+        }
+        Some(CancelOutcome::AlreadyFinished(done)) => {
+            Err(Error::Conflict(format!("job {id} already {done}; it cannot be cancelled")).into())
+        }
+    }
+}
+
+async fn retry_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(&id)?;
+    match jobs::retry_if_finished_unsuccessfully(&state.pool, id).await? {
+        None => Err(Error::NotFound("job").into()),
+        Some(JobState::Failed | JobState::Cancelled) => {
+            Ok(Json(json!({"id": id, "state": JobState::Available})))
+        }
+        Some(other) => Err(Error::Conflict(format!(
+            "job {id} is {other}; only failed or cancelled jobs can be retried"
+        ))
+        .into()),
+    }
+}
+
+async fn list_queues(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let queues = queues::list(&state.pool).await?;
+    Ok(Json(json!({ "queues": queues })))
+}
+
+async fn set_queue_paused(state: AppState, name: String, paused: bool) -> ApiResult<Json<Value>> {
+    if !valid_queue_name(&name) {
+        return Err(Error::invalid("queue", "not a valid queue name").into());
+    }
+    queues::set_paused(&state.pool, &name, paused).await?;
+    Ok(Json(json!({"name": name, "paused": paused})))
+}
+
+async fn pause_queue(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    set_queue_paused(state, name, true).await
+}
+
+async fn resume_queue(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    set_queue_paused(state, name, false).await
 }
 
 async fn healthz() -> Json<Value> {

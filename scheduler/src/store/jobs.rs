@@ -185,8 +185,11 @@ pub async fn claim_available(
 ) -> Result<Vec<ClaimedJob>> {
     let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(
         "WITH picked AS (
-             SELECT id FROM sluice.jobs
+             SELECT id FROM sluice.jobs j
              WHERE state = 'available' AND run_at <= now()
+               AND NOT EXISTS (
+                   SELECT 1 FROM sluice.queues q WHERE q.name = j.queue AND q.paused
+               )
              ORDER BY priority, run_at, id
              LIMIT $2
              FOR UPDATE SKIP LOCKED
@@ -195,17 +198,20 @@ pub async fn claim_available(
              SET state = 'running',
                  attempt = j.attempt + 1,
                  lease_token = gen_random_uuid(),
-                 lease_expires_at = now() + $3 * interval '1 millisecond',
                  runner_id = $1,
                  started_at = now()
              FROM picked
              WHERE j.id = picked.id
-             RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms
+             RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
+                       j.priority, j.run_at
          ), attempts AS (
-             INSERT INTO sluice.job_attempts (job_id, attempt, runner_id, lease_token)
-             SELECT id, attempt, $1, lease_token FROM claimed
+             INSERT INTO sluice.job_attempts
+                 (job_id, attempt, runner_id, lease_token, lease_expires_at)
+             SELECT id, attempt, $1, lease_token, now() + $3 * interval '1 millisecond'
+             FROM claimed
          )
-         SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed ORDER BY id",
+         SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
+         ORDER BY priority, run_at, id",
     )
     .bind(runner.0)
     .bind(max)
@@ -225,27 +231,54 @@ pub async fn claim_available(
         .collect())
 }
 
-/// Extends the listed leases that `runner` still holds and records that the runner is alive.
-/// Returns the attempts that were renewed; any other listed attempt has lost its lease.
+/// Why a listed lease was not renewed, as told to the runner in a cancel order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Renewed; keep running.
+    Renewed,
+    /// Reclaimed, completed, or never this runner's.
+    Lost,
+    /// The job was cancelled.
+    Cancelled,
+    /// The job ran past its deadline.
+    TimedOut,
+}
+
+/// Extends the listed leases that `runner` still holds and records that the runner is alive,
+/// in one statement. Returns, per listed lease in order, whether it was renewed and if not why.
+/// Renewals touch only the narrow `job_attempts` row (a HOT update), never the job row.
 pub async fn renew_leases_if_held(
     pool: &PgPool,
     runner: RunnerId,
     leases: &[LeaseRef],
     lease: Duration,
-) -> Result<Vec<(JobId, Attempt)>> {
+) -> Result<Vec<LeaseEnd>> {
     let ids: Vec<i64> = leases.iter().map(|l| l.job_id.0).collect();
     let attempts: Vec<i32> = leases.iter().map(|l| l.attempt.0).collect();
     let tokens: Vec<Uuid> = leases.iter().map(|l| l.lease_token.0).collect();
-    let rows: Vec<(i64, i32)> = sqlx::query_as(
-        "WITH seen AS (
+    let rows: Vec<(i64, Option<bool>, Option<String>)> = sqlx::query_as(
+        "WITH listed AS (
+             SELECT * FROM unnest($2::bigint[], $3::int[], $4::uuid[])
+                 WITH ORDINALITY AS l(job_id, attempt, lease_token, ord)
+         ), seen AS (
              UPDATE sluice.runners SET last_seen_at = now() WHERE id = $1
+         ), renewed AS (
+             UPDATE sluice.job_attempts a
+             SET lease_expires_at = now() + $5 * interval '1 millisecond'
+             FROM listed l
+             WHERE a.job_id = l.job_id AND a.attempt = l.attempt
+               AND a.lease_token = l.lease_token AND a.runner_id = $1
+               AND a.outcome IS NULL
+             RETURNING a.job_id, a.attempt
          )
-         UPDATE sluice.jobs j
-         SET lease_expires_at = now() + $5 * interval '1 millisecond'
-         FROM unnest($2::bigint[], $3::int[], $4::uuid[]) AS l(job_id, attempt, lease_token)
-         WHERE j.id = l.job_id AND j.attempt = l.attempt AND j.lease_token = l.lease_token
-           AND j.runner_id = $1 AND j.state = 'running'
-         RETURNING j.id, j.attempt",
+         SELECT l.ord,
+                EXISTS (SELECT 1 FROM renewed r
+                        WHERE r.job_id = l.job_id AND r.attempt = l.attempt),
+                (SELECT a.outcome FROM sluice.job_attempts a
+                 WHERE a.job_id = l.job_id AND a.attempt = l.attempt
+                   AND a.lease_token = l.lease_token AND a.runner_id = $1)
+         FROM listed l
+         ORDER BY l.ord",
     )
     .bind(runner.0)
     .bind(&ids)
@@ -256,7 +289,14 @@ pub async fn renew_leases_if_held(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, attempt)| (JobId(id), Attempt(attempt)))
+        .map(
+            |(_, renewed, outcome)| match (renewed, outcome.as_deref()) {
+                (Some(true), _) => LeaseEnd::Renewed,
+                (_, Some("cancelled")) => LeaseEnd::Cancelled,
+                (_, Some("timed_out")) => LeaseEnd::TimedOut,
+                _ => LeaseEnd::Lost,
+            },
+        )
         .collect())
 }
 
@@ -307,8 +347,7 @@ pub async fn complete_if_leased(pool: &PgPool, completion: Completion<'_>) -> Re
                  error = $7,
                  run_at = CASE WHEN t.next_state = 'scheduled'
                                THEN now() + $9 * interval '1 millisecond' ELSE j.run_at END,
-                 finished_at = CASE WHEN t.next_state = 'scheduled' THEN NULL ELSE now() END,
-                 lease_expires_at = NULL
+                 finished_at = CASE WHEN t.next_state = 'scheduled' THEN NULL ELSE now() END
              FROM target t
              WHERE j.id = t.id
              RETURNING j.id, j.attempt, j.state
@@ -373,52 +412,206 @@ pub async fn try_lead_maintenance(conn: &mut PgConnection) -> Result<bool> {
     Ok(led)
 }
 
-/// Ends up to `limit` expired leases: the job becomes `available` again, or `failed` with
-/// `lease_expired` when that was its last attempt. `SKIP LOCKED` keeps two reapers (or a
-/// reaper and a completing runner) from acting on one lease; the `state = 'running'` guard
-/// keeps a terminal state from changing.
+/// A job whose runner vanished this many times fails as `runner_lost` (a poison pill that
+/// kills its runner must not take down runner after runner).
+pub const MAX_RUNNER_LOSSES: i64 = 3;
+
+/// Ends up to `limit` expired leases: the job becomes `available` again, or `failed` when that
+/// was its last attempt (`lease_expired`) or its runner was lost [`MAX_RUNNER_LOSSES`] times
+/// (`runner_lost`). `SKIP LOCKED` keeps two reapers (or a reaper and a completing runner) from
+/// acting on one lease; the `state = 'running'` and `outcome IS NULL` guards keep a finished
+/// attempt or a terminal job from changing.
 pub async fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> Result<ReclaimReport> {
     let (requeued, failed): (i64, i64) = sqlx::query_as(
         "WITH expired AS (
-             SELECT id FROM sluice.jobs
-             WHERE state = 'running' AND lease_expires_at < now()
-             ORDER BY lease_expires_at
+             SELECT j.id, j.attempt,
+                    (SELECT count(*) FROM sluice.job_attempts p
+                     WHERE p.job_id = j.id AND p.outcome = 'lease_expired') + 1 AS losses
+             FROM sluice.job_attempts a
+             JOIN sluice.jobs j ON j.id = a.job_id AND j.attempt = a.attempt
+             WHERE a.outcome IS NULL AND a.lease_expires_at < now() AND j.state = 'running'
              LIMIT $1
-             FOR UPDATE SKIP LOCKED
+             FOR UPDATE OF j SKIP LOCKED
          ), reclaimed AS (
              UPDATE sluice.jobs j
-             SET state = CASE WHEN j.attempt >= j.max_attempts
+             SET state = CASE WHEN j.attempt >= j.max_attempts OR e.losses >= $2
                               THEN 'failed' ELSE 'available' END::sluice.job_state,
-                 error = CASE WHEN j.attempt >= j.max_attempts
-                              THEN jsonb_build_object(
-                                  'code', 'lease_expired',
-                                  'message', 'the runner stopped renewing the lease of the last attempt')
-                              ELSE j.error END,
-                 finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
-                 run_at = CASE WHEN j.attempt >= j.max_attempts THEN j.run_at ELSE now() END,
+                 error = CASE
+                     WHEN e.losses >= $2 THEN jsonb_build_object(
+                         'code', 'runner_lost',
+                         'message', 'the runner was lost ' || e.losses || ' times while running this job')
+                     WHEN j.attempt >= j.max_attempts THEN jsonb_build_object(
+                         'code', 'lease_expired',
+                         'message', 'the runner stopped renewing the lease of the last attempt')
+                     ELSE j.error END,
+                 finished_at = CASE WHEN j.attempt >= j.max_attempts OR e.losses >= $2
+                                    THEN now() END,
+                 run_at = now(),
                  lease_token = NULL,
-                 lease_expires_at = NULL,
                  runner_id = NULL
-             FROM expired
-             WHERE j.id = expired.id AND j.state = 'running'
+             FROM expired e
+             WHERE j.id = e.id AND j.attempt = e.attempt AND j.state = 'running'
              RETURNING j.id, j.attempt, j.state
          ), recorded AS (
              UPDATE sluice.job_attempts a
              SET outcome = 'lease_expired', finished_at = now()
              FROM reclaimed r
-             WHERE a.job_id = r.id AND a.attempt = r.attempt
+             WHERE a.job_id = r.id AND a.attempt = r.attempt AND a.outcome IS NULL
          )
          SELECT count(*) FILTER (WHERE state = 'available'),
                 count(*) FILTER (WHERE state = 'failed')
          FROM reclaimed",
     )
     .bind(limit)
+    .bind(MAX_RUNNER_LOSSES)
     .fetch_one(conn)
     .await?;
     Ok(ReclaimReport {
         requeued: requeued as u64,
         failed: failed as u64,
     })
+}
+
+/// After the database was unreachable, gives every lease that expired meanwhile one more
+/// lease term, so that runners which kept working get a chance to heartbeat before the reaper
+/// reclaims their jobs (River 1ca57d2). Returns how many leases were extended.
+pub async fn extend_expired_leases(conn: &mut PgConnection, lease: Duration) -> Result<u64> {
+    let result = sqlx::query(
+        "UPDATE sluice.job_attempts
+         SET lease_expires_at = now() + $1 * interval '1 millisecond'
+         WHERE outcome IS NULL AND lease_expires_at < now()",
+    )
+    .bind(lease.as_millis() as i64)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Fails up to `limit` running jobs that are past their `timeout_ms` (measured from the
+/// attempt's start, in database time) as `timed_out`. Their runners learn it from the next
+/// heartbeat and kill the tool, even if they never report back. Returns how many.
+pub async fn fail_overdue(conn: &mut PgConnection, limit: i64) -> Result<u64> {
+    let (count,): (i64,) = sqlx::query_as(
+        "WITH overdue AS (
+             SELECT id, attempt FROM sluice.jobs
+             WHERE state = 'running' AND timeout_ms IS NOT NULL
+               AND started_at + timeout_ms * interval '1 millisecond' < now()
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED
+         ), failed AS (
+             UPDATE sluice.jobs j
+             SET state = 'failed',
+                 error = jsonb_build_object(
+                     'code', 'timed_out',
+                     'message', 'the job ran longer than its timeout_ms of ' || j.timeout_ms),
+                 finished_at = now()
+             FROM overdue o
+             WHERE j.id = o.id AND j.state = 'running'
+             RETURNING j.id, j.attempt
+         ), recorded AS (
+             UPDATE sluice.job_attempts a
+             SET outcome = 'timed_out', finished_at = now()
+             FROM failed f
+             WHERE a.job_id = f.id AND a.attempt = f.attempt AND a.outcome IS NULL
+         )
+         SELECT count(*) FROM failed",
+    )
+    .bind(limit)
+    .fetch_one(conn)
+    .await?;
+    Ok(count as u64)
+}
+
+/// What [`cancel`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was queued or running and is now `cancelled`.
+    Cancelled,
+    /// The job had already ended in this state; nothing changed.
+    AlreadyFinished(JobState),
+}
+
+/// Cancels a job that has not finished: it becomes `cancelled` at once. A running attempt's
+/// lease ends in the same statement, so its runner's next heartbeat gets a cancel order and
+/// kills the tool, and anything that runner still sends is refused.
+pub async fn cancel(pool: &PgPool, id: JobId) -> Result<Option<CancelOutcome>> {
+    let row: Option<(String, bool)> = sqlx::query_as(
+        "WITH target AS (
+             SELECT id, attempt, state FROM sluice.jobs WHERE id = $1 FOR UPDATE
+         ), cancelled AS (
+             UPDATE sluice.jobs j
+             SET state = 'cancelled',
+                 finished_at = now(),
+                 error = jsonb_build_object('code', 'cancelled', 'message', 'cancelled through the API')
+             FROM target t
+             WHERE j.id = t.id AND t.state NOT IN ('succeeded', 'failed', 'cancelled')
+             RETURNING j.id, j.attempt
+         ), recorded AS (
+             UPDATE sluice.job_attempts a
+             SET outcome = 'cancelled', finished_at = now()
+             FROM cancelled c
+             WHERE a.job_id = c.id AND a.attempt = c.attempt AND a.outcome IS NULL
+         )
+         SELECT t.state::text, EXISTS (SELECT 1 FROM cancelled) FROM target t",
+    )
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        None => Ok(None),
+        Some((_, true)) => Ok(Some(CancelOutcome::Cancelled)),
+        Some((state, false)) => Ok(Some(CancelOutcome::AlreadyFinished(parse_state(&state)?))),
+    }
+}
+
+/// Re-runs a `failed` or `cancelled` job: it becomes `available` now with at least one more
+/// attempt allowed. Returns the state before, or `None` when there is no such job. Only those
+/// two states are changed; a caller that sees another state answers with a conflict.
+pub async fn retry_if_finished_unsuccessfully(
+    pool: &PgPool,
+    id: JobId,
+) -> Result<Option<JobState>> {
+    let row: Option<(String, bool)> = sqlx::query_as(
+        "WITH target AS (
+             SELECT id, state FROM sluice.jobs WHERE id = $1 FOR UPDATE
+         ), retried AS (
+             UPDATE sluice.jobs j
+             SET state = 'available',
+                 run_at = now(),
+                 max_attempts = greatest(j.max_attempts, j.attempt + 1),
+                 finished_at = NULL,
+                 result = NULL,
+                 error = NULL,
+                 lease_token = NULL,
+                 runner_id = NULL
+             FROM target t
+             WHERE j.id = t.id AND t.state IN ('failed', 'cancelled')
+             RETURNING pg_notify('sluice_jobs', j.queue)
+         )
+         SELECT t.state::text, EXISTS (SELECT 1 FROM retried) FROM target t",
+    )
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|(state, _)| parse_state(&state)).transpose()
+}
+
+/// Deletes up to `limit` finished jobs (with their attempts and events) older than their
+/// queue's retention. Returns how many.
+pub async fn prune_finished(conn: &mut PgConnection, limit: i64) -> Result<u64> {
+    let result = sqlx::query(
+        "DELETE FROM sluice.jobs
+         WHERE id IN (
+             SELECT j.id FROM sluice.jobs j JOIN sluice.queues q ON q.name = j.queue
+             WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+               AND j.finished_at < now() - q.retention
+             LIMIT $1
+         )",
+    )
+    .bind(limit)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
 }
 
 /// Makes up to `limit` scheduled jobs whose `run_at` has come `available`. Returns how many.

@@ -7,9 +7,11 @@
 //! - [`jobs`] — enqueue, claim, heartbeat renewal, completion, reclaim, promotion, reads.
 //! - [`runners`] — registration and token lookup.
 //! - [`events`] — the per-attempt event stream.
+//! - [`queues`] — queue settings (pause/resume) and counts.
 
 pub mod events;
 pub mod jobs;
+pub mod queues;
 pub mod runners;
 
 use std::str::FromStr;
