@@ -162,28 +162,9 @@ pub async fn insert_many(pool: &PgPool, jobs: &[NewJob]) -> Result<Vec<Enqueued>
     Ok(out)
 }
 
-/// One leased attempt handed to a runner.
-#[derive(Debug, Clone)]
-pub struct ClaimedJob {
-    pub id: JobId,
-    pub attempt: Attempt,
-    pub lease_token: LeaseToken,
-    pub queue: String,
-    pub spec: Value,
-    pub timeout_ms: Option<i64>,
-}
-
-/// Leases up to `max` available jobs to `runner`, in (priority, run_at, id) order, in one
-/// statement: `FOR UPDATE SKIP LOCKED` on the partial claim index, so concurrent claimers
-/// never wait on each other and never get the same job. Each claim starts a new attempt with
-/// a fresh lease token and records it in `job_attempts`.
-pub async fn claim_available(
-    pool: &PgPool,
-    runner: RunnerId,
-    max: i32,
-    lease: Duration,
-) -> Result<Vec<ClaimedJob>> {
-    let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(
+/// The claim statement, as a macro so that [`explain_claim`] can prefix it at compile time.
+macro_rules! claim_sql {
+    () => {
         "WITH picked AS (
              SELECT id FROM sluice.jobs j
              WHERE state = 'available' AND run_at <= now()
@@ -211,13 +192,37 @@ pub async fn claim_available(
              FROM claimed
          )
          SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
-         ORDER BY priority, run_at, id",
-    )
-    .bind(runner.0)
-    .bind(max)
-    .bind(lease.as_millis() as i64)
-    .fetch_all(pool)
-    .await?;
+         ORDER BY priority, run_at, id"
+    };
+}
+
+/// One leased attempt handed to a runner.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub queue: String,
+    pub spec: Value,
+    pub timeout_ms: Option<i64>,
+}
+
+/// Leases up to `max` available jobs to `runner`, in (priority, run_at, id) order, in one
+/// statement: `FOR UPDATE SKIP LOCKED` on the partial claim index, so concurrent claimers
+/// never wait on each other and never get the same job. Each claim starts a new attempt with
+/// a fresh lease token and records it in `job_attempts`.
+pub async fn claim_available(
+    pool: &PgPool,
+    runner: RunnerId,
+    max: i32,
+    lease: Duration,
+) -> Result<Vec<ClaimedJob>> {
+    let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(claim_sql!())
+        .bind(runner.0)
+        .bind(max)
+        .bind(lease.as_millis() as i64)
+        .fetch_all(pool)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|(id, attempt, token, queue, spec, timeout_ms)| ClaimedJob {
@@ -242,6 +247,18 @@ pub enum LeaseEnd {
     Cancelled,
     /// The job ran past its deadline.
     TimedOut,
+}
+
+/// The query plan of the claim, for tests and `sluice bench` to check that it stays an index
+/// scan however many finished jobs the table holds.
+pub async fn explain_claim(pool: &PgPool) -> Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(concat!("EXPLAIN ", claim_sql!()))
+        .bind(Uuid::nil())
+        .bind(10i32)
+        .bind(30_000i64)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|(line,)| line).collect())
 }
 
 /// Extends the listed leases that `runner` still holds and records that the runner is alive,
