@@ -140,7 +140,16 @@ async fn serve_dev(
     fs::create_dir_all(&logs).map_err(|e| Error::Internal(e.to_string()))?;
     let mut runners = Vec::new();
     for n in 1..=config.runners {
-        match spawn_runner(&runner_binary, n, dir, &logs, &internal_url, &runner_secret) {
+        let launch = RunnerLaunch {
+            binary: &runner_binary,
+            name: format!("dev-runner-{n}"),
+            workdir: dir.join("runners").join(n.to_string()),
+            log: logs.join(format!("runner-{n}.log")),
+            internal_url: &internal_url,
+            secret: &runner_secret,
+            slots: 4,
+        };
+        match spawn_runner(&launch) {
             Ok(child) => {
                 println!(
                     "runner dev-runner-{n} pid {} (log: {})",
@@ -279,17 +288,21 @@ pub fn find_runner_binary() -> Result<PathBuf> {
     )))
 }
 
-fn spawn_runner(
-    binary: &Path,
-    n: u32,
-    dir: &Path,
-    logs: &Path,
-    internal_url: &str,
-    secret: &Secret,
-) -> Result<Child> {
-    let log_path = logs.join(format!("runner-{n}.log"));
-    let log = fs::File::create(&log_path).map_err(|e| Error::Internal(e.to_string()))?;
-    let mut command = Command::new(binary);
+/// How to start one local `sluice-runner`.
+pub struct RunnerLaunch<'a> {
+    pub binary: &'a Path,
+    pub name: String,
+    pub workdir: PathBuf,
+    pub log: PathBuf,
+    pub internal_url: &'a str,
+    pub secret: &'a Secret,
+    pub slots: u32,
+}
+
+/// Starts a local sidecar with a parent-death signal. Call from a thread that outlives it.
+pub fn spawn_runner(launch: &RunnerLaunch<'_>) -> Result<Child> {
+    let log = fs::File::create(&launch.log).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut command = Command::new(launch.binary);
     // The sidecar gets what it needs and nothing else: no DATABASE_URL, no API token.
     command.env_clear();
     for name in ["PATH", "HOME", "TMPDIR", "RUST_LOG", "LANG"] {
@@ -298,20 +311,18 @@ fn spawn_runner(
         }
     }
     command
-        .env("SLUICE_API_URL", internal_url)
-        .env("RUNNER_POD_NAME", format!("dev-runner-{n}"))
-        .env("SLUICE_RUNNER_SECRET", secret.expose())
-        .env(
-            "SLUICE_RUNNER_WORKDIR",
-            dir.join("runners").join(n.to_string()),
-        )
+        .env("SLUICE_API_URL", launch.internal_url)
+        .env("RUNNER_POD_NAME", &launch.name)
+        .env("SLUICE_RUNNER_SECRET", launch.secret.expose())
+        .env("SLUICE_RUNNER_WORKDIR", &launch.workdir)
+        .env("SLUICE_RUNNER_SLOTS", launch.slots.to_string())
         .stdin(Stdio::null())
         .stdout(
             log.try_clone()
                 .map_err(|e| Error::Internal(e.to_string()))?,
         )
         .stderr(log);
-    // SAFETY: prctl is async-signal-safe. The main thread (the spawner) lives until exit.
+    // SAFETY: prctl is async-signal-safe. The spawning thread is the caller's main thread.
     unsafe {
         command.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
@@ -319,11 +330,11 @@ fn spawn_runner(
     }
     command
         .spawn()
-        .map_err(|e| Error::Internal(format!("starting {}: {e}", binary.display())))
+        .map_err(|e| Error::Internal(format!("starting {}: {e}", launch.binary.display())))
 }
 
 /// SIGTERM (the runners drain), then SIGKILL whatever is left after 10 s.
-async fn stop_runners(runners: &mut Vec<Child>) {
+pub async fn stop_runners(runners: &mut Vec<Child>) {
     for child in runners.iter() {
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     }

@@ -14,10 +14,12 @@
 //! - [`server`] — wires the above into a running scheduler (`sluice serve`).
 //! - [`postgres`] — a private Postgres cluster from the system's binaries (`sluice dev`, tests).
 //! - [`dev`] — `sluice dev`: cluster, scheduler, two local runners, an example job.
+//! - [`bench`] — `sluice bench`: throughput and latency next to the bare-SQL limit.
 //! - [`client`] — the small HTTP client behind `sluice enqueue`.
 //! - [`secret`] — a wrapper that keeps tokens out of logs.
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod dev;

@@ -35,6 +35,21 @@ enum Command {
     Enqueue(EnqueueArgs),
     /// Start a private Postgres, the scheduler and two local runners; run an example job.
     Dev(DevArgs),
+    /// Measure throughput and latency against the bare-SQL limit (see BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A small version of everything (under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Measure against this server instead of a private durable cluster.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<Secret>,
 }
 
 #[derive(Args)]
@@ -161,6 +176,16 @@ fn main() -> ExitCode {
         Command::Dev(args) => {
             init_tracing("warn,sluice=info");
             dev(args)
+        }
+        Command::Bench(args) => {
+            init_tracing("warn");
+            sluice::bench::run(sluice::bench::BenchConfig {
+                quick: args.quick,
+                json: args.json,
+                database_url: args.database_url,
+            })
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from)
         }
         Command::Migrate { database_url } => {
             init_tracing("info");

@@ -50,6 +50,8 @@ fn sluice_dev_runs_the_example_job_and_leaves_nothing_behind_on_ctrl_c() {
         ])
         .current_dir(home.path())
         .env_remove("DATABASE_URL")
+        // As a user runs the built binary (not through `cargo run`, which sets CARGO).
+        .env_remove("CARGO")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -8,7 +8,9 @@
 //! - [`runners`] — registration and token lookup.
 //! - [`events`] — the per-attempt event stream.
 //! - [`queues`] — queue settings (pause/resume) and counts.
+//! - [`bench`] — the bare-SQL reference and plain-INSERT paths `sluice bench` measures.
 
+pub mod bench;
 pub mod events;
 pub mod jobs;
 pub mod queues;

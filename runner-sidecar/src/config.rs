@@ -1,0 +1,162 @@
+//! The sidecar's configuration, from flags and environment variables (one place).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::{Error, Result};
+
+/// A secret string whose `Debug`/`Display` print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the Authorization header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Command line of `sluice-runner`; every flag also reads an environment variable.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-runner", version, about = "The sluice runner sidecar")]
+pub struct Args {
+    /// The scheduler's internal API, e.g. http://127.0.0.1:7071 (PLUE_API_URL is accepted).
+    #[arg(long, env = "SLUICE_API_URL")]
+    pub api_url: Option<String>,
+    /// This runner's name (the pod name on Kubernetes); default `<hostname>-<pid>`.
+    #[arg(long, env = "RUNNER_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The pool's registration secret.
+    #[arg(long, env = "SLUICE_RUNNER_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "SLUICE_RUNNER_SLOTS", default_value_t = 4)]
+    pub slots: u32,
+    /// Parent of the per-task workspaces; default `$TMPDIR/sluice-runner-<pod>`.
+    #[arg(long, env = "SLUICE_RUNNER_WORKDIR")]
+    pub workdir: Option<PathBuf>,
+    /// Output kept per attempt (stdout and stderr together); the rest is dropped.
+    #[arg(long, env = "SLUICE_RUNNER_MAX_OUTPUT_BYTES", default_value_t = 10 << 20)]
+    pub max_output_bytes: u64,
+    /// Time between SIGTERM and SIGKILL when a tool is stopped.
+    #[arg(long, env = "SLUICE_RUNNER_KILL_GRACE_MS", default_value_t = 2000)]
+    pub kill_grace_ms: u64,
+    /// Wall timeout of a task that names none.
+    #[arg(
+        long,
+        env = "SLUICE_RUNNER_DEFAULT_TIMEOUT_MS",
+        default_value_t = 3_600_000
+    )]
+    pub default_timeout_ms: u64,
+    /// How long a SIGTERM waits for running tasks before killing them.
+    #[arg(long, env = "SLUICE_RUNNER_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+    /// Labels, `k=v,k2=v2`.
+    #[arg(long, env = "SLUICE_RUNNER_LABELS", default_value = "")]
+    pub labels: String,
+    /// How long one claim long-poll waits.
+    #[arg(long, env = "SLUICE_RUNNER_CLAIM_WAIT_MS", default_value_t = 30_000)]
+    pub claim_wait_ms: u64,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub api_url: String,
+    pub pod_name: String,
+    pub secret: Secret,
+    pub slots: u32,
+    pub workdir: PathBuf,
+    pub max_output_bytes: u64,
+    pub kill_grace: Duration,
+    pub default_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub labels: BTreeMap<String, String>,
+    pub claim_wait: Duration,
+}
+
+impl Config {
+    /// Parses the command line and environment, and validates the result with messages that
+    /// name the variable to fix.
+    pub fn load() -> Result<Config> {
+        Config::from_args(Args::parse(), std::env::var("PLUE_API_URL").ok())
+    }
+
+    /// Validates parsed arguments; `plue_api_url` is the legacy variable's value.
+    pub fn from_args(args: Args, plue_api_url: Option<String>) -> Result<Config> {
+        let api_url = args
+            .api_url
+            .or(plue_api_url)
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| Error::Config("SLUICE_API_URL is not set (the scheduler's internal URL, e.g. http://127.0.0.1:7071)".into()))?;
+        if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
+            return Err(Error::Config(format!(
+                "SLUICE_API_URL must start with http:// or https://, got {api_url:?}"
+            )));
+        }
+        let secret = args
+            .secret
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::Config("SLUICE_RUNNER_SECRET is not set".into()))?;
+        if args.slots == 0 || args.slots > 1000 {
+            return Err(Error::Config(
+                "SLUICE_RUNNER_SLOTS must be between 1 and 1000".into(),
+            ));
+        }
+        let pod_name = match args.pod_name.filter(|p| !p.is_empty()) {
+            Some(name) => name,
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "runner".into());
+                format!("{host}-{}", std::process::id())
+            }
+        };
+        let mut labels = BTreeMap::new();
+        for pair in args.labels.split(',').filter(|p| !p.trim().is_empty()) {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                Error::Config(format!("SLUICE_RUNNER_LABELS: {pair:?} is not key=value"))
+            })?;
+            labels.insert(key.trim().to_string(), value.trim().to_string());
+        }
+        let workdir = args
+            .workdir
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("sluice-runner-{pod_name}")));
+        Ok(Config {
+            api_url: api_url.trim_end_matches('/').to_string(),
+            pod_name,
+            secret: Secret::new(secret),
+            slots: args.slots,
+            workdir,
+            max_output_bytes: args.max_output_bytes,
+            kill_grace: Duration::from_millis(args.kill_grace_ms),
+            default_timeout: Duration::from_millis(args.default_timeout_ms.max(1)),
+            drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+            labels,
+            claim_wait: Duration::from_millis(args.claim_wait_ms),
+        })
+    }
+}

@@ -1,0 +1,34 @@
+//! The sluice runner sidecar: registers with a scheduler's internal API, claims tasks for its
+//! free slots, forks their tools under limits, streams their output, heartbeats their leases
+//! and reports their completion. It never talks to Postgres.
+//!
+//! # Layout
+//!
+//! - [`config`] — flags and environment, validated at start; [`config::Secret`].
+//! - [`client`] — the internal-API HTTP client with retries and back-off.
+//! - [`runner`] — registration, the claim loop, heartbeats, self-fencing, draining.
+//! - [`task`] — one task: dispatch on the spec's kind, event batching, completion.
+//! - [`process`] — forking tools (session, death signal, no-new-privs, rlimits, clean env)
+//!   and killing their process groups.
+//! - [`output`] — the per-attempt output cap and the tails kept for results.
+
+pub mod client;
+pub mod config;
+pub mod output;
+pub mod process;
+pub mod runner;
+pub mod task;
+
+pub use config::Config;
+pub use runner::run;
+
+/// Errors of the sidecar library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is unusable; the message names the variable.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// `Result` with the sidecar's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

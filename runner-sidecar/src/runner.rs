@@ -1,0 +1,353 @@
+//! The runner's life: register, claim for free slots, heartbeat the running leases, fence
+//! itself when renewals stop, and drain on shutdown.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_protocol::{
+    ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef,
+    RegisterRequest, RegisterResponse, RunnerId,
+};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::client::{Backoff, CallError, Client};
+use crate::config::{Config, Secret};
+use crate::task::{self, StopReason, TaskContext};
+use crate::Result;
+
+/// A running task as the heartbeat and the watchdog see it.
+struct Running {
+    lease: LeaseRef,
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+    /// When the scheduler last confirmed the lease (claim time, then each good heartbeat).
+    renewed_at: Instant,
+}
+
+type RunningTasks = Arc<Mutex<HashMap<JobId, Running>>>;
+
+/// One registration of this sidecar.
+struct Session {
+    runner_id: RunnerId,
+    token: Secret,
+    heartbeat: Duration,
+    lease: Duration,
+}
+
+/// How long before the lease's end the sidecar stops a tool whose lease it could not renew,
+/// so that the old attempt is dead before the scheduler hands the job to someone else.
+fn fence_after(lease: Duration, heartbeat: Duration) -> Duration {
+    let margin = (lease / 5).max(Duration::from_secs(1)).min(lease / 2);
+    lease.saturating_sub(margin).max(heartbeat)
+}
+
+/// Runs the sidecar until `shutdown` turns true, then drains.
+pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.workdir).map_err(|e| {
+        crate::Error::Config(format!(
+            "SLUICE_RUNNER_WORKDIR {}: {e}",
+            config.workdir.display()
+        ))
+    })?;
+    let client = Client::new(&config.api_url);
+    let running: RunningTasks = Arc::default();
+    let (hard_stop_tx, hard_stop) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    'registrations: loop {
+        let Some(session) = register(&client, &config, &mut shutdown).await else {
+            break;
+        };
+        tracing::info!(
+            "sluice-runner {} registered as {}",
+            config.pod_name,
+            session.runner_id
+        );
+        let session = Arc::new(session);
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let (drain_tx, mut drain_rx) = watch::channel(false);
+        let (session_end_tx, session_end) = watch::channel(false);
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            client.clone(),
+            config.clone(),
+            session.clone(),
+            running.clone(),
+            lost_tx,
+            drain_tx,
+            session_end.clone(),
+        ));
+        let slots = Arc::new(Semaphore::new(config.slots as usize));
+        let ctx = TaskContext {
+            config: config.clone(),
+            client: client.clone(),
+            token: session.token.clone(),
+            hard_stop: hard_stop.clone(),
+        };
+
+        loop {
+            if *shutdown.borrow() || *lost_rx.borrow() {
+                break;
+            }
+            if *drain_rx.borrow() {
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = lost_rx.changed() => {}
+                }
+                continue;
+            }
+            // Wait for a free slot, then take every free one.
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = shutdown.changed() => continue,
+                _ = lost_rx.changed() => continue,
+                _ = drain_rx.changed() => continue,
+            };
+            let mut permits = vec![first];
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            let request = ClaimRequest {
+                max: permits.len() as u32,
+                wait_ms: config.claim_wait.as_millis() as u64,
+            };
+            let claim_path = format!("/internal/runners/{}/claim", config.pod_name);
+            let claim = client.post::<_, ClaimResponse>(
+                &claim_path,
+                &session.token,
+                &request,
+                config.claim_wait + Duration::from_secs(10),
+            );
+            let answer = tokio::select! {
+                answer = claim => answer,
+                // Stop claiming at once on shutdown; a job claimed in this instant is
+                // reclaimed when its lease expires.
+                _ = shutdown.changed() => continue,
+                _ = lost_rx.changed() => continue,
+            };
+            match answer {
+                Ok(response) => {
+                    for task in response.tasks {
+                        let Some(permit) = permits.pop() else {
+                            tracing::error!(job_id = %task.job_id, "the scheduler sent more tasks than asked for");
+                            break;
+                        };
+                        let (stop_tx, _) = watch::channel(None);
+                        let stop = Arc::new(stop_tx);
+                        running.lock().expect("lock").insert(
+                            task.job_id,
+                            Running {
+                                lease: task.lease(),
+                                stop: stop.clone(),
+                                renewed_at: Instant::now(),
+                            },
+                        );
+                        let ctx = ctx.clone();
+                        let running = running.clone();
+                        tasks.spawn(async move {
+                            let job_id = task.job_id;
+                            task::run(ctx, task, stop).await;
+                            running.lock().expect("lock").remove(&job_id);
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(err) if err.is_unauthorized() => {
+                    tracing::warn!("the scheduler no longer knows this runner; registering again");
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "claim failed");
+                    let pause = Backoff::default().pause() * 20;
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
+            // Reap finished task futures without waiting.
+            while tasks.try_join_next().is_some() {}
+        }
+
+        if *shutdown.borrow() {
+            drain(&config, &running, &mut tasks).await;
+            let _ = hard_stop_tx.send(true);
+            let _ = session_end_tx.send(true);
+            let _ = heartbeat.await;
+            break 'registrations;
+        }
+        // The registration is gone: its leases are void. Stop every tool, then register anew.
+        stop_all(&running, StopReason::LeaseLost);
+        while tasks.join_next().await.is_some() {}
+        let _ = session_end_tx.send(true);
+        let _ = heartbeat.await;
+    }
+    let _ = hard_stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("sluice-runner stopped");
+    Ok(())
+}
+
+fn stop_all(running: &RunningTasks, reason: StopReason) {
+    for task in running.lock().expect("lock").values() {
+        task.stop.send_replace(Some(reason));
+    }
+}
+
+/// Lets running tasks finish (heartbeats continue) until the drain deadline, then stops them.
+async fn drain(config: &Config, running: &RunningTasks, tasks: &mut JoinSet<()>) {
+    let count = running.lock().expect("lock").len();
+    if count > 0 {
+        tracing::info!(running = count, "draining");
+    }
+    let deadline = tokio::time::sleep(config.drain_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { return },
+            _ = &mut deadline => break,
+        }
+    }
+    stop_all(running, StopReason::Shutdown);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Registers with back-off until it works; `None` if shutdown came first.
+async fn register(
+    client: &Client,
+    config: &Config,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Session> {
+    let request = RegisterRequest {
+        pod_name: config.pod_name.clone(),
+        labels: config.labels.clone(),
+        slots: config.slots,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        if *shutdown.borrow() {
+            return None;
+        }
+        let answer: std::result::Result<RegisterResponse, CallError> = client
+            .post(
+                "/internal/runners/register",
+                &config.secret,
+                &request,
+                Duration::from_secs(10),
+            )
+            .await;
+        match answer {
+            Ok(response) => {
+                return Some(Session {
+                    runner_id: response.runner_id,
+                    token: Secret::new(response.token),
+                    heartbeat: Duration::from_millis(response.heartbeat_ms.max(50)),
+                    lease: Duration::from_millis(response.lease_ms.max(100)),
+                })
+            }
+            Err(err) => tracing::warn!(error = %err, "registration failed; retrying"),
+        }
+        let pause = backoff.pause();
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Renews the running leases every heartbeat, applies the scheduler's orders, and fences: a
+/// task whose lease was not confirmed for [`fence_after`] is stopped, whatever the reason
+/// (scheduler unreachable, responses lost), before the scheduler can hand it out again.
+async fn heartbeat_loop(
+    client: Client,
+    config: Arc<Config>,
+    session: Arc<Session>,
+    running: RunningTasks,
+    lost: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+    mut session_end: watch::Receiver<bool>,
+) {
+    let fence = fence_after(session.lease, session.heartbeat);
+    let mut ticker = tokio::time::interval(session.heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let path = format!("/internal/runners/{}/heartbeat", config.pod_name);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = session_end.changed() => return,
+        }
+        let leases: Vec<LeaseRef> = running
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|t| t.lease)
+            .collect();
+        let sent_at = Instant::now();
+        let request = HeartbeatRequest {
+            running: leases.clone(),
+        };
+        let timeout = session.heartbeat.max(Duration::from_secs(1));
+        let answer: std::result::Result<HeartbeatResponse, CallError> = tokio::select! {
+            answer = client.post(&path, &session.token, &request, timeout) => answer,
+            _ = session_end.changed() => return,
+        };
+        match answer {
+            Ok(response) => {
+                let mut tasks = running.lock().expect("lock");
+                for order in &response.cancel {
+                    if let Some(task) = tasks.get(&order.job_id) {
+                        if task.lease.attempt == order.attempt {
+                            let reason = match order.reason.as_str() {
+                                "cancelled" => StopReason::Cancelled,
+                                "timed_out" => StopReason::TimedOut,
+                                _ => StopReason::LeaseLost,
+                            };
+                            tracing::info!(job_id = %order.job_id, attempt = %order.attempt, reason = %order.reason, "stopping task on the scheduler's order");
+                            task.stop.send_replace(Some(reason));
+                        }
+                    }
+                }
+                for lease in &leases {
+                    let cancelled = response.cancel.iter().any(|o| o.job_id == lease.job_id);
+                    if let Some(task) = tasks.get_mut(&lease.job_id) {
+                        if !cancelled && task.lease.attempt == lease.attempt {
+                            task.renewed_at = task.renewed_at.max(sent_at);
+                        }
+                    }
+                }
+                if response.drain {
+                    drain.send_replace(true);
+                }
+            }
+            Err(err) if err.is_unauthorized() => {
+                lost.send_replace(true);
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+        // Self-fencing: the watchdog runs on every tick, renewed or not.
+        for task in running.lock().expect("lock").values() {
+            if task.renewed_at.elapsed() > fence && task.stop.borrow().is_none() {
+                tracing::warn!(job_id = %task.lease.job_id, attempt = %task.lease.attempt, "lease not renewed in time; stopping the tool");
+                task.stop.send_replace(Some(StopReason::LeaseLost));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_falls_before_the_lease_ends() {
+        let fence = fence_after(Duration::from_secs(30), Duration::from_secs(5));
+        assert_eq!(fence, Duration::from_secs(24));
+        let fence = fence_after(Duration::from_secs(5), Duration::from_secs(1));
+        assert_eq!(fence, Duration::from_secs(4));
+        let fence = fence_after(Duration::from_millis(1000), Duration::from_millis(200));
+        assert_eq!(fence, Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,129 @@
+//! Statements only `sluice bench` runs: the bare-SQL reference it measures sluice against,
+//! and the user-facing plain INSERT enqueue path.
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::Result;
+
+/// Creates (empty) the reference table: a bigserial key and a jsonb payload, nothing else.
+pub async fn reset_reference_table(pool: &PgPool) -> Result<()> {
+    sqlx::query("DROP TABLE IF EXISTS sluice_bench_reference")
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE sluice_bench_reference (id bigserial PRIMARY KEY, payload jsonb NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Drops the reference table.
+pub async fn drop_reference_table(pool: &PgPool) -> Result<()> {
+    sqlx::query("DROP TABLE IF EXISTS sluice_bench_reference")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// One bare single-row INSERT (the reference for one-by-one enqueue).
+pub async fn insert_reference_one(pool: &PgPool, payload: &Value) -> Result<()> {
+    sqlx::query("INSERT INTO sluice_bench_reference (payload) VALUES ($1)")
+        .bind(payload)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// One bare multi-row INSERT (the reference for bulk enqueue).
+pub async fn insert_reference_many(pool: &PgPool, payloads: &[Value]) -> Result<()> {
+    sqlx::query("INSERT INTO sluice_bench_reference (payload) SELECT unnest($1::jsonb[])")
+        .bind(payloads)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The README's plain SQL enqueue: `INSERT INTO sluice.jobs (spec) VALUES (…)`.
+pub async fn insert_job_plain(pool: &PgPool, spec: &Value) -> Result<()> {
+    sqlx::query("INSERT INTO sluice.jobs (spec) VALUES ($1)")
+        .bind(spec)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Many jobs in one plain multi-row INSERT.
+pub async fn insert_jobs_plain_many(pool: &PgPool, specs: &[Value]) -> Result<()> {
+    sqlx::query("INSERT INTO sluice.jobs (spec) SELECT unnest($1::jsonb[])")
+        .bind(specs)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Empties the job tables between measurements.
+pub async fn truncate_jobs(pool: &PgPool) -> Result<()> {
+    sqlx::query("TRUNCATE sluice.jobs, sluice.job_attempts, sluice.job_events")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Loads `count` finished jobs in one statement (history for the bloat measurement).
+pub async fn insert_finished_jobs(pool: &PgPool, count: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sluice.jobs (spec, state, attempt, started_at, finished_at)
+         SELECT '{\"kind\":\"noop\"}', 'succeeded', 1, now(), now()
+         FROM generate_series(1, $1)",
+    )
+    .bind(count)
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE sluice.jobs").execute(pool).await?;
+    Ok(())
+}
+
+/// Jobs in a state, for waiting on a drain.
+pub async fn count_in_state(pool: &PgPool, state: &str) -> Result<i64> {
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM sluice.jobs WHERE state = $1::sluice.job_state")
+            .bind(state)
+            .fetch_one(pool)
+            .await?;
+    Ok(n)
+}
+
+/// Pickup latencies (claim time minus insert time, database clock) in milliseconds.
+pub async fn pickup_latencies_ms(pool: &PgPool) -> Result<Vec<f64>> {
+    let rows: Vec<(f64,)> = sqlx::query_as(
+        "SELECT extract(epoch FROM (a.started_at - j.created_at))::float8 * 1000
+         FROM sluice.jobs j JOIN sluice.job_attempts a ON a.job_id = j.id AND a.attempt = 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(ms,)| ms).collect())
+}
+
+/// The server's durability settings, recorded with the results.
+pub async fn durability_settings(pool: &PgPool) -> Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT name, setting FROM pg_settings
+         WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'server_version')
+         ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// When the first attempt of any job started (the bench runs one job at a time).
+pub async fn first_attempt_started_at(
+    pool: &PgPool,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let row: Option<(chrono::DateTime<chrono::Utc>,)> =
+        sqlx::query_as("SELECT started_at FROM sluice.job_attempts LIMIT 1")
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(at,)| at))
+}
