@@ -4,6 +4,21 @@
 //! `PR_SET_NO_NEW_PRIVS`, rlimits that can only be lowered, a cleared environment plus an
 //! allow-list, stdin `/dev/null`, and the task's workspace as its cwd. Stopping a tool signals
 //! the whole group, so `cmd &` children die with it.
+//!
+//! Where the sidecar may create PID namespaces (root, or inside gVisor), each tool also runs in
+//! its own: a process group cannot hold a `setsid` escapee, and a `kill -9` of the sidecar
+//! runs no cleanup code at all. The kernel, though, kills every process of a PID namespace
+//! when its init dies. So the forked child keeps a small chain, all of it in `pre_exec`
+//! (async-signal-safe calls only, no allocation):
+//!
+//! ```text
+//! sidecar ─fork→ keeper (old namespace; mirrors the tool's exit; death signal = SIGKILL)
+//!                  └─fork→ init (PID 1 of the new namespace; death signal = SIGKILL; reaps)
+//!                            └─fork→ tool (exec'd: bash -c …)
+//! ```
+//!
+//! When the tool exits, init exits with its status and the namespace's stragglers die; when
+//! the sidecar dies, the keeper gets SIGKILL, then init, then everything in the namespace.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -86,6 +101,115 @@ fn rlimits(limits: &Limits) -> Vec<(Resource, u64)> {
     out
 }
 
+/// The pid of the tool inside its namespace, for init's signal forwarding.
+static TOOL_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_to_tool(signal: nix::libc::c_int) {
+    let pid = TOOL_PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe {
+            nix::libc::kill(pid, signal);
+        }
+    }
+}
+
+/// `_exit(2)`: ends a forked helper without running any of the sidecar's exit handlers.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is async-signal-safe and never returns.
+    unsafe { nix::libc::_exit(code) }
+}
+
+/// Closes every descriptor from 3 up in a forked helper that never execs. Above all this
+/// closes std's spawn error pipe (close-on-exec, which never happens here): while a helper
+/// holds it, the sidecar's `spawn` would wait for the whole tool to finish.
+fn close_inherited_descriptors() {
+    // SAFETY: close_range and close are async-signal-safe.
+    let closed = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if closed != 0 {
+        // No close_range (old kernels, gVisor): close one by one.
+        let limit = getrlimit(Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft.min(1 << 16))
+            .unwrap_or(1024);
+        for fd in 3..limit as i32 {
+            // SAFETY: as above.
+            unsafe {
+                nix::libc::close(fd);
+            }
+        }
+    }
+}
+
+/// In the forked child, before exec: moves the rest of the chain into a new PID namespace
+/// (see the module doc). Returns in the process that goes on to exec the tool; the keeper and
+/// init never return. Without the right to unshare, returns at once and the tool runs in the
+/// sidecar's namespace (process-group cleanup only).
+///
+/// Only async-signal-safe calls: this runs in a fork of a multi-threaded process.
+fn enter_pid_namespace() -> nix::Result<()> {
+    use nix::sched::{unshare, CloneFlags};
+    use nix::sys::signal::{signal, SigHandler};
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+
+    if unshare(CloneFlags::CLONE_NEWPID).is_err() {
+        return Ok(());
+    }
+    // The keeper: the sidecar's direct child. It stays out of group signals' way so that
+    // it can report the tool's exit; SIGKILL (from its death signal) still ends it.
+    // SAFETY: fork in a single-threaded child; both sides only make async-signal-safe calls.
+    let init = match unsafe { fork() }? {
+        ForkResult::Parent { child } => child,
+        ForkResult::Child => return run_init(),
+    };
+    close_inherited_descriptors();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: installing SIG_IGN is async-signal-safe.
+        unsafe { signal(sig, SigHandler::SigIgn) }?;
+    }
+    loop {
+        match waitpid(init, None) {
+            Ok(WaitStatus::Exited(_, code)) => exit_now(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => exit_now(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => exit_now(127),
+        }
+    }
+}
+
+/// PID 1 of the tool's namespace: starts the tool, forwards termination signals to it,
+/// reaps orphans, and exits with the tool's status (which ends the namespace).
+fn run_init() -> nix::Result<()> {
+    use nix::sys::signal::{signal, SigHandler};
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult, Pid};
+
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    // SAFETY: as above.
+    let tool = match unsafe { fork() }? {
+        ForkResult::Child => {
+            // The tool: back to default dispositions, then exec (by std, after we return).
+            return Ok(());
+        }
+        ForkResult::Parent { child } => child,
+    };
+    TOOL_PID.store(tool.as_raw(), std::sync::atomic::Ordering::Relaxed);
+    close_inherited_descriptors();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: the handler only calls kill(2).
+        unsafe { signal(sig, SigHandler::Handler(forward_to_tool)) }?;
+    }
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == tool => exit_now(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == tool => exit_now(128 + sig as i32),
+            // An orphan of the tool, reaped; keep waiting for the tool itself.
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => exit_now(127),
+        }
+    }
+}
+
 /// Spawns a tool process. Call it from an async task on a runtime *worker* thread, never from
 /// `spawn_blocking`: `PR_SET_PDEATHSIG` fires when the thread that forked the child exits, and
 /// blocking-pool threads exit when idle, which would kill a long tool early (B-13).
@@ -107,6 +231,8 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid()?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            enter_pid_namespace()?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             nix::sys::prctl::set_no_new_privs()?;
             for &(resource, wanted) in &limits {
@@ -181,13 +307,12 @@ mod tests {
         // A canary in the sidecar's own environment must not reach the tool.
         // SAFETY: set before any thread of this test reads the environment.
         unsafe { std::env::set_var("SLUICE_CANARY_SECRET", "CANARY-must-not-leak") };
-        let env = tool_env(&dir, 1, 1, &BTreeMap::new());
+        let marker = format!("SESSION_MARKER={}", std::process::id());
+        let mut env = tool_env(&dir, 1, 1, &BTreeMap::new());
+        env.insert("SESSION_MARKER".into(), std::process::id().to_string());
         let tool = ToolCommand {
             program: shell(),
-            args: vec![
-                "-c".into(),
-                "env; ulimit -n; ulimit -c; ps -o sid= -p $$".into(),
-            ],
+            args: vec!["-c".into(), "env; ulimit -n; ulimit -c; sleep 0.3".into()],
             workspace: &dir,
             env,
             limits: Limits {
@@ -196,7 +321,26 @@ mod tests {
             },
         };
         let child = spawn_tool(&tool).unwrap();
-        let pid = child.id().unwrap();
+        let pid = child.id().unwrap() as i32;
+        // Every process of the tool sits in the session led by the process the sidecar forked.
+        let mut tool_pids = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while tool_pids.is_empty() {
+            tool_pids = processes_with(&marker);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the tool never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for tool_pid in &tool_pids {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{tool_pid}/stat")).unwrap_or_default();
+            if let Some((_, rest)) = stat.rsplit_once(')') {
+                let session: i32 = rest.split_whitespace().nth(3).unwrap().parse().unwrap();
+                assert_eq!(session, pid, "process {tool_pid} is in another session");
+            }
+        }
         let output = child.wait_with_output().await.unwrap();
         let text = String::from_utf8_lossy(&output.stdout);
         assert!(!text.contains("CANARY"), "{text}");
@@ -204,8 +348,6 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.contains(&"64"), "NOFILE lowered: {text}");
         assert!(lines.contains(&"0"), "no core dumps: {text}");
-        // Its own session: the session id is its own pid.
-        assert_eq!(lines.last().unwrap().trim(), pid.to_string(), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -213,39 +355,97 @@ mod tests {
     async fn stopping_a_tool_kills_its_background_children() {
         let dir = std::env::temp_dir().join(format!("sluice-stop-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let marker = format!("STOP_MARKER={}", std::process::id());
+        let mut env = tool_env(&dir, 1, 1, &BTreeMap::new());
+        env.insert("STOP_MARKER".into(), std::process::id().to_string());
         let tool = ToolCommand {
             program: shell(),
-            args: vec!["-c".into(), "sleep 300 & echo $!; wait".into()],
+            args: vec!["-c".into(), "sleep 300 & sleep 300 & wait".into()],
             workspace: &dir,
-            env: tool_env(&dir, 1, 1, &BTreeMap::new()),
+            env,
             limits: Limits::default(),
         };
         let mut child = spawn_tool(&tool).unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 64];
-        while !line.contains('\n') {
-            let n = stdout.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the tool exited before printing");
-            line.push_str(&String::from_utf8_lossy(&buf[..n]));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while processes_with(&marker).len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the tool's children never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let background: i32 = line.trim().parse().unwrap();
         stop(&mut child, Duration::from_millis(500)).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let gone = match std::fs::read_to_string(format!("/proc/{background}/stat")) {
-                Err(_) => true,
-                Ok(stat) => stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+            let left = processes_with(&marker);
+            if left.is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "survivors: {left:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    fn processes_with(marker: &str) -> Vec<i32> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
             };
-            if gone {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(true);
+            if !zombie
+                && environ
+                    .windows(marker.len())
+                    .any(|w| w == marker.as_bytes())
+            {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn an_escaped_setsid_child_dies_when_the_tool_ends() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!(
+                "skipped: PID namespaces for tools need root (or gVisor); running as non-root"
+            );
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("sluice-escape-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = format!("ESCAPE_MARKER={}", std::process::id());
+        let (name, value) = marker.split_once('=').unwrap();
+        let mut env = tool_env(&dir, 1, 1, &BTreeMap::new());
+        env.insert(name.into(), value.into());
+        let tool = ToolCommand {
+            program: shell(),
+            args: vec![
+                "-c".into(),
+                "setsid sleep 300 </dev/null >/dev/null 2>&1 & sleep 0.2; exit 0".into(),
+            ],
+            workspace: &dir,
+            env,
+            limits: Limits::default(),
+        };
+        let child = spawn_tool(&tool).unwrap();
+        let output = child.wait_with_output().await.unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let left = processes_with(&marker);
+            if left.is_empty() {
                 break;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "background child {background} survived"
+                "escaped processes survived: {left:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -174,7 +174,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Dev(args) => {
-            init_tracing("warn,sluice=info");
+            init_tracing("warn");
             dev(args)
         }
         Command::Bench(args) => {
