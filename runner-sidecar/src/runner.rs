@@ -2,6 +2,7 @@
 //! itself when renewals stop, and drain on shutdown.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,11 @@ struct Session {
     heartbeat: Duration,
     lease: Duration,
 }
+
+/// How long a database outage reported by the scheduler (503 to heartbeats) is ridden
+/// through, in leases: while Postgres is away no scheduler can reclaim anything, and after it
+/// returns the schedulers give expired leases one more term (F-07, F-20).
+const OUTAGE_RIDE_THROUGH_LEASES: u32 = 5;
 
 /// How long before the lease's end the sidecar stops a tool whose lease it could not renew,
 /// so that the old attempt is dead before the scheduler hands the job to someone else.
@@ -269,7 +275,70 @@ async fn heartbeat_loop(
     drain: watch::Sender<bool>,
     mut session_end: watch::Receiver<bool>,
 ) {
+    let database_outage = Arc::new(AtomicBool::new(false));
+    let watchdog = tokio::spawn(watchdog(
+        session.clone(),
+        running.clone(),
+        database_outage.clone(),
+        session_end.clone(),
+    ));
+    heartbeats(
+        &client,
+        &config,
+        &session,
+        &running,
+        &lost,
+        &drain,
+        &database_outage,
+        &mut session_end,
+    )
+    .await;
+    watchdog.abort();
+}
+
+/// Self-fencing, apart from the heartbeat loop so that a heartbeat stuck in flight cannot
+/// delay it: a task whose lease was not confirmed for [`fence_after`] is stopped. A scheduler
+/// that answers "database unavailable" proves only that nobody can reclaim right now, so that
+/// case is ridden through longer; silence or refusal is not.
+async fn watchdog(
+    session: Arc<Session>,
+    running: RunningTasks,
+    database_outage: Arc<AtomicBool>,
+    mut session_end: watch::Receiver<bool>,
+) {
     let fence = fence_after(session.lease, session.heartbeat);
+    let outage_fence = session.lease * OUTAGE_RIDE_THROUGH_LEASES;
+    let mut ticker = tokio::time::interval((session.heartbeat / 4).max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = session_end.changed() => return,
+        }
+        let limit = if database_outage.load(Ordering::Relaxed) {
+            outage_fence
+        } else {
+            fence
+        };
+        for task in running.lock().expect("lock").values() {
+            if task.renewed_at.elapsed() > limit && task.stop.borrow().is_none() {
+                tracing::warn!(job_id = %task.lease.job_id, attempt = %task.lease.attempt, "lease not renewed in time; stopping the tool");
+                task.stop.send_replace(Some(StopReason::LeaseLost));
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn heartbeats(
+    client: &Client,
+    config: &Config,
+    session: &Session,
+    running: &RunningTasks,
+    lost: &watch::Sender<bool>,
+    drain: &watch::Sender<bool>,
+    database_outage: &AtomicBool,
+    session_end: &mut watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(session.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let path = format!("/internal/runners/{}/heartbeat", config.pod_name);
@@ -288,12 +357,16 @@ async fn heartbeat_loop(
         let request = HeartbeatRequest {
             running: leases.clone(),
         };
-        let timeout = session.heartbeat.max(Duration::from_secs(1));
+        // Longer than the scheduler's 1 s wait for a database connection, so that an outage
+        // is heard as a 503 rather than as silence.
+        let timeout = session.heartbeat.max(Duration::from_secs(2));
         let answer: std::result::Result<HeartbeatResponse, CallError> = tokio::select! {
             answer = client.post(&path, &session.token, &request, timeout) => answer,
             _ = session_end.changed() => return,
         };
-        match answer {
+        // Whether this heartbeat was answered "database unavailable" (as opposed to no answer
+        // at all, or a refusal).
+        let outage = match answer {
             Ok(response) => {
                 let mut tasks = running.lock().expect("lock");
                 for order in &response.cancel {
@@ -320,20 +393,18 @@ async fn heartbeat_loop(
                 if response.drain {
                     drain.send_replace(true);
                 }
+                false
             }
             Err(err) if err.is_unauthorized() => {
                 lost.send_replace(true);
                 return;
             }
-            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
-        }
-        // Self-fencing: the watchdog runs on every tick, renewed or not.
-        for task in running.lock().expect("lock").values() {
-            if task.renewed_at.elapsed() > fence && task.stop.borrow().is_none() {
-                tracing::warn!(job_id = %task.lease.job_id, attempt = %task.lease.attempt, "lease not renewed in time; stopping the tool");
-                task.stop.send_replace(Some(StopReason::LeaseLost));
+            Err(err) => {
+                tracing::warn!(error = %err, "heartbeat failed");
+                matches!(err, CallError::Status { status: 503, .. })
             }
-        }
+        };
+        database_outage.store(outage, Ordering::Relaxed);
     }
 }
 

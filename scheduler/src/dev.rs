@@ -282,7 +282,7 @@ pub fn find_runner_binary() -> Result<PathBuf> {
             }
         }
     }
-    Err(Error::Unavailable(format!(
+    Err(Error::Setup(format!(
         "sluice-runner was not found next to {} or on PATH; build it with `cargo build --release -p sluice-runner`",
         exe.display()
     )))

@@ -36,6 +36,10 @@ pub enum Error {
     /// Postgres cannot be reached; retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The machine lacks something a command needs (Postgres binaries, `sluice-runner`); the
+    /// message says what to install or set.
+    #[error("{0}")]
+    Setup(String),
     /// A bug or an unexpected database error.
     #[error("internal error: {0}")]
     Internal(String),
@@ -58,7 +62,7 @@ impl Error {
             Error::TooLarge { .. } => error_code::TOO_LARGE,
             Error::Conflict(_) => error_code::CONFLICT,
             Error::Unavailable(_) => error_code::UNAVAILABLE,
-            Error::Internal(_) => error_code::INTERNAL,
+            Error::Setup(_) | Error::Internal(_) => error_code::INTERNAL,
         }
     }
 

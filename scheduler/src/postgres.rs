@@ -54,7 +54,7 @@ impl Binaries {
                 return Ok(Binaries { initdb, postgres });
             }
         }
-        Err(Error::Unavailable(INSTALL_HINT.to_string()))
+        Err(Error::Setup(INSTALL_HINT.to_string()))
     }
 }
 
@@ -94,7 +94,7 @@ fn server_user() -> Result<Option<User>> {
     let user = User::from_name("postgres")
         .map_err(|e| Error::Internal(format!("looking up the postgres user: {e}")))?
         .ok_or_else(|| {
-            Error::Unavailable(
+            Error::Setup(
                 "running as root, but there is no `postgres` user to run the server as \
                  (it comes with the postgresql package)"
                     .into(),

@@ -51,6 +51,13 @@ where
 
 struct SharedCluster {
     port: u16,
+    control: std::sync::Mutex<std::sync::mpsc::Sender<ClusterCommand>>,
+}
+
+/// Orders for the thread that owns the cluster (the postmaster's parent).
+enum ClusterCommand {
+    Stop(std::sync::mpsc::Sender<Result<(), String>>),
+    Start(std::sync::mpsc::Sender<Result<(), String>>),
 }
 
 static CLUSTER: OnceLock<Result<SharedCluster, String>> = OnceLock::new();
@@ -64,12 +71,35 @@ fn shared_cluster() -> &'static SharedCluster {
         std::thread::Builder::new()
             .name("sluice-testkit-postgres".into())
             .spawn(move || {
-                let started = start_cluster();
-                match started {
-                    Ok((cluster, shared)) => {
+                let (control, commands) = std::sync::mpsc::channel();
+                match start_cluster() {
+                    Ok((cluster, config)) => {
+                        let shared = SharedCluster {
+                            port: cluster.port(),
+                            control: std::sync::Mutex::new(control),
+                        };
                         let _ = tx.send(Ok(shared));
-                        // Keep the cluster (and this thread, its parent) alive until exit.
-                        let _keep = cluster;
+                        // This thread owns the cluster (and is its parent) until exit.
+                        let mut cluster = Some(cluster);
+                        for command in commands {
+                            match command {
+                                ClusterCommand::Stop(done) => {
+                                    if let Some(mut running) = cluster.take() {
+                                        running.stop();
+                                    }
+                                    let _ = done.send(Ok(()));
+                                }
+                                ClusterCommand::Start(done) => {
+                                    let result = match &cluster {
+                                        Some(_) => Ok(()),
+                                        None => Cluster::start(&config)
+                                            .map(|started| cluster = Some(started))
+                                            .map_err(|e| e.to_string()),
+                                    };
+                                    let _ = done.send(result);
+                                }
+                            }
+                        }
                         loop {
                             std::thread::park();
                         }
@@ -107,7 +137,33 @@ fn sweep_stale_dirs(tmp: &Path) {
     }
 }
 
-fn start_cluster() -> Result<(Cluster, SharedCluster), String> {
+fn control_cluster(make: fn(std::sync::mpsc::Sender<Result<(), String>>) -> ClusterCommand) {
+    let (done, result) = std::sync::mpsc::channel();
+    shared_cluster()
+        .control
+        .lock()
+        .expect("cluster control")
+        .send(make(done))
+        .expect("the postgres thread is alive");
+    result
+        .recv()
+        .expect("the postgres thread answers")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Stops this test process's Postgres (fast shutdown), for outage tests. Every test in the
+/// same binary shares the cluster: keep outage tests in a test file of their own.
+pub fn stop_postgres() {
+    control_cluster(ClusterCommand::Stop);
+}
+
+/// Starts this test process's Postgres again on the same port and data; returns once it
+/// accepts connections.
+pub fn start_postgres() {
+    control_cluster(ClusterCommand::Start);
+}
+
+fn start_cluster() -> Result<(Cluster, ClusterConfig), String> {
     let tmp = std::env::temp_dir();
     sweep_stale_dirs(&tmp);
     let base_dir = tmp.join(format!(
@@ -116,13 +172,14 @@ fn start_cluster() -> Result<(Cluster, SharedCluster), String> {
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir_all(&base_dir).map_err(|e| e.to_string())?;
-    let cluster = Cluster::start(&ClusterConfig {
+    let mut config = ClusterConfig {
         data_dir: base_dir.join("data"),
         port: 0,
         durable: false,
         settings: vec![("max_connections".into(), "400".into())],
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    let cluster = Cluster::start(&config).map_err(|e| e.to_string())?;
+    config.port = cluster.port();
     let url = cluster.url("postgres");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,10 +201,7 @@ fn start_cluster() -> Result<(Cluster, SharedCluster), String> {
         template.close().await;
         Ok::<_, String>(())
     })?;
-    let shared = SharedCluster {
-        port: cluster.port(),
-    };
-    Ok((cluster, shared))
+    Ok((cluster, config))
 }
 
 /// A fresh, migrated database of its own for one test.

@@ -66,11 +66,11 @@ impl IntoResponse for AppError {
             }
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Setup(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &err {
             // Database error texts can name tables and values; keep them in the log.
-            Error::Internal(_) => {
+            Error::Setup(_) | Error::Internal(_) => {
                 tracing::error!(error = %err, "internal error");
                 "internal error; see the scheduler log".to_string()
             }

@@ -31,7 +31,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../sql");
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub max_connections: u32,
-    /// How long a request waits for a connection before answering 503.
+    /// How long a request waits for a connection before answering 503. Short, so that runners
+    /// hear "database unavailable" well within a heartbeat instead of timing out.
     pub acquire_timeout: Duration,
 }
 
@@ -39,7 +40,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             max_connections: 16,
-            acquire_timeout: Duration::from_secs(3),
+            acquire_timeout: Duration::from_secs(1),
         }
     }
 }
