@@ -36,57 +36,72 @@ pub struct PassReport {
 
 /// Runs one maintenance pass, if no other replica is running one. `after_outage` extends
 /// the leases that expired while the database was away instead of reclaiming them.
+///
+/// Each step is its own short transaction that takes the leadership lock again, so the pass
+/// never holds row locks of one step while it works on the next.
 pub async fn run_pass(
     pool: &PgPool,
     wake: &Wake,
     lease: Duration,
     after_outage: bool,
 ) -> Result<PassReport> {
+    let mut report = PassReport::default();
+
     let mut tx = pool.begin().await?;
     if !jobs::try_lead_maintenance(&mut tx).await? {
-        return Ok(PassReport::default());
+        return Ok(report);
     }
-    let extended = if after_outage {
-        jobs::extend_expired_leases(&mut tx, lease).await?
-    } else {
-        0
-    };
+    report.led = true;
+    if after_outage {
+        report.extended = jobs::extend_expired_leases(&mut tx, lease).await?;
+    }
     let reclaimed = jobs::reclaim_expired(&mut tx, BATCH).await?;
-    let timed_out = jobs::fail_overdue(&mut tx, BATCH).await?;
-    let promoted = jobs::promote_due(&mut tx, BATCH).await?;
-    let pruned = jobs::prune_finished(&mut tx, BATCH).await?;
-    if reclaimed.requeued > 0 || promoted > 0 {
+    report.requeued = reclaimed.requeued;
+    report.failed = reclaimed.failed;
+    if reclaimed.requeued > 0 {
         jobs::notify_available(&mut tx).await?;
     }
     tx.commit().await?;
-    if reclaimed.requeued > 0 || promoted > 0 {
+
+    let mut tx = pool.begin().await?;
+    if jobs::try_lead_maintenance(&mut tx).await? {
+        report.timed_out = jobs::fail_overdue(&mut tx, BATCH).await?;
+        report.promoted = jobs::promote_due(&mut tx, BATCH).await?;
+        if report.promoted > 0 {
+            jobs::notify_available(&mut tx).await?;
+        }
+    }
+    tx.commit().await?;
+
+    let mut tx = pool.begin().await?;
+    if jobs::try_lead_maintenance(&mut tx).await? {
+        report.pruned = jobs::prune_finished(&mut tx, BATCH).await?;
+    }
+    tx.commit().await?;
+
+    if report.requeued > 0 || report.promoted > 0 {
         wake.notify();
     }
-    if extended > 0 {
+    if report.extended > 0 {
         tracing::warn!(
-            extended,
+            extended = report.extended,
             "database was unreachable; gave expired leases one more term"
         );
     }
-    if reclaimed.requeued > 0 || reclaimed.failed > 0 {
+    if report.requeued > 0 || report.failed > 0 {
         tracing::info!(
-            requeued = reclaimed.requeued,
-            failed = reclaimed.failed,
+            requeued = report.requeued,
+            failed = report.failed,
             "reclaimed expired leases"
         );
     }
-    if timed_out > 0 {
-        tracing::info!(timed_out, "failed jobs past their timeout");
+    if report.timed_out > 0 {
+        tracing::info!(
+            timed_out = report.timed_out,
+            "failed jobs past their timeout"
+        );
     }
-    Ok(PassReport {
-        led: true,
-        extended,
-        requeued: reclaimed.requeued,
-        failed: reclaimed.failed,
-        timed_out,
-        promoted,
-        pruned,
-    })
+    Ok(report)
 }
 
 /// Runs passes every `interval` until `shutdown` fires. A full batch runs the next pass at

@@ -49,8 +49,12 @@ impl Default for PoolConfig {
 pub fn connect_options(database_url: &str) -> Result<PgConnectOptions> {
     let options = PgConnectOptions::from_str(database_url)
         .map_err(|e| Error::invalid("DATABASE_URL", e.to_string()))?;
+    use sqlx::ConnectOptions;
     Ok(options
         .application_name("sluice")
+        // sqlx warns with the whole statement after 1 s by default; lock waits during an
+        // outage or a TRUNCATE would flood the log. Five seconds is a real problem.
+        .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5))
         // No statement of ours runs long; a stuck one must not hold a connection forever.
         .options([
             ("statement_timeout", "30s"),
