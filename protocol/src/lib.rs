@@ -9,7 +9,8 @@
 //! - ids and the fencing triple: [`JobId`], [`Attempt`], [`LeaseToken`], [`RunnerId`], [`LeaseRef`];
 //! - job specs, tagged by `kind`: [`JobSpec`] and its variants;
 //! - the internal runner endpoints: [`RegisterRequest`] … [`CompleteResponse`];
-//! - the JSON error body every endpoint answers with: [`ErrorBody`].
+//! - the JSON error body every endpoint answers with: [`ErrorBody`];
+//! - [`Secret`], the redacting wrapper both sides keep tokens in.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +18,61 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
+
+/// A secret string — an API token, a runner token, the registration secret — whose `Debug`
+/// and `Display` print `***`, so that a log line or a panic message cannot leak it. Shared by
+/// both sides because both hold such tokens.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that must send or compare it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A fresh random token (256 bits from the OS generator) with a readable prefix, so that
+    /// leaked tokens are easy to find with grep.
+    pub fn generate(prefix: &str) -> Self {
+        let a = Uuid::new_v4().simple().to_string();
+        let b = Uuid::new_v4().simple().to_string();
+        Secret(format!("{prefix}{a}{b}"))
+    }
+
+    /// Compares in time independent of where the first difference is.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let a = self.0.as_bytes();
+        let b = candidate.as_bytes();
+        if a.len() != b.len() {
+            return false;
+        }
+        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
 
 /// Version of the scheduler↔sidecar wire contract; sent by the sidecar at registration.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -544,6 +600,19 @@ mod tests {
         }
         assert!(JobState::Failed.is_terminal());
         assert!(!JobState::Running.is_terminal());
+    }
+
+    #[test]
+    fn secrets_do_not_print_and_compare_exactly() {
+        let s = Secret::new("CANARY-1");
+        assert_eq!(format!("{s:?} {s}"), "*** ***");
+        assert!(s.matches("CANARY-1"));
+        assert!(!s.matches("CANARY-2"));
+        assert!(!s.matches("CANARY-1x"));
+        let a = Secret::generate("sk_");
+        assert!(a.expose().starts_with("sk_"));
+        assert_eq!(a.expose().len(), 3 + 64);
+        assert_ne!(a, Secret::generate("sk_"));
     }
 
     #[test]

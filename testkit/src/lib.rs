@@ -513,6 +513,22 @@ impl Runner {
     pub async fn kill(&mut self) {
         let _ = self.proc.child.kill().await;
     }
+
+    /// Sends `signal` to the sidecar process only (not to its tools).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+                .expect("signal the sidecar");
+        }
+    }
+
+    /// Waits for the sidecar to exit, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.proc.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {timeout:?}", self.pod_name))
+            .expect("wait for the sidecar")
+    }
 }
 
 /// A raw client of the public API that keeps status codes visible.
@@ -526,15 +542,13 @@ pub struct Api {
 impl Api {
     /// POSTs `body` as JSON to `path` with the API token; returns status and JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .expect("POST to the scheduler");
-        decode(response).await
+        post_json(
+            &self.http,
+            &format!("{}{path}", self.base),
+            &self.token,
+            body,
+        )
+        .await
     }
 
     /// GETs `path` with the API token.
@@ -571,6 +585,18 @@ impl Api {
         })
         .await
     }
+}
+
+/// POSTs JSON with a bearer token; returns the status and the JSON body.
+async fn post_json(http: &reqwest::Client, url: &str, token: &str, body: &Value) -> (u16, Value) {
+    let response = http
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    decode(response).await
 }
 
 async fn decode(response: reqwest::Response) -> (u16, Value) {
@@ -628,15 +654,13 @@ impl FakeRunner {
 
     /// POSTs to an internal path with this runner's token.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .expect("POST to the internal API");
-        decode(response).await
+        post_json(
+            &self.http,
+            &format!("{}{path}", self.base),
+            &self.token,
+            body,
+        )
+        .await
     }
 
     /// Claims up to `max` tasks, waiting up to `wait_ms`.

@@ -1,0 +1,215 @@
+//! Faults of one runner with real sidecar processes: a graceful drain (F-19), a frozen runner
+//! (F-23) and a tool that ignores SIGTERM past its timeout (F-24).
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+use sluice_testkit::{wait_until, Runner, Scheduler, TestDb, Timings};
+use uuid::Uuid;
+
+fn processes_with_all(needles: &[String]) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false);
+        let matches = needles.iter().all(|n| {
+            let mut with_nul = n.as_bytes().to_vec();
+            with_nul.push(0);
+            environ
+                .windows(with_nul.len())
+                .any(|w| w == with_nul.as_slice())
+        });
+        if alive && matches {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+async fn running_attempt(db: &TestDb, id: i64) -> Option<(i32, String)> {
+    sqlx::query_as(
+        "SELECT a.attempt, r.pod_name FROM sluice.job_attempts a
+         JOIN sluice.runners r ON r.id = a.runner_id
+         WHERE a.job_id = $1 AND a.outcome IS NULL",
+    )
+    .bind(id)
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// F-19: SIGTERM mid-task drains: the sidecar stops claiming but keeps heartbeating until its
+/// tool ends, so the job is not handed to the idle runner waiting next to it.
+#[tokio::test]
+async fn f19_a_draining_runner_finishes_its_task_without_reassignment() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    let mut draining = Runner::start(&scheduler, "draining", 1, &[]).await;
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "sleep 2; echo finished"}}))
+        .await;
+    wait_until(
+        "the job to run on the first runner",
+        Duration::from_secs(10),
+        || async {
+            Ok::<_, String>(
+                running_attempt(&db, id)
+                    .await
+                    .filter(|(_, pod)| pod == "draining"),
+            )
+        },
+    )
+    .await;
+    let _idle = Runner::start(&scheduler, "idle", 1, &[]).await;
+
+    draining.signal(Signal::SIGTERM);
+    let job = api.wait_terminal(id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 1, "reassigned during the drain: {job}");
+    assert_eq!(job["result"]["stdout_tail"], "finished\n");
+    let status = draining.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "the drained sidecar exited with {status}");
+    // After the drain it claims nothing more: a new job goes to the idle runner.
+    let next = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    let job = api.wait_terminal(next, Duration::from_secs(10)).await;
+    let runner: (String,) = sqlx::query_as(
+        "SELECT r.pod_name FROM sluice.job_attempts a JOIN sluice.runners r ON r.id = a.runner_id
+         WHERE a.job_id = $1",
+    )
+    .bind(next)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(runner.0, "idle", "{job}");
+}
+
+/// F-23: a runner frozen (SIGSTOP) past its lease is reclaimed within R; when it thaws, its
+/// tool is killed at once and nothing it sends is accepted.
+#[tokio::test]
+async fn f23_a_frozen_runner_is_reclaimed_and_its_tool_dies_when_it_thaws() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    let marker = format!("F23_MARKER={}", Uuid::new_v4().simple());
+    let (name, value) = marker.split_once('=').unwrap();
+    let frozen = Runner::start(&scheduler, "frozen", 1, &[]).await;
+    let id = api
+        .enqueue(
+            json!({"spec": {"kind": "bash", "script": "sleep 4; echo done-$ATTEMPT",
+                                 "env": {name: value}}}),
+        )
+        .await;
+    wait_until(
+        "the job to run on the runner to freeze",
+        Duration::from_secs(10),
+        || async {
+            Ok::<_, String>(
+                running_attempt(&db, id)
+                    .await
+                    .filter(|(_, pod)| pod == "frozen"),
+            )
+        },
+    )
+    .await;
+    frozen.signal(Signal::SIGSTOP);
+    let frozen_at = std::time::Instant::now();
+    let _healthy = Runner::start(&scheduler, "healthy", 1, &[]).await;
+    wait_until(
+        "the job to be reclaimed and rerun",
+        Duration::from_secs(10),
+        || async {
+            Ok::<_, String>(
+                running_attempt(&db, id)
+                    .await
+                    .filter(|(attempt, _)| *attempt == 2),
+            )
+        },
+    )
+    .await;
+    let reclaimed_after = frozen_at.elapsed();
+    let r_bound =
+        Duration::from_millis(Timings::FAST.lease_ms + Timings::FAST.reaper_interval_ms + 1000);
+    assert!(
+        reclaimed_after <= r_bound,
+        "reclaimed after {reclaimed_after:?}"
+    );
+
+    frozen.signal(Signal::SIGCONT);
+    let first_attempt = [marker.clone(), "ATTEMPT=1".to_string()];
+    wait_until(
+        "the thawed runner's tool to die",
+        Duration::from_secs(1),
+        || {
+            let left = processes_with_all(&first_attempt);
+            async move {
+                if left.is_empty() {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("attempt 1 still running as {left:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let job = api.wait_terminal(id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["stdout_tail"], "done-2\n", "{job}");
+    assert_eq!(job["attempts"][0]["outcome"], "lease_expired");
+    let late: (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM sluice.job_events e JOIN sluice.job_attempts a
+           ON a.job_id = e.job_id AND a.attempt = e.attempt
+         WHERE e.job_id = $1 AND e.attempt = 1 AND e.at > a.finished_at",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        late.0, 0,
+        "events of the frozen attempt accepted after its reclaim"
+    );
+}
+
+/// F-24: a tool that ignores SIGTERM is killed after its timeout plus the kill grace, the
+/// job fails as timed_out, and nothing of it is left.
+#[tokio::test]
+async fn f24_a_tool_ignoring_sigterm_is_killed_at_its_timeout() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let marker = format!("F24_MARKER={}", Uuid::new_v4().simple());
+    let (name, value) = marker.split_once('=').unwrap();
+    let _runner = Runner::start(
+        &scheduler,
+        "stubborn",
+        1,
+        &[("SLUICE_RUNNER_KILL_GRACE_MS", "300")],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash", "timeout_ms": 500,
+                                 "script": "trap '' TERM; sleep 30 & sleep 30",
+                                 "env": {name: value}}}))
+        .await;
+    let job = api.wait_terminal(id, Duration::from_secs(10)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "timed_out", "{job}");
+    assert!(
+        elapsed <= Duration::from_millis(500 + 300 + 1500),
+        "took {elapsed:?}"
+    );
+    let left = processes_with_all(&[marker]);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
