@@ -9,9 +9,12 @@
 //! - [`FakeRunner`] — the test itself speaking the runner protocol over HTTP, to create exact
 //!   interleavings (a stale complete, many concurrent claimers).
 //! - [`wait_until`] — poll a condition with a deadline instead of sleeping.
+//! - [`proxy`] — a TCP fault proxy (cut, or drop responses) between sidecars and scheduler.
 //!
 //! Binaries are found next to the test executable's `target/<profile>/` (override with
 //! `SLUICE_BIN_DIR`); `cargo test --workspace` builds them.
+
+pub mod proxy;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

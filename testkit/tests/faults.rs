@@ -131,6 +131,7 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
         Duration::from_millis(FAULT_TIMINGS.lease_ms + FAULT_TIMINGS.reaper_interval_ms + 1000);
     let mut kills = 0;
     let mut max_reclaim = Duration::ZERO;
+    let mut max_rereg = Duration::ZERO;
     for cycle in 0..cycles {
         let index = cycle % runners.len();
         let pod = pods[index];
@@ -213,8 +214,32 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
                 "reclaimed after {reclaim:?}, bound {r_bound:?}"
             );
         }
-        // Restart under the same pod name (a new instance id; the old leases end at once).
+        // Restart under the same pod name (F-25): a new instance id, and the old instance's
+        // leases end at registration, so they are reclaimed within a second, not after R.
         runners[index] = Runner::start(&scheduler, pod, 2, &[]).await;
+        if cycle % 2 == 1 {
+            let restarted = Instant::now();
+            wait_until("the old instance's leases to end after re-registration", Duration::from_secs(5), || {
+                let pool = db.pool.clone();
+                async move {
+                    let (n,): (i64,) = sqlx::query_as(
+                        "SELECT count(*) FROM sluice.job_attempts WHERE runner_id = $1 AND outcome IS NULL",
+                    )
+                    .bind(runner_id)
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    Ok((n == 0).then_some(())).map_err(|_: ()| String::new())
+                }
+            })
+            .await;
+            let after = restarted.elapsed();
+            max_rereg = max_rereg.max(after);
+            assert!(
+                after <= Duration::from_secs(1) + Duration::from_millis(500),
+                "old leases ended {after:?} after the restart"
+            );
+        }
     }
     assert!(kills >= cycles / 2, "only {kills} kills happened");
 
@@ -290,5 +315,8 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
             "job {job} attempt {attempt} succeeded without a full ledger run"
         );
     }
-    eprintln!("F-01: {kills} kills, max reclaim {max_reclaim:?} (bound {r_bound:?})");
+    eprintln!(
+        "F-01: {kills} kills, max reclaim {max_reclaim:?} (bound {r_bound:?}), \
+         old leases ended at most {max_rereg:?} after a same-name restart"
+    );
 }

@@ -269,3 +269,53 @@ async fn a_job_that_loses_its_runner_three_times_fails_as_runner_lost() {
     assert_eq!(job["error"]["code"], "runner_lost", "{job}");
     assert_eq!(job["attempt"], 3);
 }
+
+#[tokio::test]
+async fn finished_jobs_are_pruned_after_their_queues_retention() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    sqlx::query(
+        "INSERT INTO sluice.queues (name, retention) VALUES ('short', interval '1 second')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let short = api
+        .enqueue(json!({"queue": "short", "spec": {"kind": "noop"}}))
+        .await;
+    let kept = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    let runner = FakeRunner::register(&scheduler, "r").await;
+    for task in runner.claim(2, 2000).await {
+        runner
+            .post(
+                &format!("/internal/tasks/{}/stream", task.job_id),
+                &json!({"attempt": task.attempt, "lease_token": task.lease_token,
+                        "events": [{"seq": 1, "kind": "stdout", "data": {"text": "x"}}]}),
+            )
+            .await;
+        runner.complete(&task, json!({})).await;
+    }
+    wait_until("the short-retention job to be pruned", DEADLINE, || async {
+        let (status, _) = api.get(&format!("/api/jobs/{short}")).await;
+        Ok::<_, String>((status == 404).then_some(()))
+    })
+    .await;
+    let (status, job) = api.get(&format!("/api/jobs/{kept}")).await;
+    assert_eq!((status, job["state"].as_str()), (200, Some("succeeded")));
+    // Its attempts and events went with it; the other job's stayed.
+    let (attempts,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM sluice.job_attempts WHERE job_id = $1")
+            .bind(short)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let (events,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM sluice.job_events WHERE job_id = $1")
+            .bind(short)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((attempts, events), (0, 0));
+    assert_eq!(db.count("SELECT count(*) FROM sluice.job_events").await, 1);
+}

@@ -46,9 +46,14 @@ async fn expire_all_leases(db: &TestDb) {
 async fn completions_racing_the_reaper_never_change_a_terminal_state() {
     let db = TestDb::new().await;
     let runner = RunnerId(Uuid::new_v4());
+    // 20 rounds of 500: RELIABILITY.md's 10,000 interleavings (F-16).
+    let rounds: u64 = std::env::var("SLUICE_RACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let mut checked = 0;
     let (mut completed_total, mut reclaimed_total) = (0, 0);
-    for round in 0..4u64 {
+    for round in 0..rounds {
         sqlx::query("TRUNCATE sluice.jobs, sluice.job_attempts, sluice.job_events")
             .execute(&db.pool)
             .await
@@ -147,7 +152,7 @@ async fn completions_racing_the_reaper_never_change_a_terminal_state() {
         let report = jobs::reclaim_expired(&mut conn, 1000).await.unwrap();
         assert_eq!(report.requeued + report.failed, 0);
     }
-    assert_eq!(checked, 2000);
+    assert_eq!(checked, rounds as usize * 500);
     // Both sides won some races, so the interleavings were real.
     assert!(
         completed_total > 0 && reclaimed_total > 0,

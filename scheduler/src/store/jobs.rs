@@ -665,14 +665,22 @@ pub async fn retry_if_finished_unsuccessfully(
 }
 
 /// Deletes up to `limit` finished jobs (with their attempts and events) older than their
-/// queue's retention. Returns how many.
+/// queue's retention. Returns how many. Per queue, the cut-off is a range on the partial
+/// `jobs_finished_idx`, so pruning never scans the table.
 pub async fn prune_finished(conn: &mut PgConnection, limit: i64) -> Result<u64> {
     let result = sqlx::query(
         "DELETE FROM sluice.jobs
          WHERE id IN (
-             SELECT j.id FROM sluice.jobs j JOIN sluice.queues q ON q.name = j.queue
-             WHERE j.state IN ('succeeded', 'failed', 'cancelled')
-               AND j.finished_at < now() - q.retention
+             SELECT expired.id
+             FROM sluice.queues q
+             CROSS JOIN LATERAL (
+                 SELECT j.id FROM sluice.jobs j
+                 WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+                   AND j.finished_at < now() - q.retention
+                   AND j.queue = q.name
+                 ORDER BY j.finished_at
+                 LIMIT $1
+             ) expired
              LIMIT $1
          )",
     )
