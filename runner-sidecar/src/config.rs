@@ -48,6 +48,9 @@ pub struct Args {
     /// Labels, `k=v,k2=v2`.
     #[arg(long, env = "SLUICE_RUNNER_LABELS", default_value = "")]
     pub labels: String,
+    /// The user tools run as when the sidecar runs as root.
+    #[arg(long, env = "SLUICE_RUNNER_TOOL_USER", default_value = "nobody")]
+    pub tool_user: String,
     /// How long one claim long-poll waits.
     #[arg(long, env = "SLUICE_RUNNER_CLAIM_WAIT_MS", default_value_t = 30_000)]
     pub claim_wait_ms: u64,
@@ -67,6 +70,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub labels: BTreeMap<String, String>,
     pub claim_wait: Duration,
+    /// Tools run as this user (resolved at start; `None` when the sidecar is not root).
+    pub tool_user: Option<crate::process::ToolUser>,
 }
 
 impl Config {
@@ -130,6 +135,8 @@ impl Config {
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
             labels,
             claim_wait: Duration::from_millis(args.claim_wait_ms),
+            tool_user: crate::process::ToolUser::resolve(&args.tool_user)
+                .map_err(|e| Error::Config(format!("SLUICE_RUNNER_TOOL_USER: {e}")))?,
         })
     }
 }

@@ -49,6 +49,39 @@ pub struct ToolCommand<'a> {
     /// The allow-listed environment (see [`tool_env`]).
     pub env: BTreeMap<String, String>,
     pub limits: Limits,
+    /// Run the tool as this user instead of the sidecar's (see [`ToolUser`]).
+    pub user: Option<ToolUser>,
+}
+
+/// The unprivileged identity tools run as when the sidecar runs as root (`nobody` by
+/// default): a tool then cannot read the sidecar's environment or memory, signal it, or
+/// write its files, and RLIMIT_NPROC applies (the kernel exempts root from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl ToolUser {
+    /// The user to drop to: `name` looked up when the sidecar is root, none otherwise (an
+    /// unprivileged sidecar cannot switch users, and its tools already share its identity).
+    pub fn resolve(name: &str) -> Result<Option<ToolUser>, String> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Ok(None);
+        }
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("looking up tool user {name:?}: {e}"))?
+            .ok_or_else(|| format!("the tool user {name:?} does not exist"))?;
+        if user.uid.is_root() {
+            return Err(format!(
+                "the tool user {name:?} is root; tools must not run as root"
+            ));
+        }
+        Ok(Some(ToolUser {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }))
+    }
 }
 
 /// The environment a tool sees: fixed names, then the job's own `env` (which may set PATH or
@@ -226,6 +259,7 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
         .kill_on_drop(true);
     // Computed before the fork: the child may only make async-signal-safe calls.
     let limits = rlimits(&tool.limits);
+    let user = tool.user;
     // SAFETY: between fork and exec the closure only makes raw syscalls through nix (setsid,
     // prctl, getrlimit, setrlimit) and does not allocate (`limits` was built beforehand).
     unsafe {
@@ -233,6 +267,13 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
             nix::unistd::setsid()?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             enter_pid_namespace()?;
+            if let Some(user) = user {
+                // Only the tool drops its privileges; the keeper and init above stay root.
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(user.gid))?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(user.uid))?;
+            }
+            // Again: a credential change clears the death signal.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             nix::sys::prctl::set_no_new_privs()?;
             for &(resource, wanted) in &limits {
@@ -319,6 +360,7 @@ mod tests {
                 open_files: Some(64),
                 ..Default::default()
             },
+            user: None,
         };
         let child = spawn_tool(&tool).unwrap();
         let pid = child.id().unwrap() as i32;
@@ -364,6 +406,7 @@ mod tests {
             workspace: &dir,
             env,
             limits: Limits::default(),
+            user: None,
         };
         let mut child = spawn_tool(&tool).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -433,6 +476,7 @@ mod tests {
             workspace: &dir,
             env,
             limits: Limits::default(),
+            user: None,
         };
         let child = spawn_tool(&tool).unwrap();
         let output = child.wait_with_output().await.unwrap();
@@ -449,6 +493,47 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_tool_under_a_root_sidecar_runs_unprivileged_and_cannot_touch_it() {
+        let Some(user) = ToolUser::resolve("nobody").unwrap() else {
+            eprintln!("skipped: the sidecar is not root, so tools already share its identity");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("sluice-uid-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
+        let sidecar = std::process::id();
+        let script = format!(
+            "id -u; cat /proc/{sidecar}/environ >/dev/null 2>&1; echo read=$?; \
+             kill -0 {sidecar} 2>/dev/null; echo signal=$?; echo hi > own-file; echo write=$?"
+        );
+        let tool = ToolCommand {
+            program: shell(),
+            args: vec!["-c".into(), script],
+            workspace: &dir,
+            env: tool_env(&dir, 1, 1, &BTreeMap::new()),
+            limits: Limits::default(),
+            user: Some(user),
+        };
+        let output = spawn_tool(&tool).unwrap().wait_with_output().await.unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], user.uid.to_string(), "{text}");
+        assert_eq!(
+            lines[1], "read=1",
+            "the sidecar's environment must be unreadable: {text}"
+        );
+        assert_eq!(
+            lines[2], "signal=1",
+            "the sidecar must not be signalable: {text}"
+        );
+        assert_eq!(
+            lines[3], "write=0",
+            "the workspace must be writable: {text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

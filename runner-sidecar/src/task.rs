@@ -255,7 +255,12 @@ async fn run_bash(
     let started = Instant::now();
     let workspace = workspace_of(config, task);
     let _ = std::fs::remove_dir_all(&workspace);
-    if let Err(err) = std::fs::create_dir_all(&workspace) {
+    let prepared = std::fs::create_dir_all(&workspace).and_then(|()| match config.tool_user {
+        // The tool's own workspace, and nothing else of the sidecar's, is writable for it.
+        Some(user) => std::os::unix::fs::chown(&workspace, Some(user.uid), Some(user.gid)),
+        None => Ok(()),
+    });
+    if let Err(err) = prepared {
         return Some(Report::failed(
             json!({}),
             "spawn_failed",
@@ -270,6 +275,7 @@ async fn run_bash(
         workspace: &workspace,
         env,
         limits: spec.limits.clone().unwrap_or_default(),
+        user: config.tool_user,
     };
     let mut child = match process::spawn_tool(&tool) {
         Ok(child) => child,

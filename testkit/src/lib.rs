@@ -291,6 +291,16 @@ impl TempDir {
         TempDir(path)
     }
 
+    /// A new directory every user may write in (sticky, like /tmp): for ledgers that tools,
+    /// which run as an unprivileged user under a root sidecar, append to.
+    pub fn shared(label: &str) -> TempDir {
+        let dir = TempDir::new(label);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod shared temp dir");
+        dir
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }

@@ -102,7 +102,7 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
     let db = TestDb::new().await;
     let scheduler = Scheduler::start(&db, FAULT_TIMINGS).await;
     let api = scheduler.api();
-    let scratch = TempDir::new("f01-ledger");
+    let scratch = TempDir::shared("f01-ledger");
     let ledger = scratch.path().join("ledger");
     let marker = format!("F01_MARKER=f01-{}", Uuid::new_v4().simple());
     let (marker_name, marker_value) = marker.split_once('=').unwrap();

@@ -213,3 +213,51 @@ async fn f24_a_tool_ignoring_sigterm_is_killed_at_its_timeout() {
     let left = processes_with_all(&[marker]);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// S-07: a hostile tool looks for the runner's secrets in every process's environment, tries
+/// `kill -9 -1` and `kill -9` of every process it can see; it finds nothing, and the runner
+/// keeps working.
+#[tokio::test]
+async fn s07_a_hostile_tool_cannot_read_secrets_or_kill_its_runner() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let canary = format!("CANARY-{}", Uuid::new_v4().simple());
+    let mut runner =
+        Runner::start(&scheduler, "target", 1, &[("SLUICE_TEST_CANARY", &canary)]).await;
+    // The needles never appear whole in a command line (the script's own, or grep's): they
+    // are assembled into a file first.
+    let (canary_a, canary_b) = canary.split_at(4);
+    let secret = scheduler.runner_secret.clone();
+    let (secret_a, secret_b) = secret.split_at(4);
+    let hostile = format!(
+        r#"printf '%s%s\n%s%s\n' '{canary_a}' '{canary_b}' '{secret_a}' '{secret_b}' > needles
+found=0
+for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do
+  if grep -a -q -f needles "$f" 2>/dev/null; then found=$((found+1)); fi
+done
+echo "found=$found"
+kill -9 -1 2>/dev/null
+for p in /proc/[0-9]*; do kill -9 "${{p#/proc/}}" 2>/dev/null; done
+echo survived"#
+    );
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": hostile}, "max_attempts": 1}))
+        .await;
+    let job = api.wait_terminal(id, Duration::from_secs(20)).await;
+    let stdout = job["result"]["stdout_tail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(stdout.contains("found=0"), "the tool found a secret: {job}");
+
+    // The runner is alive and still runs work.
+    let next = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "echo still-here"}}))
+        .await;
+    let job = api.wait_terminal(next, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["stdout_tail"], "still-here\n");
+    assert!(runner.pid().is_some());
+    let _ = &mut runner;
+}
