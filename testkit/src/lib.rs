@@ -32,23 +32,37 @@ use tokio::process::{Child, Command};
 
 /// Polls `check` every 10 ms until it returns `Some`, or panics after `timeout` naming `what`
 /// and the last value seen.
-pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, String>>,
+{
+    match poll_until(timeout, check).await {
+        Ok(value) => value,
+        Err(last) => panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}"),
+    }
+}
+
+/// Polls `check` every 10 ms until it returns `Some`; after `timeout`, the last thing it
+/// reported (for tests where "never happened" is an outcome, not a failure).
+pub async fn poll_until<T, F, Fut>(timeout: Duration, mut check: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, String>>,
 {
     let deadline = Instant::now() + timeout;
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
     let mut last = String::from("nothing yet");
     loop {
+        ticks.tick().await;
         match check().await {
-            Ok(Some(value)) => return value,
+            Ok(Some(value)) => return Ok(value),
             Ok(None) => {}
             Err(seen) => last = seen,
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+            return Err(last);
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -152,17 +152,14 @@ fn sluice_dev_runs_the_example_job_and_leaves_nothing_behind_on_ctrl_c() {
     assert!(alive(postmaster_pid));
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
-    let exit_deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < exit_deadline,
-            "sluice dev did not exit after SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (exited_tx, exited) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited_tx.send(child.wait());
+    });
+    let status = exited
+        .recv_timeout(Duration::from_secs(60))
+        .expect("sluice dev did not exit within 60 s of SIGINT")
+        .expect("wait for sluice dev");
     assert!(status.success(), "sluice dev exited with {status}");
     for pid in runner_pids.iter().chain([&postmaster_pid]) {
         assert!(!alive(*pid), "process {pid} survived sluice dev");

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice_testkit::{wait_until, Runner, Scheduler, TempDir, TestDb, Timings};
+use sluice_testkit::{poll_until, wait_until, Runner, Scheduler, TempDir, TestDb, Timings};
 use uuid::Uuid;
 
 /// Heartbeat 150 ms, lease 600 ms, reaper 100 ms: R = lease + reaper + 1 s = 1.7 s.
@@ -136,20 +136,18 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
         let index = cycle % runners.len();
         let pod = pods[index];
         // Kill only while the sidecar holds a live lease (mid-task).
-        let busy = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
+        let busy = poll_until(Duration::from_secs(5), || {
+            let pool = db.pool.clone();
+            async move {
                 let (n,): (i64,) = sqlx::query_as(
                     "SELECT count(*) FROM sluice.job_attempts a JOIN sluice.runners r ON r.id = a.runner_id
                      WHERE a.outcome IS NULL AND r.pod_name = $1 AND r.state <> 'gone'",
                 )
                 .bind(pod)
-                .fetch_one(&db.pool)
+                .fetch_one(&pool)
                 .await
-                .unwrap();
-                if n > 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                .map_err(|e| e.to_string())?;
+                Ok((n > 0).then_some(()))
             }
         })
         .await;
