@@ -114,6 +114,17 @@ CREATE TABLE sluice.job_events (
 
 CREATE INDEX job_events_position_idx ON sluice.job_events (job_id, position);
 
+-- The claim's queue filter (paused and capped queues are skipped), as a function the planner
+-- cannot see into: it then estimates a default selectivity and keeps its ordered scan of the
+-- claim index, instead of trusting an estimate made from a column with one distinct value
+-- (every job in 'default'), which made it sort the whole backlog.
+CREATE FUNCTION sluice.queue_open(queue text, closed text[]) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN NOT (queue = ANY (closed));
+END;
+$$;
+
 -- Validation of the minimum every enqueue path must meet, so that a plain INSERT cannot
 -- create a job no runner understands. The full spec is validated again by the runner.
 CREATE FUNCTION sluice.jobs_before_insert() RETURNS trigger

@@ -111,6 +111,7 @@ pub async fn run(
     wake: Wake,
     interval: Duration,
     lease: Duration,
+    capped_queues: std::sync::Arc<std::sync::atomic::AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -120,6 +121,10 @@ pub async fn run(
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        // Every replica, leader or not, keeps its claim path in step with the queue caps.
+        if let Ok(capped) = crate::store::queues::any_capped(&pool).await {
+            capped_queues.store(capped, std::sync::atomic::Ordering::Relaxed);
         }
         loop {
             match run_pass(&pool, &wake, lease, after_outage).await {

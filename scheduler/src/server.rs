@@ -58,11 +58,13 @@ impl Server {
         let wake = Wake::new();
         let interval = config.timings.maintenance_interval;
         let lease = config.timings.lease;
+        let capped_queues = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = AppState {
             pool: pool.clone(),
             wake: wake.clone(),
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
+            capped_queues: capped_queues.clone(),
         };
         let mut tasks = JoinSet::new();
         tasks.spawn(wake::listen(
@@ -75,6 +77,7 @@ impl Server {
             wake,
             interval,
             lease,
+            capped_queues,
             shutdown_rx.clone(),
         ));
         tasks.spawn(serve(

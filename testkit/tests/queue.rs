@@ -319,3 +319,85 @@ async fn finished_jobs_are_pruned_after_their_queues_retention() {
     assert_eq!((attempts, events), (0, 0));
     assert_eq!(db.count("SELECT count(*) FROM sluice.job_events").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_running_caps_a_queue_across_concurrent_claimers() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    sqlx::query("INSERT INTO sluice.queues (name, max_running) VALUES ('limited', 2)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let jobs: Vec<Value> = (0..6)
+        .map(|_| json!({"queue": "limited", "spec": {"kind": "noop"}}))
+        .collect();
+    api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+    let open = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+
+    let mut claimers = Vec::new();
+    for n in 0..4 {
+        claimers.push(FakeRunner::register(&scheduler, &format!("c{n}")).await);
+    }
+    // Everyone claims as much as it can, at the same time, until nothing more comes.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut set = tokio::task::JoinSet::new();
+        for claimer in &claimers {
+            let (base, pod, token) = (
+                claimer.base.clone(),
+                claimer.pod_name.clone(),
+                claimer.token.clone(),
+            );
+            set.spawn(async move {
+                let http = reqwest::Client::new();
+                let response = http
+                    .post(format!("{base}/internal/runners/{pod}/claim"))
+                    .bearer_auth(token)
+                    .json(&json!({"max": 5, "wait_ms": 300}))
+                    .send()
+                    .await
+                    .unwrap();
+                let body: sluice_protocol::ClaimResponse = response.json().await.unwrap();
+                body.tasks
+            });
+        }
+        while let Some(tasks) = set.join_next().await {
+            held.extend(tasks.unwrap());
+        }
+    }
+    let limited: Vec<_> = held.iter().filter(|t| t.queue == "limited").collect();
+    assert_eq!(
+        limited.len(),
+        2,
+        "claimed {} of the capped queue",
+        limited.len()
+    );
+    assert!(
+        held.iter().any(|t| t.job_id.0 == open),
+        "the uncapped queue still flows"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.jobs WHERE queue = 'limited' AND state = 'running'")
+            .await,
+        2
+    );
+
+    // Finishing one frees one place, and only one.
+    let first = limited[0].clone();
+    sqlx::query("UPDATE sluice.jobs SET state = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(first.job_id.0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let more = wait_until("one more capped job", DEADLINE, || async {
+        let tasks = claimers[0].claim(5, 300).await;
+        Ok::<_, String>((!tasks.is_empty()).then_some(tasks))
+    })
+    .await;
+    assert_eq!(
+        more.iter().filter(|t| t.queue == "limited").count(),
+        1,
+        "{more:?}"
+    );
+}

@@ -178,13 +178,24 @@ async fn claim(
         // Mark the current wake-up as seen before looking, so a job inserted between the
         // claim and the wait still wakes us.
         wake.borrow_and_update();
-        let claimed = jobs::claim_available(
+        let mut claimed = jobs::claim_available(
             &state.pool,
             runner.id,
             request.max as i32,
             config.timings.lease,
         )
         .await?;
+        let room = request.max as usize - claimed.len();
+        if room > 0
+            && state
+                .capped_queues
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            claimed.extend(
+                jobs::claim_capped(&state.pool, runner.id, room as i32, config.timings.lease)
+                    .await?,
+            );
+        }
         let now = Instant::now();
         if !claimed.is_empty() || now >= deadline || *shutdown.borrow() {
             let tasks = claimed

@@ -35,6 +35,10 @@ pub struct AppState {
     pub config: Arc<ServeConfig>,
     /// Flips to `true` when the scheduler shuts down, ending long polls early.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Whether some queue has a `max_running` cap, refreshed by every maintenance tick; while
+    /// it is false, claims skip the capped (serialised) path. A stale `false` only delays
+    /// capped queues' jobs by a tick: the fast path never takes them.
+    pub capped_queues: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The HTTP face of [`Error`].

@@ -168,9 +168,11 @@ macro_rules! claim_sql {
         "WITH picked AS (
              SELECT id FROM sluice.jobs j
              WHERE state = 'available' AND run_at <= now()
-               AND NOT EXISTS (
-                   SELECT 1 FROM sluice.queues q WHERE q.name = j.queue AND q.paused
-               )
+               -- The list is computed once (an InitPlan); queue_open keeps the planner
+               -- on an ordered scan of the claim index (see its definition).
+               AND sluice.queue_open(j.queue, ARRAY(
+                   SELECT name FROM sluice.queues WHERE paused OR max_running IS NOT NULL
+               ))
              ORDER BY priority, run_at, id
              LIMIT $2
              FOR UPDATE SKIP LOCKED
@@ -207,8 +209,9 @@ pub struct ClaimedJob {
     pub timeout_ms: Option<i64>,
 }
 
-/// Leases up to `max` available jobs to `runner`, in (priority, run_at, id) order, in one
-/// statement: `FOR UPDATE SKIP LOCKED` on the partial claim index, so concurrent claimers
+/// Leases up to `max` available jobs of uncapped, unpaused queues to `runner`, in
+/// (priority, run_at, id) order, in one statement: `FOR UPDATE SKIP LOCKED` on the partial
+/// claim index, so concurrent claimers
 /// never wait on each other and never get the same job. Each claim starts a new attempt with
 /// a fresh lease token and records it in `job_attempts`.
 pub async fn claim_available(
@@ -223,17 +226,7 @@ pub async fn claim_available(
         .bind(lease.as_millis() as i64)
         .fetch_all(pool)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, attempt, token, queue, spec, timeout_ms)| ClaimedJob {
-            id: JobId(id),
-            attempt: Attempt(attempt),
-            lease_token: LeaseToken(token),
-            queue,
-            spec,
-            timeout_ms,
-        })
-        .collect())
+    Ok(rows.into_iter().map(claimed_job).collect())
 }
 
 /// Why a listed lease was not renewed, as told to the runner in a cancel order.
@@ -247,6 +240,85 @@ pub enum LeaseEnd {
     Cancelled,
     /// The job ran past its deadline.
     TimedOut,
+}
+
+/// Leases up to `max` jobs of queues with a `max_running` cap, never more than a queue's
+/// free room. Claims on capped queues are serialised by an advisory lock taken *before* the
+/// claim statement, so the statement's snapshot sees every running job of every earlier
+/// claimer: the cap is strict across all scheduler replicas. [`claim_available`] skips capped
+/// queues altogether, so only this path ever runs their jobs.
+pub async fn claim_capped(
+    pool: &PgPool,
+    runner: RunnerId,
+    max: i32,
+    lease: Duration,
+) -> Result<Vec<ClaimedJob>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.capped-claims'))")
+        .execute(&mut *tx)
+        .await?;
+    let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(
+        "WITH caps AS MATERIALIZED (
+             SELECT q.name,
+                    q.max_running - (SELECT count(*) FROM sluice.jobs r
+                                     WHERE r.state = 'running' AND r.queue = q.name) AS free
+             FROM sluice.queues q
+             WHERE q.max_running IS NOT NULL AND NOT q.paused
+         ), candidates AS (
+             SELECT j.id, j.queue, j.priority, j.run_at
+             FROM sluice.jobs j JOIN caps c ON c.name = j.queue
+             WHERE j.state = 'available' AND j.run_at <= now() AND c.free > 0
+             ORDER BY j.priority, j.run_at, j.id
+             LIMIT $2
+             FOR UPDATE OF j SKIP LOCKED
+         ), picked AS (
+             SELECT ranked.id FROM (
+                 SELECT c.id, c.queue,
+                        row_number() OVER (PARTITION BY c.queue
+                                           ORDER BY c.priority, c.run_at, c.id) AS n
+                 FROM candidates c
+             ) ranked
+             JOIN caps ON caps.name = ranked.queue
+             WHERE ranked.n <= caps.free
+         ), claimed AS (
+             UPDATE sluice.jobs j
+             SET state = 'running',
+                 attempt = j.attempt + 1,
+                 lease_token = gen_random_uuid(),
+                 runner_id = $1,
+                 started_at = now()
+             FROM picked
+             WHERE j.id = picked.id
+             RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
+                       j.priority, j.run_at
+         ), attempts AS (
+             INSERT INTO sluice.job_attempts
+                 (job_id, attempt, runner_id, lease_token, lease_expires_at)
+             SELECT id, attempt, $1, lease_token, now() + $3 * interval '1 millisecond'
+             FROM claimed
+         )
+         SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
+         ORDER BY priority, run_at, id",
+    )
+    .bind(runner.0)
+    .bind(max)
+    .bind(lease.as_millis() as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows.into_iter().map(claimed_job).collect())
+}
+
+fn claimed_job(row: (i64, i32, Uuid, String, Value, Option<i64>)) -> ClaimedJob {
+    let (id, attempt, token, queue, spec, timeout_ms) = row;
+    ClaimedJob {
+        id: JobId(id),
+        attempt: Attempt(attempt),
+        lease_token: LeaseToken(token),
+        queue,
+        spec,
+        timeout_ms,
+    }
 }
 
 /// The query plan of the claim, for tests and `sluice bench` to check that it stays an index

@@ -51,3 +51,13 @@ pub async fn set_paused(pool: &PgPool, name: &str, paused: bool) -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Whether any queue has a `max_running` cap (claims then also take the capped path).
+pub async fn any_capped(pool: &PgPool) -> Result<bool> {
+    let (capped,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM sluice.queues WHERE max_running IS NOT NULL AND NOT paused)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(capped)
+}
