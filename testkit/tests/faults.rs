@@ -63,6 +63,22 @@ fn orphaned_tools(marker: &str, live: &[i32]) -> Vec<i32> {
     orphans
 }
 
+/// `Some` once the runner instance holds no live lease (for `wait_until`).
+async fn no_live_leases(pool: sqlx::PgPool, runner_id: Uuid) -> Result<Option<()>, String> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM sluice.job_attempts WHERE runner_id = $1 AND outcome IS NULL",
+    )
+    .bind(runner_id)
+    .fetch_one(&pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    if n == 0 {
+        Ok(Some(()))
+    } else {
+        Err(format!("{n} live leases"))
+    }
+}
+
 #[derive(Debug, Default)]
 struct LedgerAttempt {
     start: Option<i128>,
@@ -191,19 +207,11 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
 
         if cycle % 2 == 0 {
             // Nobody restarts: the reaper alone reclaims within R.
-            wait_until("the killed runner's leases to be reclaimed", r_bound * 2, || {
-                let pool = db.pool.clone();
-                async move {
-                    let (n,): (i64,) = sqlx::query_as(
-                        "SELECT count(*) FROM sluice.job_attempts WHERE runner_id = $1 AND outcome IS NULL",
-                    )
-                    .bind(runner_id)
-                    .fetch_one(&pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    Ok((n == 0).then_some(())).map_err(|_: ()| String::new())
-                }
-            })
+            wait_until(
+                "the killed runner's leases to be reclaimed",
+                r_bound * 2,
+                || no_live_leases(db.pool.clone(), runner_id),
+            )
             .await;
             let reclaim = killed_at.elapsed();
             max_reclaim = max_reclaim.max(reclaim);
@@ -217,19 +225,11 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
         runners[index] = Runner::start(&scheduler, pod, 2, &[]).await;
         if cycle % 2 == 1 {
             let restarted = Instant::now();
-            wait_until("the old instance's leases to end after re-registration", Duration::from_secs(5), || {
-                let pool = db.pool.clone();
-                async move {
-                    let (n,): (i64,) = sqlx::query_as(
-                        "SELECT count(*) FROM sluice.job_attempts WHERE runner_id = $1 AND outcome IS NULL",
-                    )
-                    .bind(runner_id)
-                    .fetch_one(&pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    Ok((n == 0).then_some(())).map_err(|_: ()| String::new())
-                }
-            })
+            wait_until(
+                "the old instance's leases to end after re-registration",
+                Duration::from_secs(5),
+                || no_live_leases(db.pool.clone(), runner_id),
+            )
             .await;
             let after = restarted.elapsed();
             max_rereg = max_rereg.max(after);

@@ -163,20 +163,11 @@ pub async fn insert_many(pool: &PgPool, jobs: &[NewJob]) -> Result<Vec<Enqueued>
 }
 
 /// The claim statement, as a macro so that [`explain_claim`] can prefix it at compile time.
-macro_rules! claim_sql {
+/// The end both claims share: start the attempts of the `picked` jobs (ids, in a CTE the
+/// caller's statement defines) and record them. Binds: $1 runner, $3 lease in ms.
+macro_rules! claimed_sql {
     () => {
-        "WITH picked AS (
-             SELECT id FROM sluice.jobs j
-             WHERE state = 'available' AND run_at <= now()
-               -- The list is computed once (an InitPlan); queue_open keeps the planner
-               -- on an ordered scan of the claim index (see its definition).
-               AND sluice.queue_open(j.queue, ARRAY(
-                   SELECT name FROM sluice.queues WHERE paused OR max_running IS NOT NULL
-               ))
-             ORDER BY priority, run_at, id
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         ), claimed AS (
+        "), claimed AS (
              UPDATE sluice.jobs j
              SET state = 'running',
                  attempt = j.attempt + 1,
@@ -195,6 +186,26 @@ macro_rules! claim_sql {
          )
          SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
          ORDER BY priority, run_at, id"
+    };
+}
+
+macro_rules! claim_sql {
+    () => {
+        concat!(
+            "WITH picked AS (
+             SELECT id FROM sluice.jobs j
+             WHERE state = 'available' AND run_at <= now()
+               -- The list is computed once (an InitPlan); queue_open keeps the planner
+               -- on an ordered scan of the claim index (see its definition).
+               AND sluice.queue_open(j.queue, ARRAY(
+                   SELECT name FROM sluice.queues WHERE paused OR max_running IS NOT NULL
+               ))
+             ORDER BY priority, run_at, id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ",
+            claimed_sql!()
+        )
     };
 }
 
@@ -257,7 +268,7 @@ pub async fn claim_capped(
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.capped-claims'))")
         .execute(&mut *tx)
         .await?;
-    let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(
+    let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(concat!(
         "WITH caps AS MATERIALIZED (
              SELECT q.name,
                     q.max_running - (SELECT count(*) FROM sluice.jobs r
@@ -280,26 +291,9 @@ pub async fn claim_capped(
              ) ranked
              JOIN caps ON caps.name = ranked.queue
              WHERE ranked.n <= caps.free
-         ), claimed AS (
-             UPDATE sluice.jobs j
-             SET state = 'running',
-                 attempt = j.attempt + 1,
-                 lease_token = gen_random_uuid(),
-                 runner_id = $1,
-                 started_at = now()
-             FROM picked
-             WHERE j.id = picked.id
-             RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
-                       j.priority, j.run_at
-         ), attempts AS (
-             INSERT INTO sluice.job_attempts
-                 (job_id, attempt, runner_id, lease_token, lease_expires_at)
-             SELECT id, attempt, $1, lease_token, now() + $3 * interval '1 millisecond'
-             FROM claimed
-         )
-         SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
-         ORDER BY priority, run_at, id",
-    )
+         ",
+        claimed_sql!()
+    ))
     .bind(runner.0)
     .bind(max)
     .bind(lease.as_millis() as i64)
