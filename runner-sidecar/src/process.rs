@@ -173,6 +173,33 @@ fn close_inherited_descriptors() {
     }
 }
 
+/// Marks every descriptor from 3 up close-on-exec in the tool process, so the tool inherits
+/// only stdin, stdout and stderr whatever the sidecar's parent leaked to it (B-14). std's
+/// spawn error pipe stays usable until the exec itself.
+fn close_on_exec_above_stderr() {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: close_range and fcntl are async-signal-safe.
+    let marked = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if marked != 0 {
+        let limit = getrlimit(Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft.min(1 << 16))
+            .unwrap_or(1024);
+        for fd in 3..limit as i32 {
+            // SAFETY: as above; F_SETFD on a closed descriptor just fails with EBADF.
+            unsafe {
+                nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// In the forked child, before exec: moves the rest of the chain into a new PID namespace
 /// (see the module doc). Returns in the process that goes on to exec the tool; the keeper and
 /// init never return. Without the right to unshare, returns at once and the tool runs in the
@@ -267,6 +294,17 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
             nix::unistd::setsid()?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             enter_pid_namespace()?;
+            // Tools yield the CPU to the sidecar (B-11) and are the OOM killer's first choice
+            // (B-10); both before the uid drop, which would forbid them.
+            // SAFETY: setpriority, open, write and close are async-signal-safe.
+            unsafe {
+                nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 19);
+                let fd = nix::libc::open(c"/proc/self/oom_score_adj".as_ptr(), nix::libc::O_WRONLY);
+                if fd >= 0 {
+                    nix::libc::write(fd, b"1000".as_ptr().cast(), 4);
+                    nix::libc::close(fd);
+                }
+            }
             if let Some(user) = user {
                 // Only the tool drops its privileges; the keeper and init above stay root.
                 nix::unistd::setgroups(&[])?;
@@ -276,6 +314,7 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
             // Again: a credential change clears the death signal.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             nix::sys::prctl::set_no_new_privs()?;
+            close_on_exec_above_stderr();
             for &(resource, wanted) in &limits {
                 let (soft, hard) = getrlimit(resource)?;
                 // Only ever lower: a job cannot raise the runner's limits.
@@ -353,7 +392,12 @@ mod tests {
         env.insert("SESSION_MARKER".into(), std::process::id().to_string());
         let tool = ToolCommand {
             program: shell(),
-            args: vec!["-c".into(), "env; ulimit -n; ulimit -c; sleep 0.3".into()],
+            args: vec![
+                "-c".into(),
+                "env; ulimit -n; ulimit -c; echo nice=$(cut -d' ' -f19 /proc/self/stat); \
+                 echo oom=$(cat /proc/self/oom_score_adj); echo fds=$(ls /proc/self/fd | tr '\\n' ' '); sleep 0.3"
+                    .into(),
+            ],
             workspace: &dir,
             env,
             limits: Limits {
@@ -390,6 +434,16 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.contains(&"64"), "NOFILE lowered: {text}");
         assert!(lines.contains(&"0"), "no core dumps: {text}");
+        assert!(lines.contains(&"nice=19"), "tools run at nice 19: {text}");
+        assert!(
+            lines.contains(&"oom=1000"),
+            "tools die first under memory pressure: {text}"
+        );
+        // Only stdin/out/err are inherited (3 is `ls`'s own directory handle).
+        assert!(
+            lines.contains(&"fds=0 1 2 3"),
+            "inherited descriptors: {text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

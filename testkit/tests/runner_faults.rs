@@ -261,3 +261,60 @@ echo survived"#
     assert!(runner.pid().is_some());
     let _ = &mut runner;
 }
+
+/// B-12: a tool printing far past the per-attempt cap: the stored output stops at the cap
+/// with a `truncated` event, the result says so, and the sidecar's memory stays small.
+#[tokio::test]
+async fn b12_endless_output_is_capped_and_marked_truncated() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let cap: i64 = 200_000;
+    let runner = Runner::start(
+        &scheduler,
+        "chatty",
+        1,
+        &[("SLUICE_RUNNER_MAX_OUTPUT_BYTES", &cap.to_string())],
+    )
+    .await;
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash",
+                                 "script": "yes 'a line of output' | head -c 20000000; echo finished >&2"}}))
+        .await;
+    let job = api.wait_terminal(id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["truncated"], true, "{job}");
+    // The tail is the end of the output, past the cap (head cut the last line short).
+    assert!(job["result"]["stdout_tail"]
+        .as_str()
+        .unwrap()
+        .contains("a line of output\n"));
+    assert_eq!(
+        job["result"]["stderr_tail"], "finished\n",
+        "the tail is kept past the cap"
+    );
+
+    let (stored,): (i64,) = sqlx::query_as(
+        "SELECT coalesce(sum(length(data->>'text')), 0)::bigint FROM sluice.job_events
+         WHERE job_id = $1 AND kind IN ('stdout', 'stderr')",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(stored <= cap + 64 * 1024, "stored {stored} bytes of output");
+    assert!(stored >= cap / 2, "stored only {stored} bytes");
+    let truncated = db
+        .count("SELECT count(*) FROM sluice.job_events WHERE kind = 'truncated'")
+        .await;
+    assert_eq!(truncated, 1);
+
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", runner.pid().unwrap())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 64 * 1024, "sidecar peak RSS {peak_kib} KiB");
+}
