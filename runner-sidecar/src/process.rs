@@ -173,6 +173,20 @@ fn close_inherited_descriptors() {
     }
 }
 
+/// Tools yield the CPU to the sidecar (nice 19, B-11) and are the OOM killer's first choice
+/// (`oom_score_adj` 1000, B-10). Best effort: neither failure stops the tool.
+fn yield_to_the_sidecar() {
+    // SAFETY: setpriority, open, write and close are async-signal-safe.
+    unsafe {
+        nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 19);
+        let fd = nix::libc::open(c"/proc/self/oom_score_adj".as_ptr(), nix::libc::O_WRONLY);
+        if fd >= 0 {
+            nix::libc::write(fd, b"1000".as_ptr().cast(), 4);
+            nix::libc::close(fd);
+        }
+    }
+}
+
 /// Marks every descriptor from 3 up close-on-exec in the tool process, so the tool inherits
 /// only stdin, stdout and stderr whatever the sidecar's parent leaked to it (B-14). std's
 /// spawn error pipe stays usable until the exec itself.
@@ -294,17 +308,7 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
             nix::unistd::setsid()?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             enter_pid_namespace()?;
-            // Tools yield the CPU to the sidecar (B-11) and are the OOM killer's first choice
-            // (B-10); both before the uid drop, which would forbid them.
-            // SAFETY: setpriority, open, write and close are async-signal-safe.
-            unsafe {
-                nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 19);
-                let fd = nix::libc::open(c"/proc/self/oom_score_adj".as_ptr(), nix::libc::O_WRONLY);
-                if fd >= 0 {
-                    nix::libc::write(fd, b"1000".as_ptr().cast(), 4);
-                    nix::libc::close(fd);
-                }
-            }
+            yield_to_the_sidecar();
             if let Some(user) = user {
                 // Only the tool drops its privileges; the keeper and init above stay root.
                 nix::unistd::setgroups(&[])?;
