@@ -48,6 +48,22 @@ pub struct Args {
     /// Labels, `k=v,k2=v2`.
     #[arg(long, env = "SLUICE_RUNNER_LABELS", default_value = "")]
     pub labels: String,
+    /// Most processes the tool user may have (RLIMIT_NPROC; enforced for non-root users only).
+    #[arg(long, env = "SLUICE_RUNNER_LIMIT_PROCESSES", default_value_t = 512)]
+    pub limit_processes: u64,
+    /// Most open files per tool process (RLIMIT_NOFILE).
+    #[arg(long, env = "SLUICE_RUNNER_LIMIT_OPEN_FILES", default_value_t = 4096)]
+    pub limit_open_files: u64,
+    /// Largest file a tool may write (RLIMIT_FSIZE).
+    #[arg(long, env = "SLUICE_RUNNER_LIMIT_FILE_SIZE_BYTES", default_value_t = 1 << 30)]
+    pub limit_file_size_bytes: u64,
+    /// CPU seconds per tool process (RLIMIT_CPU); none by default.
+    #[arg(long, env = "SLUICE_RUNNER_LIMIT_CPU_SECONDS")]
+    pub limit_cpu_seconds: Option<u64>,
+    /// Address space per tool process (RLIMIT_AS); none by default (runtimes that reserve
+    /// large virtual ranges break under a small one).
+    #[arg(long, env = "SLUICE_RUNNER_LIMIT_MEMORY_BYTES")]
+    pub limit_memory_bytes: Option<u64>,
     /// The user tools run as when the sidecar runs as root.
     #[arg(long, env = "SLUICE_RUNNER_TOOL_USER", default_value = "nobody")]
     pub tool_user: String,
@@ -70,6 +86,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub labels: BTreeMap<String, String>,
     pub claim_wait: Duration,
+    /// The runner's default limits; a job's own can only lower them.
+    pub limits: sluice_protocol::Limits,
     /// Tools run as this user (resolved at start; `None` when the sidecar is not root).
     pub tool_user: Option<crate::process::ToolUser>,
 }
@@ -135,6 +153,13 @@ impl Config {
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
             labels,
             claim_wait: Duration::from_millis(args.claim_wait_ms),
+            limits: sluice_protocol::Limits {
+                cpu_seconds: args.limit_cpu_seconds,
+                memory_bytes: args.limit_memory_bytes,
+                open_files: Some(args.limit_open_files),
+                processes: Some(args.limit_processes),
+                file_size_bytes: Some(args.limit_file_size_bytes),
+            },
             tool_user: crate::process::ToolUser::resolve(&args.tool_user)
                 .map_err(|e| Error::Config(format!("SLUICE_RUNNER_TOOL_USER: {e}")))?,
         })

@@ -117,6 +117,23 @@ pub fn shell() -> &'static str {
     }
 }
 
+/// The tighter of two limit sets, field by field: a job can only lower the runner's defaults.
+pub fn tighter(runner: &Limits, job: &Limits) -> Limits {
+    fn min(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+    Limits {
+        cpu_seconds: min(runner.cpu_seconds, job.cpu_seconds),
+        memory_bytes: min(runner.memory_bytes, job.memory_bytes),
+        open_files: min(runner.open_files, job.open_files),
+        processes: min(runner.processes, job.processes),
+        file_size_bytes: min(runner.file_size_bytes, job.file_size_bytes),
+    }
+}
+
 fn rlimits(limits: &Limits) -> Vec<(Resource, u64)> {
     let mut out = vec![(Resource::RLIMIT_CORE, 0)];
     let pairs = [
@@ -353,6 +370,26 @@ pub async fn stop(child: &mut Child, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_can_only_lower_the_runners_limits() {
+        let runner = Limits {
+            processes: Some(512),
+            open_files: Some(4096),
+            ..Default::default()
+        };
+        let job = Limits {
+            processes: Some(10_000),
+            open_files: Some(64),
+            cpu_seconds: Some(5),
+            ..Default::default()
+        };
+        let effective = tighter(&runner, &job);
+        assert_eq!(effective.processes, Some(512));
+        assert_eq!(effective.open_files, Some(64));
+        assert_eq!(effective.cpu_seconds, Some(5));
+        assert_eq!(effective.memory_bytes, None);
+    }
 
     #[test]
     fn the_tool_env_is_an_allow_list_the_job_cannot_use_to_spoof_identity() {

@@ -274,7 +274,7 @@ async fn run_bash(
         args: vec!["-c".into(), spec.script.clone()],
         workspace: &workspace,
         env,
-        limits: spec.limits.clone().unwrap_or_default(),
+        limits: process::tighter(&config.limits, &spec.limits.clone().unwrap_or_default()),
         user: config.tool_user,
     };
     let mut child = match process::spawn_tool(&tool) {

@@ -318,3 +318,67 @@ async fn b12_endless_output_is_capped_and_marked_truncated() {
         .unwrap();
     assert!(peak_kib < 64 * 1024, "sidecar peak RSS {peak_kib} KiB");
 }
+
+/// B-09: a fork bomb run by the unprivileged tool user stops at RLIMIT_NPROC; the sidecar
+/// keeps heartbeating and running other work, and the bomb leaves no process behind.
+#[tokio::test]
+async fn b09_a_fork_bomb_is_contained_and_the_runner_keeps_working() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: RLIMIT_NPROC binds only the unprivileged tool user of a root sidecar");
+        return;
+    }
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let marker = format!("B09_MARKER={}", Uuid::new_v4().simple());
+    let (name, value) = marker.split_once('=').unwrap();
+    let runner = Runner::start(
+        &scheduler,
+        "bombed",
+        2,
+        &[("SLUICE_RUNNER_LIMIT_PROCESSES", "100")],
+    )
+    .await;
+    let bomb = api
+        .enqueue(json!({"spec": {"kind": "bash", "timeout_ms": 3000,
+                                 "script": "bomb() { bomb | bomb & }; bomb; sleep 10",
+                                 "env": {name: value}}, "max_attempts": 1}))
+        .await;
+    wait_until("the bomb to spread", Duration::from_secs(10), || {
+        let left = processes_with_all(std::slice::from_ref(&marker));
+        async move {
+            if left.len() >= 20 {
+                Ok(Some(()))
+            } else {
+                Err(format!("{} bomb processes", left.len()))
+            }
+        }
+    })
+    .await;
+    // The other slot still runs work while the bomb is at its limit.
+    let fine = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "echo fine"}}))
+        .await;
+    let job = api.wait_terminal(fine, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["attempt"], 1,
+        "the runner lost its lease under the bomb: {job}"
+    );
+
+    let job = api.wait_terminal(bomb, Duration::from_secs(20)).await;
+    assert_eq!(job["error"]["code"], "timed_out", "{job}");
+    assert_eq!(job["attempt"], 1, "{job}");
+    wait_until("the bomb to be gone", Duration::from_secs(5), || {
+        let left = processes_with_all(std::slice::from_ref(&marker));
+        async move {
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(format!("{} bomb processes left", left.len()))
+            }
+        }
+    })
+    .await;
+    assert!(runner.pid().is_some());
+}
