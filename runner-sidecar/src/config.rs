@@ -67,6 +67,10 @@ pub struct Args {
     /// The user tools run as when the sidecar runs as root.
     #[arg(long, env = "SLUICE_RUNNER_TOOL_USER", default_value = "nobody")]
     pub tool_user: String,
+    /// Measure the tool spawn path N times (`/bin/true`), print JSON and exit; used by
+    /// `sluice bench`. Needs no scheduler.
+    #[arg(long, hide = true)]
+    pub bench_spawn: Option<usize>,
     /// How long one claim long-poll waits.
     #[arg(long, env = "SLUICE_RUNNER_CLAIM_WAIT_MS", default_value_t = 30_000)]
     pub claim_wait_ms: u64,
@@ -97,6 +101,11 @@ impl Config {
     /// name the variable to fix.
     pub fn load() -> Result<Config> {
         Config::from_args(Args::parse(), std::env::var("PLUE_API_URL").ok())
+    }
+
+    /// The legacy `PLUE_API_URL`, read here so that no other module reads the environment.
+    pub fn plue_api_url() -> Option<String> {
+        std::env::var("PLUE_API_URL").ok()
     }
 
     /// Validates parsed arguments; `plue_api_url` is the legacy variable's value.

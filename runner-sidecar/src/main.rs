@@ -12,7 +12,12 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let config = match sluice_runner::Config::load() {
+    let args = <sluice_runner::config::Args as clap::Parser>::parse();
+    if let Some(count) = args.bench_spawn {
+        return bench_spawn(count, args);
+    }
+    let config = match sluice_runner::Config::from_args(args, sluice_runner::Config::plue_api_url())
+    {
         Ok(config) => config,
         Err(err) => {
             eprintln!("error: {err}");
@@ -53,6 +58,54 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--bench-spawn N`: the spawn path's overhead and this process's idle RSS, as JSON.
+fn bench_spawn(count: usize, args: sluice_runner::config::Args) -> ExitCode {
+    let user = match sluice_runner::process::ToolUser::resolve(&args.tool_user) {
+        Ok(user) => user,
+        Err(err) => {
+            eprintln!("error: SLUICE_RUNNER_TOOL_USER: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let idle_rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let workspace = std::env::temp_dir().join(format!("sluice-spawn-bench-{}", std::process::id()));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limits = sluice_protocol::Limits::default();
+    let measured = runtime.block_on(sluice_runner::process::measure_spawn(
+        count, &workspace, &limits, user,
+    ));
+    let _ = std::fs::remove_dir_all(&workspace);
+    match measured {
+        Ok((p50, p99)) => {
+            println!(
+                "{}",
+                serde_json::json!({"spawn_p50_us": p50, "spawn_p99_us": p99, "idle_rss_kib": idle_rss_kib, "runs": count})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
             ExitCode::FAILURE
         }
     }

@@ -348,6 +348,40 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
     command.spawn()
 }
 
+/// Spawn overhead of the tool path: `count` runs of `/bin/true` through [`spawn_tool`] (fork,
+/// namespace helpers, uid drop, rlimits, exec) until exit, in microseconds: (p50, p99).
+pub async fn measure_spawn(
+    count: usize,
+    workspace: &Path,
+    limits: &Limits,
+    user: Option<ToolUser>,
+) -> std::io::Result<(u64, u64)> {
+    std::fs::create_dir_all(workspace)?;
+    if let Some(user) = user {
+        std::os::unix::fs::chown(workspace, Some(user.uid), Some(user.gid))?;
+    }
+    let tool = ToolCommand {
+        program: "/bin/true",
+        args: Vec::new(),
+        workspace,
+        env: tool_env(workspace, 0, 0, &BTreeMap::new()),
+        limits: limits.clone(),
+        user,
+    };
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let started = std::time::Instant::now();
+        let status = spawn_tool(&tool)?.wait().await?;
+        samples.push(started.elapsed().as_micros() as u64);
+        if !status.success() {
+            return Err(std::io::Error::other(format!("/bin/true ended {status}")));
+        }
+    }
+    samples.sort_unstable();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    Ok((at(0.5), at(0.99)))
+}
+
 /// Sends `signal` to the tool's whole process group (its pid, as it leads its own session).
 pub fn signal_group(pid: u32, signal: Signal) {
     let _ = killpg(Pid::from_raw(pid as i32), signal);

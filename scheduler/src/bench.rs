@@ -408,9 +408,12 @@ async fn measure_all(
             slots: 5,
         })?);
     }
+    let idle = idle_rss(&pool, &sidecars).await;
     let outcome = end_to_end(&pool, &sizes, &specs).await;
     dev::stop_runners(&mut sidecars).await;
+    results.push(idle?);
     results.extend(outcome?);
+    results.extend(spawn_overhead(&runner_binary, sizes.pickup_jobs)?);
 
     // Claim latency with history: 1,000 vs many finished rows.
     let mut claim_latency = Vec::new();
@@ -502,6 +505,70 @@ async fn end_to_end(pool: &PgPool, sizes: &Sizes, specs: &[Value]) -> Result<Vec
             "jobs/s",
             drain,
             "real HTTP protocol, 10 in flight",
+        ),
+    ])
+}
+
+/// Resident memory of the registered, idle sidecars, in MiB.
+async fn idle_rss(pool: &PgPool, sidecars: &[Child]) -> Result<Measurement> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql::live_runners(pool).await? < sidecars.len() as i64 {
+        if Instant::now() > deadline {
+            return Err(Error::Internal(
+                "the sidecars did not register within 30 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let samples: Vec<f64> = sidecars
+        .iter()
+        .filter_map(|child| std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .collect();
+    Ok(summarize(
+        "sidecar idle RSS (registered, long-polling)",
+        "MiB",
+        samples,
+        "VmRSS of each sidecar",
+    ))
+}
+
+/// The sidecar's own measurement of its spawn path (`sluice-runner --bench-spawn N`).
+fn spawn_overhead(runner_binary: &std::path::Path, runs: usize) -> Result<Vec<Measurement>> {
+    let output = std::process::Command::new(runner_binary)
+        .arg("--bench-spawn")
+        .arg(runs.to_string())
+        .output()
+        .map_err(|e| Error::Internal(format!("running {}: {e}", runner_binary.display())))?;
+    if !output.status.success() {
+        return Err(Error::Internal(format!(
+            "sluice-runner --bench-spawn failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| Error::Internal(format!("sluice-runner --bench-spawn: {e}")))?;
+    let ms = |field: &str| report[field].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    let note =
+        format!("{runs} runs of /bin/true: fork, namespace helpers, uid drop, rlimits, exec, exit");
+    Ok(vec![
+        summarize(
+            "tool spawn p50 (sidecar spawn path)",
+            "ms",
+            vec![ms("spawn_p50_us")],
+            &note,
+        ),
+        summarize(
+            "tool spawn p99 (sidecar spawn path)",
+            "ms",
+            vec![ms("spawn_p99_us")],
+            &note,
         ),
     ])
 }

@@ -37,6 +37,9 @@ fn sluice_bench_quick_reports_every_measurement_as_json() {
         "pickup latency p50",
         "pickup latency p99",
         "claim 10 with 1000 finished jobs",
+        "sidecar idle RSS",
+        "tool spawn p50",
+        "tool spawn p99",
     ] {
         let found = results
             .iter()

@@ -127,3 +127,11 @@ pub async fn first_attempt_started_at(
             .await?;
     Ok(row.map(|(at,)| at))
 }
+
+/// Registered runners not marked gone.
+pub async fn live_runners(pool: &PgPool) -> Result<i64> {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM sluice.runners WHERE state <> 'gone'")
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
+}
