@@ -67,6 +67,23 @@ pub struct Args {
     /// The user tools run as when the sidecar runs as root.
     #[arg(long, env = "SLUICE_RUNNER_TOOL_USER", default_value = "nobody")]
     pub tool_user: String,
+    /// File tools resolve paths with the component walk even where the kernel has openat2
+    /// (the path gVisor takes; for tests).
+    #[arg(long, env = "SLUICE_RUNNER_FORCE_PATH_WALK", default_value_t = false)]
+    pub force_path_walk: bool,
+    /// Most bytes `read_file` returns (and `grep`'s matches).
+    #[arg(long, env = "SLUICE_RUNNER_MAX_READ_BYTES", default_value_t = 1 << 20)]
+    pub max_read_bytes: u64,
+    /// Most bytes of a `web_fetch` body.
+    #[arg(long, env = "SLUICE_RUNNER_FETCH_MAX_BYTES", default_value_t = 5 << 20)]
+    pub fetch_max_bytes: u64,
+    /// Longest `web_fetch`, redirects included.
+    #[arg(long, env = "SLUICE_RUNNER_FETCH_TIMEOUT_MS", default_value_t = 30_000)]
+    pub fetch_timeout_ms: u64,
+    /// Networks `web_fetch` may reach although they are private, loopback or link-local:
+    /// comma-separated addresses or CIDRs, e.g. `10.1.0.0/16,127.0.0.1`.
+    #[arg(long, env = "SLUICE_RUNNER_FETCH_ALLOW", default_value = "")]
+    pub fetch_allow: String,
     /// Measure the tool spawn path N times (`/bin/true`), print JSON and exit; used by
     /// `sluice bench`. Needs no scheduler.
     #[arg(long, hide = true)]
@@ -94,6 +111,8 @@ pub struct Config {
     pub limits: sluice_protocol::Limits,
     /// Tools run as this user (resolved at start; `None` when the sidecar is not root).
     pub tool_user: Option<crate::process::ToolUser>,
+    /// Caps and the address allow-list of the confined tools.
+    pub tool_policy: crate::tools::Policy,
 }
 
 impl Config {
@@ -147,6 +166,29 @@ impl Config {
             })?;
             labels.insert(key.trim().to_string(), value.trim().to_string());
         }
+        let fetch_allow: Vec<String> = args
+            .fetch_allow
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect();
+        for network in &fetch_allow {
+            crate::tools::fetch::Network::parse(network)
+                .map_err(|e| Error::Config(format!("SLUICE_RUNNER_FETCH_ALLOW: {e}")))?;
+        }
+        if args.max_read_bytes == 0 || args.fetch_max_bytes == 0 || args.fetch_timeout_ms == 0 {
+            return Err(Error::Config(
+                "SLUICE_RUNNER_MAX_READ_BYTES, SLUICE_RUNNER_FETCH_MAX_BYTES and SLUICE_RUNNER_FETCH_TIMEOUT_MS must be above 0".into(),
+            ));
+        }
+        let tool_policy = crate::tools::Policy {
+            force_path_walk: args.force_path_walk,
+            max_read_bytes: args.max_read_bytes,
+            fetch_max_bytes: args.fetch_max_bytes,
+            fetch_timeout_ms: args.fetch_timeout_ms,
+            fetch_allow,
+        };
         let workdir = args
             .workdir
             .unwrap_or_else(|| std::env::temp_dir().join(format!("sluice-runner-{pod_name}")));
@@ -171,6 +213,7 @@ impl Config {
             },
             tool_user: crate::process::ToolUser::resolve(&args.tool_user)
                 .map_err(|e| Error::Config(format!("SLUICE_RUNNER_TOOL_USER: {e}")))?,
+            tool_policy,
         })
     }
 }

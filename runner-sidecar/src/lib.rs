@@ -11,6 +11,8 @@
 //! - [`process`] — forking tools (session, death signal, no-new-privs, rlimits, clean env)
 //!   and killing their process groups.
 //! - [`output`] — the per-attempt output cap and the tails kept for results.
+//! - [`tools`] — the five tools' definitions, path confinement, the file tools, `web_fetch`,
+//!   and the confined child that runs them.
 
 pub mod client;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod output;
 pub mod process;
 pub mod runner;
 pub mod task;
+pub mod tools;
 
 pub use config::Config;
 pub use runner::run;

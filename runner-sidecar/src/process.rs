@@ -51,6 +51,72 @@ pub struct ToolCommand<'a> {
     pub limits: Limits,
     /// Run the tool as this user instead of the sidecar's (see [`ToolUser`]).
     pub user: Option<ToolUser>,
+    /// Give the tool a stdin pipe instead of `/dev/null`.
+    pub stdin: bool,
+    /// Execute this descriptor (`execveat(AT_EMPTY_PATH)`) instead of looking `program` up:
+    /// the tool user then needs no search right on the binary's directories. `program` is
+    /// still the tool's `argv[0]`, and is executed by path where `execveat` is missing.
+    pub exec_fd: Option<std::os::fd::RawFd>,
+}
+
+/// `argv` and `envp` for `execveat`, built before the fork (the child may not allocate).
+struct PreparedExec {
+    fd: std::os::fd::RawFd,
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const nix::libc::c_char>,
+    envp: Vec<*const nix::libc::c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned by the same value and never mutated; the
+// value is only read, in the forked child.
+unsafe impl Send for PreparedExec {}
+unsafe impl Sync for PreparedExec {}
+
+impl PreparedExec {
+    fn new(fd: std::os::fd::RawFd, tool: &ToolCommand<'_>) -> std::io::Result<PreparedExec> {
+        use std::ffi::CString;
+        let nul = |_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in an argument or variable");
+        let mut args = vec![CString::new(tool.program).map_err(nul)?];
+        for arg in &tool.args {
+            args.push(CString::new(arg.as_str()).map_err(nul)?);
+        }
+        let mut vars = Vec::new();
+        for (name, value) in &tool.env {
+            vars.push(CString::new(format!("{name}={value}")).map_err(nul)?);
+        }
+        let mut argv: Vec<_> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut envp: Vec<_> = vars.iter().map(|v| v.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        args.extend(vars);
+        Ok(PreparedExec {
+            fd,
+            _strings: args,
+            argv,
+            envp,
+        })
+    }
+
+    /// Replaces the process image; returns only when `execveat` is missing (ENOSYS), so the
+    /// caller's exec by path goes ahead. Async-signal-safe.
+    fn exec(&self) -> std::io::Result<()> {
+        // SAFETY: execveat with NUL-terminated arrays that outlive the call.
+        let result = unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_execveat,
+                self.fd,
+                c"".as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+                nix::libc::AT_EMPTY_PATH,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        if result != 0 && err.raw_os_error() == Some(nix::libc::ENOSYS) {
+            return Ok(());
+        }
+        Err(err)
+    }
 }
 
 /// The unprivileged identity tools run as when the sidecar runs as root (`nobody` by
@@ -311,13 +377,21 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
         .env_clear()
         .envs(&tool.env)
         .current_dir(tool.workspace)
-        .stdin(Stdio::null())
+        .stdin(if tool.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     // Computed before the fork: the child may only make async-signal-safe calls.
     let limits = rlimits(&tool.limits);
     let user = tool.user;
+    let exec = match tool.exec_fd {
+        Some(fd) => Some(PreparedExec::new(fd, tool)?),
+        None => None,
+    };
     // SAFETY: between fork and exec the closure only makes raw syscalls through nix (setsid,
     // prctl, getrlimit, setrlimit) and does not allocate (`limits` was built beforehand).
     unsafe {
@@ -341,6 +415,9 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
                 // Only ever lower: a job cannot raise the runner's limits.
                 let hard = hard.min(wanted);
                 setrlimit(resource, soft.min(hard), hard)?;
+            }
+            if let Some(exec) = &exec {
+                exec.exec()?;
             }
             Ok(())
         });
@@ -367,6 +444,8 @@ pub async fn measure_spawn(
         env: tool_env(workspace, 0, 0, &BTreeMap::new()),
         limits: limits.clone(),
         user,
+        stdin: false,
+        exec_fd: None,
     };
     let mut samples = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
@@ -480,6 +559,8 @@ mod tests {
                 ..Default::default()
             },
             user: None,
+            stdin: false,
+            exec_fd: None,
         };
         let child = spawn_tool(&tool).unwrap();
         let pid = child.id().unwrap() as i32;
@@ -536,6 +617,8 @@ mod tests {
             env,
             limits: Limits::default(),
             user: None,
+            stdin: false,
+            exec_fd: None,
         };
         let mut child = spawn_tool(&tool).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -606,6 +689,8 @@ mod tests {
             env,
             limits: Limits::default(),
             user: None,
+            stdin: false,
+            exec_fd: None,
         };
         let child = spawn_tool(&tool).unwrap();
         let output = child.wait_with_output().await.unwrap();
@@ -646,6 +731,8 @@ mod tests {
             env: tool_env(&dir, 1, 1, &BTreeMap::new()),
             limits: Limits::default(),
             user: Some(user),
+            stdin: false,
+            exec_fd: None,
         };
         let output = spawn_tool(&tool).unwrap().wait_with_output().await.unwrap();
         let text = String::from_utf8_lossy(&output.stdout);

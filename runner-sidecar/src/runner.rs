@@ -50,6 +50,7 @@ fn fence_after(lease: Duration, heartbeat: Duration) -> Duration {
 
 /// Runs the sidecar until `shutdown` turns true, then drains.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    crate::tools::exec::prepare();
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.workdir).map_err(|e| {
         crate::Error::Config(format!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sluice_protocol::{
     event_kind, parse_spec, BashSpec, CompleteRequest, CompleteResponse, ErrorDetail, Event,
-    JobSpec, Outcome, StreamRequest, StreamResponse, Task,
+    JobSpec, Outcome, StreamRequest, StreamResponse, Task, ToolName, ToolSpec,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
@@ -17,6 +17,7 @@ use crate::client::{CallError, Client};
 use crate::config::{Config, Secret};
 use crate::output::{Budget, Tail};
 use crate::process::{self, ToolCommand};
+use crate::tools;
 
 /// Why a running task is being stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,7 @@ pub async fn run(ctx: TaskContext, task: Task, stop: Arc<watch::Sender<Option<St
             final_seq: None,
         }),
         Ok(JobSpec::Bash(spec)) => run_bash(&ctx, &task, &spec, &stop).await,
+        Ok(JobSpec::Tool(spec)) => run_tool(&ctx, &task, &spec, &stop).await,
         Ok(other) => Some(unsupported(other.kind())),
     };
     let Some(report) = report else {
@@ -243,6 +245,123 @@ fn workspace_of(config: &Config, task: &Task) -> PathBuf {
         .join(format!("{}-{}", task.job_id, task.attempt))
 }
 
+/// A fresh, empty workspace for the attempt, owned by the tool user: the tool's own
+/// workspace, and nothing else of the sidecar's, is writable for it.
+fn prepare_workspace(config: &Config, task: &Task) -> Result<PathBuf, Report> {
+    let workspace = workspace_of(config, task);
+    let _ = std::fs::remove_dir_all(&workspace);
+    let prepared = std::fs::create_dir_all(&workspace).and_then(|()| match config.tool_user {
+        Some(user) => std::os::unix::fs::chown(&workspace, Some(user.uid), Some(user.gid)),
+        None => Ok(()),
+    });
+    match prepared {
+        Ok(()) => Ok(workspace),
+        Err(err) => Err(Report::failed(
+            json!({}),
+            "spawn_failed",
+            format!("cannot create the workspace: {err}"),
+            true,
+        )),
+    }
+}
+
+/// Runs a `tool` spec: `bash` through the streaming path, the others in a confined child.
+async fn run_tool(
+    ctx: &TaskContext,
+    task: &Task,
+    spec: &ToolSpec,
+    stop: &Arc<watch::Sender<Option<StopReason>>>,
+) -> Option<Report> {
+    if let Err(err) = tools::check_input(spec.tool, &spec.input) {
+        return Some(Report::failed(json!({}), &err.code, err.message, false));
+    }
+    if spec.tool == ToolName::Bash {
+        let input: tools::BashInput = match serde_json::from_value(spec.input.clone()) {
+            Ok(input) => input,
+            Err(err) => {
+                let err = tools::ToolError::invalid_input(spec.tool, err);
+                return Some(Report::failed(json!({}), &err.code, err.message, false));
+            }
+        };
+        let bash = BashSpec {
+            script: input.command,
+            env: Default::default(),
+            timeout_ms: input.timeout_ms,
+            limits: None,
+        };
+        return run_bash(ctx, task, &bash, stop).await;
+    }
+    let config = &ctx.config;
+    let workspace = match prepare_workspace(config, task) {
+        Ok(workspace) => workspace,
+        Err(report) => return Some(report),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let batches = tokio::spawn(post_batches(ctx.clone(), task.clone(), rx, stop.clone()));
+    let mut events = EventSender { tx, next_seq: 1 };
+    let name = tools::name_of(spec.tool);
+    events
+        .send(event_kind::STARTED, json!({ "tool": name }))
+        .await;
+    let timeout = task
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(config.default_timeout);
+    let mut stop_rx = stop.subscribe();
+    let ended = tools::exec::call(
+        tools::exec::Call {
+            tool: spec.tool,
+            input: &spec.input,
+            policy: &config.tool_policy,
+            workspace: &workspace,
+            env: process::tool_env(&workspace, task.job_id.0, task.attempt.0, &Default::default()),
+            limits: config.limits.clone(),
+            user: config.tool_user,
+            timeout,
+            kill_grace: config.kill_grace,
+        },
+        &mut stop_rx,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&workspace);
+    let answer = match ended {
+        tools::exec::Ended::Stopped(StopReason::Shutdown) => Err(tools::ToolError::new(
+            "runner_shutdown",
+            "the runner shut down before the tool finished",
+        )
+        .retryable()),
+        tools::exec::Ended::Stopped(_) => return None,
+        tools::exec::Ended::Answered(answer) => answer,
+    };
+    events
+        .send(
+            event_kind::EXITED,
+            json!({ "tool": name, "ok": answer.is_ok() }),
+        )
+        .await;
+    drop(events);
+    let final_seq = match batches.await.unwrap_or(Err(CallError::Shutdown)) {
+        Ok(seq) => seq,
+        Err(err) if err.is_lease_lost() => return None,
+        Err(_) => None,
+    };
+    if stop.borrow().is_some_and(|r| r != StopReason::Shutdown) {
+        return None;
+    }
+    let mut report = match answer {
+        Ok(output) => Report {
+            outcome: Outcome::Succeeded,
+            output,
+            error: None,
+            retryable: true,
+            final_seq: None,
+        },
+        Err(err) => Report::failed(json!({}), &err.code, err.message, err.retryable),
+    };
+    report.final_seq = final_seq;
+    Some(report)
+}
+
 /// Runs a bash spec. `None` means the attempt was abandoned (lease gone, cancelled, timed out
 /// by the server): there is nothing to report.
 async fn run_bash(
@@ -253,21 +372,10 @@ async fn run_bash(
 ) -> Option<Report> {
     let config = &ctx.config;
     let started = Instant::now();
-    let workspace = workspace_of(config, task);
-    let _ = std::fs::remove_dir_all(&workspace);
-    let prepared = std::fs::create_dir_all(&workspace).and_then(|()| match config.tool_user {
-        // The tool's own workspace, and nothing else of the sidecar's, is writable for it.
-        Some(user) => std::os::unix::fs::chown(&workspace, Some(user.uid), Some(user.gid)),
-        None => Ok(()),
-    });
-    if let Err(err) = prepared {
-        return Some(Report::failed(
-            json!({}),
-            "spawn_failed",
-            format!("cannot create the workspace: {err}"),
-            true,
-        ));
-    }
+    let workspace = match prepare_workspace(config, task) {
+        Ok(workspace) => workspace,
+        Err(report) => return Some(report),
+    };
     let env = process::tool_env(&workspace, task.job_id.0, task.attempt.0, &spec.env);
     let tool = ToolCommand {
         program: process::shell(),
@@ -276,6 +384,8 @@ async fn run_bash(
         env,
         limits: process::tighter(&config.limits, &spec.limits.clone().unwrap_or_default()),
         user: config.tool_user,
+        stdin: false,
+        exec_fd: None,
     };
     let mut child = match process::spawn_tool(&tool) {
         Ok(child) => child,
