@@ -297,6 +297,147 @@ fn close_on_exec_above_stderr() {
     }
 }
 
+/// Directories every tool may write that outlive a task unless made private: each tool gets
+/// its own empty tmpfs on them (S-09), gone when its last process exits.
+const SHARED_TMP: [&std::ffi::CStr; 3] = [c"/tmp", c"/var/tmp", c"/dev/shm"];
+
+/// What [`private_tmp`] needs, computed before the fork.
+struct PrivateTmp {
+    /// The workspace, absolute.
+    workspace: std::ffi::CString,
+    /// The workspace and its ancestors beneath the shared directory holding it, shortest
+    /// first: recreated in the fresh tmpfs so the workspace can be bound back at its path.
+    ancestors: Vec<std::ffi::CString>,
+    /// Which of [`SHARED_TMP`] holds the workspace, if one does.
+    holder: Option<usize>,
+    options: std::ffi::CString,
+}
+
+impl PrivateTmp {
+    fn new(workspace: &Path, size_bytes: u64) -> Option<PrivateTmp> {
+        use std::os::unix::ffi::OsStrExt;
+        let workspace = std::path::absolute(workspace).ok()?;
+        let mut holder = None;
+        let mut ancestors = Vec::new();
+        for (index, shared) in SHARED_TMP.iter().enumerate() {
+            let shared = Path::new(std::ffi::OsStr::from_bytes(shared.to_bytes()));
+            if let Ok(rest) = workspace.strip_prefix(shared) {
+                holder = Some(index);
+                let mut path = shared.to_path_buf();
+                for component in rest.components() {
+                    path.push(component);
+                    ancestors.push(std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?);
+                }
+            }
+        }
+        Some(PrivateTmp {
+            workspace: std::ffi::CString::new(workspace.as_os_str().as_bytes()).ok()?,
+            ancestors,
+            holder,
+            options: std::ffi::CString::new(format!("mode=1777,size={size_bytes}")).ok()?,
+        })
+    }
+}
+
+/// In the tool process, before the uid drop: a mount namespace of its own with an empty tmpfs
+/// on `/tmp`, `/var/tmp` and `/dev/shm`, so nothing a tool leaves there reaches the next task
+/// on the runner. When the workspace lives under one of them it is bound back at its path.
+/// Best effort, like the PID namespace: without the right to unshare (or where a mount
+/// fails) the tool keeps the shared directories. Async-signal-safe calls only.
+fn private_tmp(plan: &PrivateTmp) {
+    use nix::libc;
+    // SAFETY: raw syscalls on NUL-terminated strings computed before the fork.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return;
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return;
+        }
+        // The workspace by descriptor, to bind it back after its parent is covered.
+        let workspace = libc::open(
+            plan.workspace.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        let mut source = [0u8; 32];
+        let source_len = proc_fd_path(workspace, &mut source);
+        for (index, dir) in SHARED_TMP.iter().enumerate() {
+            let mut stat: libc::stat = std::mem::zeroed();
+            if libc::stat(dir.as_ptr(), &mut stat) != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                continue;
+            }
+            let holds_workspace = plan.holder == Some(index);
+            if holds_workspace && (workspace < 0 || source_len == 0) {
+                continue;
+            }
+            if libc::mount(
+                c"tmpfs".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                plan.options.as_ptr().cast(),
+            ) != 0
+            {
+                continue;
+            }
+            if holds_workspace {
+                for ancestor in &plan.ancestors {
+                    libc::mkdir(ancestor.as_ptr(), 0o755);
+                }
+                let bound = libc::mount(
+                    source.as_ptr().cast(),
+                    plan.workspace.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) == 0;
+                if !bound {
+                    // Without its workspace the tool could not run: give the directory back.
+                    libc::umount2(dir.as_ptr(), libc::MNT_DETACH);
+                    continue;
+                }
+                // The working directory now resolves through the bound path.
+                libc::chdir(plan.workspace.as_ptr());
+            }
+        }
+        if workspace >= 0 {
+            libc::close(workspace);
+        }
+    }
+}
+
+/// Writes `/proc/self/fd/<fd>` and a NUL into `out` without allocating; the length, or 0.
+fn proc_fd_path(fd: i32, out: &mut [u8; 32]) -> usize {
+    if fd < 0 {
+        return 0;
+    }
+    let prefix = b"/proc/self/fd/";
+    out[..prefix.len()].copy_from_slice(prefix);
+    let mut digits = [0u8; 10];
+    let mut n = fd as u32;
+    let mut count = 0;
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..count {
+        out[prefix.len() + i] = digits[count - 1 - i];
+    }
+    out[prefix.len() + count] = 0;
+    prefix.len() + count
+}
+
 /// In the forked child, before exec: moves the rest of the chain into a new PID namespace
 /// (see the module doc). Returns in the process that goes on to exec the tool; the keeper and
 /// init never return. Without the right to unshare, returns at once and the tool runs in the
@@ -388,6 +529,7 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
     // Computed before the fork: the child may only make async-signal-safe calls.
     let limits = rlimits(&tool.limits);
     let user = tool.user;
+    let tmp = PrivateTmp::new(tool.workspace, tool.limits.file_size_bytes.unwrap_or(1 << 30));
     let exec = match tool.exec_fd {
         Some(fd) => Some(PreparedExec::new(fd, tool)?),
         None => None,
@@ -399,6 +541,9 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
             nix::unistd::setsid()?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             enter_pid_namespace()?;
+            if let Some(tmp) = &tmp {
+                private_tmp(tmp);
+            }
             yield_to_the_sidecar();
             if let Some(user) = user {
                 // Only the tool drops its privileges; the keeper and init above stay root.
@@ -422,7 +567,57 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
             Ok(())
         });
     }
-    command.spawn()
+    // Held across the spawn, so the orphan reaper cannot see the new pid untracked.
+    let mut tracked = spawned();
+    let child = command.spawn()?;
+    if let Some(pid) = child.id() {
+        tracked.insert(pid as i32);
+    }
+    Ok(child)
+}
+
+/// Pids of the tools this process spawned (tokio reaps them): [`reap_orphans`] leaves them be.
+fn spawned() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<i32>> {
+    static SPAWNED: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    SPAWNED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// When the sidecar is PID 1 (a container without an init), orphans of its namespace are
+/// re-parented to it: reaps those that are zombies, never touching the tools it spawned
+/// (tokio waits for those). Returns how many were reaped. Tools run in PID namespaces of
+/// their own, so this only catches what escaped where those could not be created.
+pub fn reap_orphans() -> usize {
+    let me = std::process::id() as i32;
+    let mut reaped = 0;
+    let mut live = std::collections::BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        live.insert(pid);
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<i32>().ok()));
+        if state == Some("Z") && ppid == Some(me) && !spawned().contains(&pid) {
+            let flags = nix::sys::wait::WaitPidFlag::WNOHANG;
+            if nix::sys::wait::waitpid(Pid::from_raw(pid), Some(flags)).is_ok() {
+                reaped += 1;
+            }
+        }
+    }
+    // Tools tokio has reaped are gone from /proc: forget them.
+    spawned().retain(|pid| live.contains(pid));
+    reaped
 }
 
 /// Spawn overhead of the tool path: `count` runs of `/bin/true` through [`spawn_tool`] (fork,
@@ -707,6 +902,51 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn tmp_dirs_are_private_to_each_tool_and_the_workspace_stays_reachable() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: private /tmp needs the right to create mount namespaces (root)");
+            return;
+        }
+        let user = ToolUser::resolve("nobody").unwrap();
+        // Under /tmp on purpose: the tmpfs covers it, and the workspace is bound back.
+        let dir = std::path::Path::new("/tmp").join(format!("sluice-tmp-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(user) = user {
+            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
+        }
+        let marker = format!("sluice-plant-{}", std::process::id());
+        let script = format!(
+            "echo planted > /tmp/{marker}; echo planted > /dev/shm/{marker}; echo planted > /var/tmp/{marker}; \
+             ls -A /tmp | grep -v '^sluice-tmp-test' | wc -l; pwd; echo kept > in-workspace; cat $HOME/in-workspace"
+        );
+        let tool = ToolCommand {
+            program: shell(),
+            args: vec!["-c".into(), script],
+            workspace: &dir,
+            env: tool_env(&dir, 1, 1, &BTreeMap::new()),
+            limits: Limits::default(),
+            user,
+            stdin: false,
+            exec_fd: None,
+        };
+        let output = spawn_tool(&tool).unwrap().wait_with_output().await.unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text} {}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(lines[0], "1", "the tool's /tmp holds only its planted file: {text}");
+        assert_eq!(lines[1], dir.to_str().unwrap());
+        assert_eq!(lines[2], "kept");
+        for shared in ["/tmp", "/dev/shm", "/var/tmp"] {
+            assert!(
+                !std::path::Path::new(shared).join(&marker).exists(),
+                "{shared}/{marker} outlived the tool"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(dir.join("in-workspace")).unwrap(), "kept\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

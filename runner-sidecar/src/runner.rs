@@ -51,6 +51,19 @@ fn fence_after(lease: Duration, heartbeat: Duration) -> Duration {
 /// Runs the sidecar until `shutdown` turns true, then drains.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     crate::tools::exec::prepare();
+    if std::process::id() == 1 {
+        // PID 1 of a container: orphans come to us, and their zombies must be reaped (B-13).
+        tokio::spawn(async {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let reaped = crate::process::reap_orphans();
+                if reaped > 0 {
+                    tracing::debug!(reaped, "reaped orphaned processes");
+                }
+            }
+        });
+    }
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.workdir).map_err(|e| {
         crate::Error::Config(format!(

@@ -291,6 +291,25 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Live (not zombie) processes whose environment sets `name`.
+pub fn processes_with_env(name: &str) -> Vec<i32> {
+    let needle = format!("{name}=");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+            .unwrap_or(false);
+        if alive && environ.split(|b| *b == 0).any(|var| var.starts_with(needle.as_bytes())) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -497,10 +516,31 @@ impl Runner {
         slots: u32,
         extra_env: &[(&str, &str)],
     ) -> Runner {
+        Runner::start_wrapped(scheduler, pod_name, slots, extra_env, &[]).await
+    }
+
+    /// Starts the sidecar under a wrapper command, e.g. `["unshare", "-pf", "--"]` (the sidecar
+    /// as PID 1) or `["runsc", "--rootless", "--network=host", "do"]` (under gVisor). The
+    /// wrapper's environment is the sidecar's.
+    pub async fn start_wrapped(
+        scheduler: &Scheduler,
+        pod_name: &str,
+        slots: u32,
+        extra_env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Runner {
         let logs = TempDir::new("runner-log");
         let workdir = TempDir::new("runner-work");
         let log = logs.path().join("runner.log");
-        let mut command = Command::new(bin("sluice-runner"));
+        let sidecar = bin("sluice-runner");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&sidecar);
+                command
+            }
+            None => Command::new(&sidecar),
+        };
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
