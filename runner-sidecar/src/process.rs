@@ -243,16 +243,83 @@ fn close_inherited_descriptors() {
     // SAFETY: close_range and close are async-signal-safe.
     let closed = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     if closed != 0 {
-        // No close_range (old kernels, gVisor): close one by one.
-        let limit = getrlimit(Resource::RLIMIT_NOFILE)
-            .map(|(soft, _)| soft.min(1 << 16))
-            .unwrap_or(1024);
-        for fd in 3..limit as i32 {
+        // No close_range (old kernels, gVisor): close what is open, one by one.
+        for_each_descriptor_from_3(|fd| {
             // SAFETY: as above.
             unsafe {
                 nix::libc::close(fd);
             }
+        });
+    }
+}
+
+/// Calls `action` on every open descriptor from 3 up, where `close_range` is missing. Lists
+/// `/proc/self/fd` with raw `getdents64` into stack buffers (a syscall per descriptor number
+/// up to RLIMIT_NOFILE is seconds under gVisor's ptrace platform); falls back to every
+/// number below the limit when `/proc` is unreadable or holds too many. Async-signal-safe.
+fn for_each_descriptor_from_3(mut action: impl FnMut(i32)) {
+    use nix::libc;
+    const MAX: usize = 4096;
+    let mut found = [0i32; MAX];
+    let mut count = 0usize;
+    let mut complete = false;
+    // SAFETY: raw syscalls into stack buffers; records are parsed within their bounds.
+    unsafe {
+        let dir = libc::open(c"/proc/self/fd".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        if dir >= 0 {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len());
+                if n < 0 {
+                    break;
+                }
+                if n == 0 {
+                    complete = true;
+                    break;
+                }
+                let mut at = 0usize;
+                while at + 19 < n as usize {
+                    let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+                    if reclen == 0 {
+                        break;
+                    }
+                    let mut fd: i64 = -1;
+                    let mut i = at + 19;
+                    while i < at + reclen && buf[i] != 0 {
+                        let c = buf[i];
+                        fd = if c.is_ascii_digit() { fd.max(0) * 10 + i64::from(c - b'0') } else { -2 };
+                        if fd == -2 {
+                            break;
+                        }
+                        i += 1;
+                    }
+                    if fd >= 3 && fd != i64::from(dir) && fd <= i64::from(i32::MAX) {
+                        if count == MAX {
+                            break;
+                        }
+                        found[count] = fd as i32;
+                        count += 1;
+                    }
+                    at += reclen;
+                }
+                if count == MAX {
+                    break;
+                }
+            }
+            libc::close(dir);
         }
+    }
+    if complete {
+        for &fd in &found[..count] {
+            action(fd);
+        }
+        return;
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft.min(1 << 16))
+        .unwrap_or(1024);
+    for fd in 3..limit as i32 {
+        action(fd);
     }
 }
 
@@ -285,15 +352,12 @@ fn close_on_exec_above_stderr() {
         )
     };
     if marked != 0 {
-        let limit = getrlimit(Resource::RLIMIT_NOFILE)
-            .map(|(soft, _)| soft.min(1 << 16))
-            .unwrap_or(1024);
-        for fd in 3..limit as i32 {
-            // SAFETY: as above; F_SETFD on a closed descriptor just fails with EBADF.
+        for_each_descriptor_from_3(|fd| {
+            // SAFETY: as above.
             unsafe {
                 nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
             }
-        }
+        });
     }
 }
 
@@ -678,6 +742,29 @@ pub async fn stop(child: &mut Child, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_descriptor_listing_finds_every_open_descriptor() {
+        let files: Vec<std::fs::File> = (0..40).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let mut listed = Vec::new();
+        for_each_descriptor_from_3(|fd| listed.push(fd));
+        let mut expected: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+            .filter(|fd| *fd >= 3)
+            .collect();
+        // read_dir's own descriptor is in the second listing only (it may also reuse one).
+        expected.retain(|fd| std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok());
+        listed.sort_unstable();
+        expected.sort_unstable();
+        use std::os::fd::AsRawFd;
+        for file in &files {
+            assert!(listed.contains(&file.as_raw_fd()), "{} missing", file.as_raw_fd());
+        }
+        assert!(listed.len() + 1 >= expected.len() && listed.len() <= expected.len() + 1, "{listed:?} vs {expected:?}");
+        drop(files);
+    }
 
     #[test]
     fn a_job_can_only_lower_the_runners_limits() {
