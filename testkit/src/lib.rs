@@ -327,7 +327,17 @@ impl TempDir {
     /// A new directory every user may write in (sticky, like /tmp): for ledgers that tools,
     /// which run as an unprivileged user under a root sidecar, append to.
     pub fn shared(label: &str) -> TempDir {
-        let dir = TempDir::new(label);
+        // Tools get a private /tmp, /var/tmp and /dev/shm (when the sidecar may create mount
+        // namespaces, i.e. as root), so a directory both the test and its tools see lives
+        // elsewhere: under /run when root.
+        let base = Path::new("/run");
+        let dir = if nix::unistd::Uid::effective().is_root() && base.is_dir() {
+            let path = base.join(format!("sluice-test-{label}-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&path).expect("create shared dir");
+            TempDir(path)
+        } else {
+            TempDir::new(label)
+        };
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
             .expect("chmod shared temp dir");
