@@ -7,7 +7,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
     // A confined tool call (see tools::exec): no logging, no configuration, no runtime.
-    if std::env::args_os().nth(1).is_some_and(|a| a == sluice_runner::tools::exec::CHILD_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == sluice_runner::tools::exec::CHILD_ARG)
+    {
         return sluice_runner::tools::exec::child_main();
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -75,7 +75,12 @@ unsafe impl Sync for PreparedExec {}
 impl PreparedExec {
     fn new(fd: std::os::fd::RawFd, tool: &ToolCommand<'_>) -> std::io::Result<PreparedExec> {
         use std::ffi::CString;
-        let nul = |_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in an argument or variable");
+        let nul = |_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "NUL byte in an argument or variable",
+            )
+        };
         let mut args = vec![CString::new(tool.program).map_err(nul)?];
         for arg in &tool.args {
             args.push(CString::new(arg.as_str()).map_err(nul)?);
@@ -265,7 +270,10 @@ fn for_each_descriptor_from_3(mut action: impl FnMut(i32)) {
     let mut complete = false;
     // SAFETY: raw syscalls into stack buffers; records are parsed within their bounds.
     unsafe {
-        let dir = libc::open(c"/proc/self/fd".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        let dir = libc::open(
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
         if dir >= 0 {
             let mut buf = [0u8; 4096];
             loop {
@@ -287,7 +295,11 @@ fn for_each_descriptor_from_3(mut action: impl FnMut(i32)) {
                     let mut i = at + 19;
                     while i < at + reclen && buf[i] != 0 {
                         let c = buf[i];
-                        fd = if c.is_ascii_digit() { fd.max(0) * 10 + i64::from(c - b'0') } else { -2 };
+                        fd = if c.is_ascii_digit() {
+                            fd.max(0) * 10 + i64::from(c - b'0')
+                        } else {
+                            -2
+                        };
                         if fd == -2 {
                             break;
                         }
@@ -434,7 +446,9 @@ fn private_tmp(plan: &PrivateTmp) {
         let source_len = proc_fd_path(workspace, &mut source);
         for (index, dir) in SHARED_TMP.iter().enumerate() {
             let mut stat: libc::stat = std::mem::zeroed();
-            if libc::stat(dir.as_ptr(), &mut stat) != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            if libc::stat(dir.as_ptr(), &mut stat) != 0
+                || stat.st_mode & libc::S_IFMT != libc::S_IFDIR
+            {
                 continue;
             }
             let holds_workspace = plan.holder == Some(index);
@@ -593,7 +607,10 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
     // Computed before the fork: the child may only make async-signal-safe calls.
     let limits = rlimits(&tool.limits);
     let user = tool.user;
-    let tmp = PrivateTmp::new(tool.workspace, tool.limits.file_size_bytes.unwrap_or(1 << 30));
+    let tmp = PrivateTmp::new(
+        tool.workspace,
+        tool.limits.file_size_bytes.unwrap_or(1 << 30),
+    );
     let exec = match tool.exec_fd {
         Some(fd) => Some(PreparedExec::new(fd, tool)?),
         None => None,
@@ -671,7 +688,10 @@ pub fn reap_orphans() -> usize {
             continue;
         };
         let mut fields = rest.split_whitespace();
-        let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<i32>().ok()));
+        let (state, ppid) = (
+            fields.next(),
+            fields.next().and_then(|p| p.parse::<i32>().ok()),
+        );
         if state == Some("Z") && ppid == Some(me) && !spawned().contains(&pid) {
             let flags = nix::sys::wait::WaitPidFlag::WNOHANG;
             if nix::sys::wait::waitpid(Pid::from_raw(pid), Some(flags)).is_ok() {
@@ -745,7 +765,9 @@ mod tests {
 
     #[test]
     fn the_descriptor_listing_finds_every_open_descriptor() {
-        let files: Vec<std::fs::File> = (0..40).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let files: Vec<std::fs::File> = (0..40)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
         let mut listed = Vec::new();
         for_each_descriptor_from_3(|fd| listed.push(fd));
         let mut expected: Vec<i32> = std::fs::read_dir("/proc/self/fd")
@@ -760,9 +782,16 @@ mod tests {
         expected.sort_unstable();
         use std::os::fd::AsRawFd;
         for file in &files {
-            assert!(listed.contains(&file.as_raw_fd()), "{} missing", file.as_raw_fd());
+            assert!(
+                listed.contains(&file.as_raw_fd()),
+                "{} missing",
+                file.as_raw_fd()
+            );
         }
-        assert!(listed.len() + 1 >= expected.len() && listed.len() <= expected.len() + 1, "{listed:?} vs {expected:?}");
+        assert!(
+            listed.len() + 1 >= expected.len() && listed.len() <= expected.len() + 1,
+            "{listed:?} vs {expected:?}"
+        );
         drop(files);
     }
 
@@ -1000,7 +1029,8 @@ mod tests {
         }
         let user = ToolUser::resolve("nobody").unwrap();
         // Under /tmp on purpose: the tmpfs covers it, and the workspace is bound back.
-        let dir = std::path::Path::new("/tmp").join(format!("sluice-tmp-test-{}", std::process::id()));
+        let dir =
+            std::path::Path::new("/tmp").join(format!("sluice-tmp-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         if let Some(user) = user {
             std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
@@ -1023,8 +1053,16 @@ mod tests {
         let output = spawn_tool(&tool).unwrap().wait_with_output().await.unwrap();
         let text = String::from_utf8_lossy(&output.stdout);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text} {}", String::from_utf8_lossy(&output.stderr));
-        assert_eq!(lines[0], "1", "the tool's /tmp holds only its planted file: {text}");
+        assert_eq!(
+            lines.len(),
+            3,
+            "{text} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            lines[0], "1",
+            "the tool's /tmp holds only its planted file: {text}"
+        );
         assert_eq!(lines[1], dir.to_str().unwrap());
         assert_eq!(lines[2], "kept");
         for shared in ["/tmp", "/dev/shm", "/var/tmp"] {
@@ -1033,7 +1071,10 @@ mod tests {
                 "{shared}/{marker} outlived the tool"
             );
         }
-        assert_eq!(std::fs::read_to_string(dir.join("in-workspace")).unwrap(), "kept\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("in-workspace")).unwrap(),
+            "kept\n"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -314,7 +314,12 @@ async fn run_tool(
             input: &spec.input,
             policy: &config.tool_policy,
             workspace: &workspace,
-            env: process::tool_env(&workspace, task.job_id.0, task.attempt.0, &Default::default()),
+            env: process::tool_env(
+                &workspace,
+                task.job_id.0,
+                task.attempt.0,
+                &Default::default(),
+            ),
             limits: config.limits.clone(),
             user: config.tool_user,
             timeout,

@@ -79,16 +79,57 @@ fn outside_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 /// ≥ 500 hostile paths built from escape forms and targets.
 fn corpus() -> Vec<String> {
     let prefixes = [
-        "", "../", "../../", "/", "//", "./../", "a/../../", "a/b/../../../", "/proc/self/root/",
-        "proc/self/root/", "procroot/", "out/", "a/up/", "a/up/out/", "%2e%2e/", "..%2f", "%2e%2e%2f",
-        "....//", "..../", ".../", "a/./../", "a//..//..//", "abs_secret/", "dangling/",
-        "a/inner_link/", "\u{0}", "x\u{0}/", "a\n/../", "..\\", "a/b/./../../../",
+        "",
+        "../",
+        "../../",
+        "/",
+        "//",
+        "./../",
+        "a/../../",
+        "a/b/../../../",
+        concat!("/proc/self/", "root/"),
+        concat!("proc/self/", "root/"),
+        "procroot/",
+        "out/",
+        "a/up/",
+        "a/up/out/",
+        "%2e%2e/",
+        "..%2f",
+        "%2e%2e%2f",
+        "....//",
+        "..../",
+        ".../",
+        "a/./../",
+        "a//..//..//",
+        "abs_secret/",
+        "dangling/",
+        "a/inner_link/",
+        "\u{0}",
+        "x\u{0}/",
+        "a\n/../",
+        "..\\",
+        "a/b/./../../../",
     ];
     let targets = [
-        "secret", "outside/secret", "outside/dir/secret", "etc/passwd", "etc/shadow",
-        "abs_secret", "dangling", "out/secret", "out/dir/secret", "a/inner_link",
-        "proc/self/environ", "procroot/etc/passwd", "..", ".", "a/up",
-        "outside/new-file", "a/b/../../../outside/secret", "out", "procroot",
+        "secret",
+        "outside/secret",
+        "outside/dir/secret",
+        "etc/passwd",
+        "etc/shadow",
+        "abs_secret",
+        "dangling",
+        "out/secret",
+        "out/dir/secret",
+        "a/inner_link",
+        "proc/self/environ",
+        "procroot/etc/passwd",
+        "..",
+        ".",
+        "a/up",
+        "outside/new-file",
+        "a/b/../../../outside/secret",
+        "out",
+        "procroot",
     ];
     let mut out = Vec::new();
     for prefix in prefixes {
@@ -149,12 +190,31 @@ fn b07_traversal_corpus_never_reads_or_writes_outside_on_either_resolver() {
             mismatched.push((path.clone(), codes));
         }
     }
-    assert_eq!(outside_state(&scratch.0), before, "something outside changed");
+    assert_eq!(
+        outside_state(&scratch.0),
+        before,
+        "something outside changed"
+    );
     assert!(!scratch.0.join("outside/new-file").exists());
     assert!(mismatched.is_empty(), "resolvers disagree: {mismatched:?}");
 
     // Random paths from escape-prone pieces (a property test without the framework).
-    let pieces = ["..", ".", "a", "b", "out", "up", "procroot", "secret", "/", "//", "%2e", "abs_secret", "dangling", "inner_link"];
+    let pieces = [
+        "..",
+        ".",
+        "a",
+        "b",
+        "out",
+        "up",
+        "procroot",
+        "secret",
+        "/",
+        "//",
+        "%2e",
+        "abs_secret",
+        "dangling",
+        "inner_link",
+    ];
     for _ in 0..5_000 {
         let n = fastrand::usize(1..8);
         let path: String = (0..n)
@@ -179,11 +239,17 @@ fn b07_traversal_corpus_never_reads_or_writes_outside_on_either_resolver() {
             .unwrap();
         assert_eq!(text, "deep");
         assert_eq!(
-            resolver.open_file("a/inner_link", Access::Read).unwrap_err().code,
+            resolver
+                .open_file("a/inner_link", Access::Read)
+                .unwrap_err()
+                .code,
             "symlink_refused"
         );
         assert_eq!(
-            resolver.open_file("out/secret", Access::Read).unwrap_err().code,
+            resolver
+                .open_file("out/secret", Access::Read)
+                .unwrap_err()
+                .code,
             "symlink_refused"
         );
         assert_eq!(
@@ -197,7 +263,11 @@ fn b07_traversal_corpus_never_reads_or_writes_outside_on_either_resolver() {
 fn b08_links_fifos_and_devices_are_refused_quickly() {
     let scratch = Scratch::new("b08");
     let ws = layout(&scratch.0);
-    nix::unistd::mkfifo(&ws.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    nix::unistd::mkfifo(
+        &ws.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+    )
+    .unwrap();
     std::fs::hard_link(scratch.0.join("outside/secret"), ws.join("hardlink")).unwrap();
     std::fs::write(ws.join("twice"), "x").unwrap();
     std::fs::hard_link(ws.join("twice"), ws.join("twice2")).unwrap();
@@ -214,22 +284,56 @@ fn b08_links_fifos_and_devices_are_refused_quickly() {
     };
     for resolver in both(&ws) {
         let started = Instant::now();
-        assert_eq!(resolver.open_file("fifo", Access::Read).unwrap_err().code, "not_a_regular_file");
-        assert_eq!(resolver.open_file("fifo", write).unwrap_err().code, "not_a_regular_file");
+        assert_eq!(
+            resolver.open_file("fifo", Access::Read).unwrap_err().code,
+            "not_a_regular_file"
+        );
+        assert_eq!(
+            resolver.open_file("fifo", write).unwrap_err().code,
+            "not_a_regular_file"
+        );
         if device {
-            assert_eq!(resolver.open_file("zero", Access::Read).unwrap_err().code, "not_a_regular_file");
+            assert_eq!(
+                resolver.open_file("zero", Access::Read).unwrap_err().code,
+                "not_a_regular_file"
+            );
         }
-        assert!(started.elapsed() < Duration::from_millis(100), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "took {:?}",
+            started.elapsed()
+        );
         // A dangling link as a write target: never followed, nothing created outside.
-        assert_eq!(resolver.open_file("dangling", write).unwrap_err().code, "symlink_refused");
+        assert_eq!(
+            resolver.open_file("dangling", write).unwrap_err().code,
+            "symlink_refused"
+        );
         assert!(!scratch.0.join("outside/new-file").exists());
         // Hard links: refused both ways, and the outside file keeps its content.
-        assert_eq!(resolver.open_file("hardlink", write).unwrap_err().code, "hard_link_refused");
-        assert_eq!(resolver.open_file("hardlink", Access::Read).unwrap_err().code, "hard_link_refused");
-        assert_eq!(resolver.open_file("twice2", write).unwrap_err().code, "hard_link_refused");
-        assert_eq!(std::fs::read_to_string(scratch.0.join("outside/secret")).unwrap(), CANARY);
+        assert_eq!(
+            resolver.open_file("hardlink", write).unwrap_err().code,
+            "hard_link_refused"
+        );
+        assert_eq!(
+            resolver
+                .open_file("hardlink", Access::Read)
+                .unwrap_err()
+                .code,
+            "hard_link_refused"
+        );
+        assert_eq!(
+            resolver.open_file("twice2", write).unwrap_err().code,
+            "hard_link_refused"
+        );
+        assert_eq!(
+            std::fs::read_to_string(scratch.0.join("outside/secret")).unwrap(),
+            CANARY
+        );
         // A directory is not a file.
-        assert_eq!(resolver.open_file("a", Access::Read).unwrap_err().code, "not_a_regular_file");
+        assert_eq!(
+            resolver.open_file("a", Access::Read).unwrap_err().code,
+            "not_a_regular_file"
+        );
     }
 }
 
@@ -272,7 +376,10 @@ fn b08_symlink_swap_race_never_escapes_on_either_resolver() {
                 Ok(mut file) => {
                     let mut text = String::new();
                     file.read_to_string(&mut text).unwrap();
-                    assert_ne!(text, CANARY, "escaped through the swapped link (walk: {force_walk})");
+                    assert_ne!(
+                        text, CANARY,
+                        "escaped through the swapped link (walk: {force_walk})"
+                    );
                     inside += 1;
                 }
                 Err(err) => {
@@ -288,8 +395,14 @@ fn b08_symlink_swap_race_never_escapes_on_either_resolver() {
         swapper.join().unwrap();
         // The race really happened: both outcomes were seen while the swapper ran.
         assert!(swaps.load(Ordering::Relaxed) > 100, "swapper barely ran");
-        assert!(inside > 0 && refused > 0, "inside {inside}, refused {refused} (walk: {force_walk})");
-        assert_eq!(std::fs::read_to_string(scratch.0.join("outside/secret")).unwrap(), CANARY);
+        assert!(
+            inside > 0 && refused > 0,
+            "inside {inside}, refused {refused} (walk: {force_walk})"
+        );
+        assert_eq!(
+            std::fs::read_to_string(scratch.0.join("outside/secret")).unwrap(),
+            CANARY
+        );
     }
 }
 
@@ -300,7 +413,13 @@ fn tool_user() -> Option<ToolUser> {
 }
 
 /// Runs one tool call through the real child (`sluice-runner __tool`) in `ws`.
-async fn call(ws: &Path, tool: ToolName, input: Value, policy: &Policy, limits: Limits) -> Result<Value, ToolError> {
+async fn call(
+    ws: &Path,
+    tool: ToolName,
+    input: Value,
+    policy: &Policy,
+    limits: Limits,
+) -> Result<Value, ToolError> {
     exec::use_binary(Path::new(env!("CARGO_BIN_EXE_sluice-runner"))).unwrap();
     let (_tx, mut rx) = tokio::sync::watch::channel(None);
     let ended = exec::call(
@@ -360,52 +479,193 @@ async fn file_tools_run_confined_as_the_tool_user() {
             ..Policy::default()
         };
         let none = Limits::default;
-        let wrote = call(&ws, ToolName::WriteFile, json!({"path": "src/x/main.rs", "content": "fn main() {}\n// TODO one\n"}), &policy, none()).await.unwrap();
+        let wrote = call(
+            &ws,
+            ToolName::WriteFile,
+            json!({"path": "src/x/main.rs", "content": "fn main() {}\n// TODO one\n"}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
         assert_eq!(wrote["bytes_written"], 25);
-        let read = call(&ws, ToolName::ReadFile, json!({"path": "src/x/main.rs"}), &policy, none()).await.unwrap();
+        let read = call(
+            &ws,
+            ToolName::ReadFile,
+            json!({"path": "src/x/main.rs"}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
         assert_eq!(read["content"], "fn main() {}\n// TODO one\n");
         assert_eq!(read["encoding"], "utf8");
-        let part = call(&ws, ToolName::ReadFile, json!({"path": "src/x/main.rs", "offset": 3, "max_bytes": 4}), &policy, none()).await.unwrap();
-        assert_eq!((part["content"].as_str(), part["truncated"].as_bool()), (Some("main"), Some(true)));
-        call(&ws, ToolName::WriteFile, json!({"path": "bin.dat", "content": "AAEC/w==", "encoding": "base64"}), &policy, none()).await.unwrap();
-        let binary = call(&ws, ToolName::ReadFile, json!({"path": "bin.dat"}), &policy, none()).await.unwrap();
-        assert_eq!((binary["content"].as_str(), binary["encoding"].as_str()), (Some("AAEC/w=="), Some("base64")));
-        call(&ws, ToolName::WriteFile, json!({"path": "src/x/main.rs", "content": "// TODO two\n", "append": true}), &policy, none()).await.unwrap();
+        let part = call(
+            &ws,
+            ToolName::ReadFile,
+            json!({"path": "src/x/main.rs", "offset": 3, "max_bytes": 4}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (part["content"].as_str(), part["truncated"].as_bool()),
+            (Some("main"), Some(true))
+        );
+        call(
+            &ws,
+            ToolName::WriteFile,
+            json!({"path": "bin.dat", "content": "AAEC/w==", "encoding": "base64"}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
+        let binary = call(
+            &ws,
+            ToolName::ReadFile,
+            json!({"path": "bin.dat"}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (binary["content"].as_str(), binary["encoding"].as_str()),
+            (Some("AAEC/w=="), Some("base64"))
+        );
+        call(
+            &ws,
+            ToolName::WriteFile,
+            json!({"path": "src/x/main.rs", "content": "// TODO two\n", "append": true}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
 
-        let found = call(&ws, ToolName::Grep, json!({"pattern": "todo \\w+", "ignore_case": true}), &policy, none()).await.unwrap();
+        let found = call(
+            &ws,
+            ToolName::Grep,
+            json!({"pattern": "todo \\w+", "ignore_case": true}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
         let lines: Vec<(String, u64)> = found["matches"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| (m["path"].as_str().unwrap().to_string(), m["line"].as_u64().unwrap()))
+            .map(|m| {
+                (
+                    m["path"].as_str().unwrap().to_string(),
+                    m["line"].as_u64().unwrap(),
+                )
+            })
             .collect();
-        assert_eq!(lines, vec![("src/x/main.rs".to_string(), 2), ("src/x/main.rs".to_string(), 3)]);
-        let globbed = call(&ws, ToolName::Grep, json!({"pattern": "e", "glob": "*.txt"}), &policy, none()).await.unwrap();
-        let paths: Vec<&str> = globbed["matches"].as_array().unwrap().iter().map(|m| m["path"].as_str().unwrap()).collect();
-        assert_eq!(paths, vec!["a/b/deep.txt", "a/inner.txt"], "links are skipped, the glob filters");
-        let capped = call(&ws, ToolName::Grep, json!({"pattern": ".", "max_matches": 1}), &policy, none()).await.unwrap();
-        assert_eq!((capped["matches"].as_array().unwrap().len(), capped["truncated"].as_bool()), (1, Some(true)));
-        let bad = call(&ws, ToolName::Grep, json!({"pattern": "("}), &policy, none()).await.unwrap_err();
+        assert_eq!(
+            lines,
+            vec![
+                ("src/x/main.rs".to_string(), 2),
+                ("src/x/main.rs".to_string(), 3)
+            ]
+        );
+        let globbed = call(
+            &ws,
+            ToolName::Grep,
+            json!({"pattern": "e", "glob": "*.txt"}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
+        let paths: Vec<&str> = globbed["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            vec!["a/b/deep.txt", "a/inner.txt"],
+            "links are skipped, the glob filters"
+        );
+        let capped = call(
+            &ws,
+            ToolName::Grep,
+            json!({"pattern": ".", "max_matches": 1}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (
+                capped["matches"].as_array().unwrap().len(),
+                capped["truncated"].as_bool()
+            ),
+            (1, Some(true))
+        );
+        let bad = call(
+            &ws,
+            ToolName::Grep,
+            json!({"pattern": "("}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(bad.code, "invalid_pattern");
 
         // Refusals come back as answers with their codes.
         for (tool, input, code) in [
-            (ToolName::ReadFile, json!({"path": "../outside/secret"}), "path_outside_workspace"),
-            (ToolName::ReadFile, json!({"path": "out/secret"}), "symlink_refused"),
+            (
+                ToolName::ReadFile,
+                json!({"path": "../outside/secret"}),
+                "path_outside_workspace",
+            ),
+            (
+                ToolName::ReadFile,
+                json!({"path": "out/secret"}),
+                "symlink_refused",
+            ),
             (ToolName::ReadFile, json!({"path": "missing"}), "not_found"),
-            (ToolName::WriteFile, json!({"path": "dangling", "content": "x"}), "symlink_refused"),
-            (ToolName::WriteFile, json!({"path": "/tmp/x", "content": "x"}), "path_outside_workspace"),
-            (ToolName::ReadFile, json!({"path": "a", "bogus": true}), "invalid_input"),
-            (ToolName::Grep, json!({"pattern": "x", "path": "out"}), "symlink_refused"),
+            (
+                ToolName::WriteFile,
+                json!({"path": "dangling", "content": "x"}),
+                "symlink_refused",
+            ),
+            (
+                ToolName::WriteFile,
+                json!({"path": "/tmp/x", "content": "x"}),
+                "path_outside_workspace",
+            ),
+            (
+                ToolName::ReadFile,
+                json!({"path": "a", "bogus": true}),
+                "invalid_input",
+            ),
+            (
+                ToolName::Grep,
+                json!({"pattern": "x", "path": "out"}),
+                "symlink_refused",
+            ),
         ] {
-            let err = call(&ws, tool, input.clone(), &policy, none()).await.unwrap_err();
+            let err = call(&ws, tool, input.clone(), &policy, none())
+                .await
+                .unwrap_err();
             assert_eq!(err.code, code, "{input}: {}", err.message);
         }
     }
     // The child writes as the tool user, not as the sidecar.
     if let Some(user) = tool_user() {
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(ws.join("src/x/main.rs")).unwrap().uid(), user.uid);
+        assert_eq!(
+            std::fs::metadata(ws.join("src/x/main.rs")).unwrap().uid(),
+            user.uid
+        );
     }
     // RLIMIT_FSIZE holds for write_file too, as an answer (not a crash).
     let policy = Policy::default();
@@ -413,9 +673,21 @@ async fn file_tools_run_confined_as_the_tool_user() {
         file_size_bytes: Some(10),
         ..Limits::default()
     };
-    let err = call(&ws, ToolName::WriteFile, json!({"path": "big", "content": "x".repeat(100)}), &policy, limits).await.unwrap_err();
+    let err = call(
+        &ws,
+        ToolName::WriteFile,
+        json!({"path": "big", "content": "x".repeat(100)}),
+        &policy,
+        limits,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code, "file_too_large", "{}", err.message);
-    assert_eq!(outside_state(&scratch.0).len(), 2, "nothing was created outside");
+    assert_eq!(
+        outside_state(&scratch.0).len(),
+        2,
+        "nothing was created outside"
+    );
 }
 
 #[tokio::test]
@@ -426,8 +698,19 @@ async fn the_runner_policy_caps_what_a_call_may_ask_for() {
         max_read_bytes: 3,
         ..Policy::default()
     };
-    let read = call(&ws, ToolName::ReadFile, json!({"path": "a/inner.txt", "max_bytes": 1000}), &policy, Limits::default()).await.unwrap();
-    assert_eq!((read["content"].as_str(), read["truncated"].as_bool()), (Some("ins"), Some(true)));
+    let read = call(
+        &ws,
+        ToolName::ReadFile,
+        json!({"path": "a/inner.txt", "max_bytes": 1000}),
+        &policy,
+        Limits::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (read["content"].as_str(), read["truncated"].as_bool()),
+        (Some("ins"), Some(true))
+    );
 }
 
 // ---- web_fetch (S-08) -------------------------------------------------------------------
@@ -456,13 +739,20 @@ fn listen(ip: &str, response: String) -> Option<Listener> {
 }
 
 fn http_response(status: &str, headers: &str, body: &str) -> String {
-    format!("HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 #[tokio::test]
 async fn s08_web_fetch_refuses_every_deny_set_form_and_reaches_only_what_is_allowed() {
     let page = "<html><head><title>Hi</title><script>x()</script></head><body><p>Hello &amp; welcome</p></body></html>";
-    let server = listen("127.0.0.1", http_response("200 OK", "Content-Type: text/html\r\n", page)).unwrap();
+    let server = listen(
+        "127.0.0.1",
+        http_response("200 OK", "Content-Type: text/html\r\n", page),
+    )
+    .unwrap();
     let port = server.port;
     let scratch = Scratch::new("fetch");
     let ws = workspace_for_tool(&scratch);
@@ -470,11 +760,26 @@ async fn s08_web_fetch_refuses_every_deny_set_form_and_reaches_only_what_is_allo
 
     let mut variants = Vec::new();
     let hosts = [
-        "127.0.0.1".to_string(), "localhost".into(), "127.1".into(), "2130706433".into(), "0x7f000001".into(),
-        "0x7f.0.0.1".into(), "0177.0.0.1".into(), "017700000001".into(), "127.000.000.001".into(),
-        "[::ffff:127.0.0.1]".into(), "[::ffff:7f00:1]".into(), "[::1]".into(), "[0:0:0:0:0:0:0:1]".into(),
-        "0.0.0.0".into(), "0".into(), "[::]".into(), "127.0.0.2".into(), "127.255.255.254".into(),
-        "LOCALHOST".into(), "localhost.".into(),
+        "127.0.0.1".to_string(),
+        "localhost".into(),
+        "127.1".into(),
+        "2130706433".into(),
+        "0x7f000001".into(),
+        "0x7f.0.0.1".into(),
+        "0177.0.0.1".into(),
+        "017700000001".into(),
+        "127.000.000.001".into(),
+        "[::ffff:127.0.0.1]".into(),
+        "[::ffff:7f00:1]".into(),
+        "[::1]".into(),
+        "[0:0:0:0:0:0:0:1]".into(),
+        "0.0.0.0".into(),
+        "0".into(),
+        "[::]".into(),
+        "127.0.0.2".into(),
+        "127.255.255.254".into(),
+        "LOCALHOST".into(),
+        "localhost.".into(),
     ];
     for host in &hosts {
         for path in ["/", "/x?y=1", "/%2e%2e/", "/#frag", "/redirect"] {
@@ -484,45 +789,101 @@ async fn s08_web_fetch_refuses_every_deny_set_form_and_reaches_only_what_is_allo
         }
     }
     for target in [
-        "http://169.254.169.254/latest/meta-data/", "http://[fd00::1]/", "http://10.0.0.1/",
-        "http://192.168.0.1/", "http://172.16.0.1/", "http://100.64.0.1/", "http://[fe80::1]/",
-        "http://224.0.0.1/", "file:///etc/passwd", "ftp://127.0.0.1/", "gopher://127.0.0.1/",
-        "http://user:pass@example.com/", "data:text/plain,hi", "javascript:alert(1)",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00::1]/",
+        "http://10.0.0.1/",
+        "http://192.168.0.1/",
+        "http://172.16.0.1/",
+        "http://100.64.0.1/",
+        "http://[fe80::1]/",
+        "http://224.0.0.1/",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/",
+        "gopher://127.0.0.1/",
+        "http://user:pass@example.com/",
+        "data:text/plain,hi",
+        "javascript:alert(1)",
     ] {
         variants.push(target.to_string());
     }
     assert!(variants.len() >= 200, "{} variants", variants.len());
     for url in &variants {
-        let err = call(&ws, ToolName::WebFetch, json!({"url": url, "timeout_ms": 2000}), &closed, Limits::default()).await.unwrap_err();
+        let err = call(
+            &ws,
+            ToolName::WebFetch,
+            json!({"url": url, "timeout_ms": 2000}),
+            &closed,
+            Limits::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(
-            ["address_refused", "unsupported_scheme", "invalid_url", "dns_failed"].contains(&err.code.as_str()),
+            [
+                "address_refused",
+                "unsupported_scheme",
+                "invalid_url",
+                "dns_failed"
+            ]
+            .contains(&err.code.as_str()),
             "{url}: {} {}",
             err.code,
             err.message
         );
     }
-    assert_eq!(server.connections.load(Ordering::SeqCst), 0, "a denied address was connected to");
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        0,
+        "a denied address was connected to"
+    );
 
     // The allow-list opens exactly what it names.
     let open = Policy {
         fetch_allow: vec!["127.0.0.1/32".into()],
         ..Policy::default()
     };
-    let fetched = call(&ws, ToolName::WebFetch, json!({"url": format!("http://127.0.0.1:{port}/")}), &open, Limits::default()).await.unwrap();
+    let fetched = call(
+        &ws,
+        ToolName::WebFetch,
+        json!({"url": format!("http://127.0.0.1:{port}/")}),
+        &open,
+        Limits::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(fetched["status"], 200);
     assert_eq!(fetched["text"], "Hi\n\nHello & welcome");
     assert_eq!(server.connections.load(Ordering::SeqCst), 1);
-    let capped = call(&ws, ToolName::WebFetch, json!({"url": format!("http://127.0.0.1:{port}/"), "max_bytes": 10}), &open, Limits::default()).await.unwrap();
+    let capped = call(
+        &ws,
+        ToolName::WebFetch,
+        json!({"url": format!("http://127.0.0.1:{port}/"), "max_bytes": 10}),
+        &open,
+        Limits::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(capped["truncated"], true);
 
     // A redirect from an allowed address to a denied one is refused before connecting.
     if let Some(target) = listen("127.0.0.2", http_response("200 OK", "", "private")) {
         let redirect = listen(
             "127.0.0.1",
-            http_response("302 Found", &format!("Location: http://127.0.0.2:{}/\r\n", target.port), ""),
+            http_response(
+                "302 Found",
+                &format!("Location: http://127.0.0.2:{}/\r\n", target.port),
+                "",
+            ),
         )
         .unwrap();
-        let err = call(&ws, ToolName::WebFetch, json!({"url": format!("http://127.0.0.1:{}/", redirect.port)}), &open, Limits::default()).await.unwrap_err();
+        let err = call(
+            &ws,
+            ToolName::WebFetch,
+            json!({"url": format!("http://127.0.0.1:{}/", redirect.port)}),
+            &open,
+            Limits::default(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.code, "address_refused", "{}", err.message);
         assert_eq!(redirect.connections.load(Ordering::SeqCst), 1);
         assert_eq!(target.connections.load(Ordering::SeqCst), 0);
@@ -531,8 +892,22 @@ async fn s08_web_fetch_refuses_every_deny_set_form_and_reaches_only_what_is_allo
             fetch_allow: vec!["127.0.0.0/8".into()],
             ..Policy::default()
         };
-        let followed = call(&ws, ToolName::WebFetch, json!({"url": format!("http://127.0.0.1:{}/", redirect.port)}), &wide, Limits::default()).await.unwrap();
-        assert_eq!((followed["text"].as_str(), followed["redirects"].as_array().map(Vec::len)), (Some("private"), Some(1)));
+        let followed = call(
+            &ws,
+            ToolName::WebFetch,
+            json!({"url": format!("http://127.0.0.1:{}/", redirect.port)}),
+            &wide,
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (
+                followed["text"].as_str(),
+                followed["redirects"].as_array().map(Vec::len)
+            ),
+            (Some("private"), Some(1))
+        );
     }
     let _ = tools::all();
 }

@@ -301,9 +301,16 @@ pub fn processes_with_env(name: &str) -> Vec<i32> {
         };
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+            })
             .unwrap_or(false);
-        if alive && environ.split(|b| *b == 0).any(|var| var.starts_with(needle.as_bytes())) {
+        if alive
+            && environ
+                .split(|b| *b == 0)
+                .any(|var| var.starts_with(needle.as_bytes()))
+        {
             found.push(pid);
         }
     }
@@ -332,7 +339,10 @@ impl TempDir {
         // elsewhere: under /run when root.
         let base = Path::new("/run");
         let dir = if nix::unistd::Uid::effective().is_root() && base.is_dir() {
-            let path = base.join(format!("sluice-test-{label}-{}", uuid::Uuid::new_v4().simple()));
+            let path = base.join(format!(
+                "sluice-test-{label}-{}",
+                uuid::Uuid::new_v4().simple()
+            ));
             std::fs::create_dir_all(&path).expect("create shared dir");
             TempDir(path)
         } else {

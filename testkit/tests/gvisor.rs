@@ -18,7 +18,9 @@ fn runsc() -> Option<&'static str> {
 #[tokio::test]
 async fn the_sidecar_runs_tools_confined_inside_gvisor() {
     let Some(runsc) = runsc() else {
-        eprintln!("skipped: runsc (gVisor) is not installed; `apt-get install -y runsc` (.ci/run does)");
+        eprintln!(
+            "skipped: runsc (gVisor) is not installed; `apt-get install -y runsc` (.ci/run does)"
+        );
         return;
     };
     let db = TestDb::new().await;
@@ -38,13 +40,31 @@ async fn the_sidecar_runs_tools_confined_inside_gvisor() {
     let cases: Vec<(Value, &str)> = vec![
         (bash("uname -r; id -u; echo hi > f && cat f"), "succeeded"),
         // rlimits hold inside the sandbox.
-        (json!({"kind": "bash", "script": "ulimit -n", "limits": {"open_files": 77}}), "succeeded"),
+        (
+            json!({"kind": "bash", "script": "ulimit -n", "limits": {"open_files": 77}}),
+            "succeeded",
+        ),
         // A fork bomb stops at RLIMIT_NPROC (the tool runs as nobody) and the runner lives on.
-        (json!({"kind": "bash", "script": "bomb() { bomb | bomb & }; bomb; sleep 2; echo survived", "timeout_ms": 8000, "limits": {"processes": 64}}), "any"),
-        (json!({"kind": "tool", "tool": "write_file", "input": {"path": "d/x.txt", "content": "gvisor"}}), "succeeded"),
-        (json!({"kind": "tool", "tool": "read_file", "input": {"path": "../../etc/passwd"}}), "failed"),
-        (json!({"kind": "tool", "tool": "grep", "input": {"pattern": "x"}}), "succeeded"),
-        (json!({"kind": "tool", "tool": "web_fetch", "input": {"url": "http://127.0.0.1:1/"}}), "failed"),
+        (
+            json!({"kind": "bash", "script": "bomb() { bomb | bomb & }; bomb; sleep 2; echo survived", "timeout_ms": 8000, "limits": {"processes": 64}}),
+            "any",
+        ),
+        (
+            json!({"kind": "tool", "tool": "write_file", "input": {"path": "d/x.txt", "content": "gvisor"}}),
+            "succeeded",
+        ),
+        (
+            json!({"kind": "tool", "tool": "read_file", "input": {"path": "../../etc/passwd"}}),
+            "failed",
+        ),
+        (
+            json!({"kind": "tool", "tool": "grep", "input": {"pattern": "x"}}),
+            "succeeded",
+        ),
+        (
+            json!({"kind": "tool", "tool": "web_fetch", "input": {"url": "http://127.0.0.1:1/"}}),
+            "failed",
+        ),
         (bash("echo after the bomb"), "succeeded"),
     ];
     let mut ids = Vec::new();
@@ -59,12 +79,22 @@ async fn the_sidecar_runs_tools_confined_inside_gvisor() {
         }
         jobs.push(job);
     }
-    let first = jobs[0]["result"]["stdout_tail"].as_str().unwrap_or_default();
+    let first = jobs[0]["result"]["stdout_tail"]
+        .as_str()
+        .unwrap_or_default();
     let lines: Vec<&str> = first.lines().collect();
     // gVisor reports its own kernel version, not the host's.
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    assert_ne!(lines.first().copied(), Some(host.trim()), "not inside gVisor: {first}");
-    assert_eq!(lines.get(1).copied(), Some("65534"), "the tool is not nobody: {first}");
+    assert_ne!(
+        lines.first().copied(),
+        Some(host.trim()),
+        "not inside gVisor: {first}"
+    );
+    assert_eq!(
+        lines.get(1).copied(),
+        Some("65534"),
+        "the tool is not nobody: {first}"
+    );
     assert_eq!(lines.get(2).copied(), Some("hi"));
     assert_eq!(jobs[1]["result"]["stdout_tail"], "77\n");
     assert_eq!(jobs[3]["result"]["bytes_written"], 6);

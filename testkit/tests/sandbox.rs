@@ -10,7 +10,10 @@ use sluice_testkit::{wait_until, Api, Runner, Scheduler, TestDb, Timings};
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn enqueue_batch(api: &Api, specs: Vec<Value>) -> Vec<i64> {
-    let jobs: Vec<Value> = specs.into_iter().map(|spec| json!({ "spec": spec })).collect();
+    let jobs: Vec<Value> = specs
+        .into_iter()
+        .map(|spec| json!({ "spec": spec }))
+        .collect();
     let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
     assert_eq!(status, 201, "{body}");
     body["jobs"]
@@ -44,16 +47,56 @@ async fn tool_jobs_run_every_tool_and_report_refusals_as_non_retryable_failures(
     let _runner = Runner::start(&scheduler, "tools", 2, &[]).await;
 
     let cases = [
-        (json!({"tool": "bash", "input": {"command": "echo hi from bash"}}), "succeeded", None),
-        (json!({"tool": "write_file", "input": {"path": "a/b.txt", "content": "hello"}}), "succeeded", None),
-        (json!({"tool": "grep", "input": {"pattern": "x"}}), "succeeded", None),
-        (json!({"tool": "read_file", "input": {"path": "missing.txt"}}), "failed", Some("not_found")),
-        (json!({"tool": "read_file", "input": {"path": "../../etc/passwd"}}), "failed", Some("path_outside_workspace")),
-        (json!({"tool": "read_file", "input": {"path": "/etc/passwd"}}), "failed", Some("path_outside_workspace")),
-        (json!({"tool": "write_file", "input": {"path": "x"}}), "failed", Some("invalid_input")),
-        (json!({"tool": "web_fetch", "input": {"url": "http://127.0.0.1:1/"}}), "failed", Some("address_refused")),
-        (json!({"tool": "web_fetch", "input": {"url": "http://169.254.169.254/latest/meta-data/"}}), "failed", Some("address_refused")),
-        (json!({"tool": "web_fetch", "input": {"url": "file:///etc/passwd"}}), "failed", Some("unsupported_scheme")),
+        (
+            json!({"tool": "bash", "input": {"command": "echo hi from bash"}}),
+            "succeeded",
+            None,
+        ),
+        (
+            json!({"tool": "write_file", "input": {"path": "a/b.txt", "content": "hello"}}),
+            "succeeded",
+            None,
+        ),
+        (
+            json!({"tool": "grep", "input": {"pattern": "x"}}),
+            "succeeded",
+            None,
+        ),
+        (
+            json!({"tool": "read_file", "input": {"path": "missing.txt"}}),
+            "failed",
+            Some("not_found"),
+        ),
+        (
+            json!({"tool": "read_file", "input": {"path": "../../etc/passwd"}}),
+            "failed",
+            Some("path_outside_workspace"),
+        ),
+        (
+            json!({"tool": "read_file", "input": {"path": "/etc/passwd"}}),
+            "failed",
+            Some("path_outside_workspace"),
+        ),
+        (
+            json!({"tool": "write_file", "input": {"path": "x"}}),
+            "failed",
+            Some("invalid_input"),
+        ),
+        (
+            json!({"tool": "web_fetch", "input": {"url": "http://127.0.0.1:1/"}}),
+            "failed",
+            Some("address_refused"),
+        ),
+        (
+            json!({"tool": "web_fetch", "input": {"url": "http://169.254.169.254/latest/meta-data/"}}),
+            "failed",
+            Some("address_refused"),
+        ),
+        (
+            json!({"tool": "web_fetch", "input": {"url": "file:///etc/passwd"}}),
+            "failed",
+            Some("unsupported_scheme"),
+        ),
     ];
     let specs = cases
         .iter()
@@ -80,7 +123,10 @@ async fn tool_jobs_run_every_tool_and_report_refusals_as_non_retryable_failures(
 
     // An unknown tool is refused at enqueue.
     let (status, body) = api
-        .post("/api/jobs", &json!({"spec": {"kind": "tool", "tool": "rm_rf", "input": {}}}))
+        .post(
+            "/api/jobs",
+            &json!({"spec": {"kind": "tool", "tool": "rm_rf", "input": {}}}),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
 }
@@ -120,14 +166,22 @@ async fn s09_plant_and_snoop_pairs_on_one_warm_runner_find_no_residue() {
     for (index, id) in ids.iter().enumerate() {
         let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
         assert_eq!(job["state"], "succeeded", "{job}");
-        let out = job["result"]["stdout_tail"].as_str().unwrap_or_default().to_string();
+        let out = job["result"]["stdout_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if index % 2 == 0 {
             assert_eq!(out, "planted\n", "the plant must have worked: {job}");
         } else if !out.is_empty() {
             residue.push(out);
         }
     }
-    assert!(residue.is_empty(), "{} snoops found residue: {:?}", residue.len(), &residue[..residue.len().min(3)]);
+    assert!(
+        residue.is_empty(),
+        "{} snoops found residue: {:?}",
+        residue.len(),
+        &residue[..residue.len().min(3)]
+    );
     // And on the host: nothing planted is left in the shared directories, no process runs.
     for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
         let planted: Vec<_> = std::fs::read_dir(dir)
@@ -137,7 +191,13 @@ async fn s09_plant_and_snoop_pairs_on_one_warm_runner_find_no_residue() {
             .collect();
         assert!(planted.is_empty(), "{dir} holds {planted:?}");
     }
-    assert!(std::fs::read_dir(runner.workdir.path()).unwrap().next().is_none(), "a workspace was left");
+    assert!(
+        std::fs::read_dir(runner.workdir.path())
+            .unwrap()
+            .next()
+            .is_none(),
+        "a workspace was left"
+    );
     assert!(sluice_testkit::processes_with_env("S09PLANT").is_empty());
 }
 
@@ -150,7 +210,9 @@ fn children_of(pid: u32) -> Vec<u32> {
 }
 
 fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// B-13: the sidecar as PID 1 (`unshare -pf`): tools that background, `setsid`, double-fork
@@ -176,8 +238,15 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
     })
     .await;
     let status = std::fs::read_to_string(format!("/proc/{sidecar}/status")).unwrap();
-    let ns_pid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or_default().to_string();
-    assert!(ns_pid.trim_end().ends_with("\t1"), "the sidecar is not PID 1 of its namespace: {ns_pid}");
+    let ns_pid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ns_pid.trim_end().ends_with("\t1"),
+        "the sidecar is not PID 1 of its namespace: {ns_pid}"
+    );
 
     let orphans = "sleep 301 & setsid sleep 301 & nohup sleep 301 >/dev/null 2>&1 & \
         (sh -c 'sleep 301 &' &) ; disown -a; echo done";
@@ -224,11 +293,15 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
         .unwrap()
         .flatten()
         .filter(|e| {
-            std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| c == "sleep\u{0}301\u{0}")
+            std::fs::read_to_string(e.path().join("cmdline"))
+                .is_ok_and(|c| c == "sleep\u{0}301\u{0}")
         })
         .count();
     assert_eq!(sleepers, 0, "orphaned sleepers survived their tasks");
     // A few descriptors of slack for the HTTP client's pooled connections.
     let after = fd_count(sidecar);
-    assert!(after <= baseline + 2, "descriptors grew from {baseline} to {after} over {tasks} tasks");
+    assert!(
+        after <= baseline + 2,
+        "descriptors grew from {baseline} to {after} over {tasks} tasks"
+    );
 }

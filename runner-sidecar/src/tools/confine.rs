@@ -70,7 +70,10 @@ pub mod code {
 pub enum Access {
     Read,
     /// Create or truncate (or append), creating missing parent directories when asked.
-    Write { append: bool, create_dirs: bool },
+    Write {
+        append: bool,
+        create_dirs: bool,
+    },
 }
 
 /// 0 = not probed yet, 1 = the kernel has openat2, 2 = it does not.
@@ -242,7 +245,10 @@ fn beneath() -> ResolveFlag {
 /// dropped, so `""` and `"."` name the workspace itself.
 pub fn components(path: &str) -> Result<Vec<&str>, FsError> {
     if path.contains('\0') {
-        return Err(FsError::new(code::INVALID_PATH, "the path contains a NUL byte"));
+        return Err(FsError::new(
+            code::INVALID_PATH,
+            "the path contains a NUL byte",
+        ));
     }
     if path.len() > PATH_MAX {
         return Err(FsError::new(
@@ -358,9 +364,15 @@ fn walk_error(dir: BorrowedFd<'_>, components: &[&str], errno: Errno) -> FsError
 pub fn errno_error(errno: Errno, path: &str) -> FsError {
     let (code, what) = match errno {
         Errno::ENOENT => (code::NOT_FOUND, "does not exist"),
-        Errno::ENOTDIR => (code::NOT_DIRECTORY, "has a component that is not a directory"),
+        Errno::ENOTDIR => (
+            code::NOT_DIRECTORY,
+            "has a component that is not a directory",
+        ),
         Errno::EISDIR => (code::NOT_REGULAR, "is a directory"),
-        Errno::ELOOP => (code::SYMLINK, "is a symbolic link; file tools do not follow links"),
+        Errno::ELOOP => (
+            code::SYMLINK,
+            "is a symbolic link; file tools do not follow links",
+        ),
         Errno::EXDEV => (code::OUTSIDE, "resolves outside the workspace"),
         Errno::EACCES | Errno::EPERM => (code::PERMISSION, "is not accessible"),
         Errno::ENXIO | Errno::ENODEV => (code::NOT_REGULAR, "is not a regular file"),

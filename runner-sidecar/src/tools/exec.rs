@@ -57,9 +57,14 @@ pub fn child_main() -> ExitCode {
     }
     let mut raw = Vec::new();
     let answer = match std::io::stdin().take(MAX_REQUEST).read_to_end(&mut raw) {
-        Err(err) => ChildAnswer::Error(ToolError::new("invalid_input", format!("reading the call: {err}"))),
+        Err(err) => ChildAnswer::Error(ToolError::new(
+            "invalid_input",
+            format!("reading the call: {err}"),
+        )),
         Ok(_) => match serde_json::from_slice::<ChildRequest>(&raw) {
-            Err(err) => ChildAnswer::Error(ToolError::new("invalid_input", format!("the call: {err}"))),
+            Err(err) => {
+                ChildAnswer::Error(ToolError::new("invalid_input", format!("the call: {err}")))
+            }
             Ok(request) => match super::run_here(request.tool, &request.input, &request.policy) {
                 Ok(output) => ChildAnswer::Output(output),
                 Err(err) => ChildAnswer::Error(err),
@@ -67,9 +72,8 @@ pub fn child_main() -> ExitCode {
         },
     };
     let mut stdout = std::io::stdout().lock();
-    let written = serde_json::to_writer(&mut stdout, &answer).and_then(|()| {
-        stdout.flush().map_err(serde_json::Error::io)
-    });
+    let written = serde_json::to_writer(&mut stdout, &answer)
+        .and_then(|()| stdout.flush().map_err(serde_json::Error::io));
     match written {
         Ok(()) => ExitCode::SUCCESS,
         Err(_) => ExitCode::FAILURE,
@@ -134,7 +138,10 @@ pub async fn call(call: Call<'_>, stop: &mut watch::Receiver<Option<StopReason>>
         policy: call.policy.clone(),
     };
     let Ok(request) = serde_json::to_vec(&request) else {
-        return Ended::Answered(Err(ToolError::new("invalid_input", "the input cannot be encoded")));
+        return Ended::Answered(Err(ToolError::new(
+            "invalid_input",
+            "the input cannot be encoded",
+        )));
     };
     let Some((file, program)) = binary() else {
         return Ended::Answered(Err(ToolError::new(
@@ -224,10 +231,20 @@ pub async fn call(call: Call<'_>, stop: &mut watch::Receiver<Option<StopReason>>
                 Err(e) => format!("could not be waited for: {e}"),
             };
             let stderr = String::from_utf8_lossy(&err);
-            let tail: String = stderr.chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = stderr
+                .chars()
+                .rev()
+                .take(500)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             Ended::Answered(Err(ToolError::new(
                 "tool_crashed",
-                format!("the confined tool {how} without an answer (resource limits?): {}", tail.trim()),
+                format!(
+                    "the confined tool {how} without an answer (resource limits?): {}",
+                    tail.trim()
+                ),
             )))
         }
     }

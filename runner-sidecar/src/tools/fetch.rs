@@ -61,11 +61,15 @@ impl Network {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -177,7 +181,10 @@ async fn addresses(url: &url::Url, allow: &[Network]) -> Result<Vec<SocketAddr>,
     for ip in &ips {
         check(*ip, allow)?;
     }
-    Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect())
+    Ok(ips
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect())
 }
 
 fn parse_url(text: &str) -> Result<url::Url, ToolError> {
@@ -192,7 +199,10 @@ fn parse_url(text: &str) -> Result<url::Url, ToolError> {
         }
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(ToolError::new("invalid_url", "URLs with credentials are refused"));
+        return Err(ToolError::new(
+            "invalid_url",
+            "URLs with credentials are refused",
+        ));
     }
     Ok(url)
 }
@@ -285,7 +295,11 @@ pub async fn fetch(input: &WebFetchInput, policy: &Policy) -> Result<Value, Tool
 
 /// Connects to the first reachable checked address — never to anything resolved later — and
 /// makes one HTTP/1.1 GET over it (TLS with the host's name for https).
-async fn get(url: &url::Url, addrs: &[SocketAddr], max_bytes: usize) -> Result<Response, ToolError> {
+async fn get(
+    url: &url::Url,
+    addrs: &[SocketAddr],
+    max_bytes: usize,
+) -> Result<Response, ToolError> {
     let mut last_err = None;
     let mut stream = None;
     for addr in addrs {
@@ -299,7 +313,11 @@ async fn get(url: &url::Url, addrs: &[SocketAddr], max_bytes: usize) -> Result<R
     }
     let Some(tcp) = stream else {
         let why = last_err.map(|e| e.to_string()).unwrap_or_default();
-        return Err(ToolError::new("connect_failed", format!("cannot connect to the host: {why}")).retryable());
+        return Err(ToolError::new(
+            "connect_failed",
+            format!("cannot connect to the host: {why}"),
+        )
+        .retryable());
     };
     let host = url.host_str().unwrap_or_default();
     let host_header = match url.port() {
@@ -310,7 +328,10 @@ async fn get(url: &url::Url, addrs: &[SocketAddr], max_bytes: usize) -> Result<R
     let request = hyper::Request::get(if target.is_empty() { "/" } else { target })
         .header(hyper::header::HOST, host_header)
         .header(hyper::header::USER_AGENT, USER_AGENT)
-        .header(hyper::header::ACCEPT, "text/html,text/plain,application/json,*/*;q=0.5")
+        .header(
+            hyper::header::ACCEPT,
+            "text/html,text/plain,application/json,*/*;q=0.5",
+        )
         .header(hyper::header::ACCEPT_ENCODING, "identity")
         .header(hyper::header::CONNECTION, "close")
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())
@@ -326,7 +347,9 @@ async fn get(url: &url::Url, addrs: &[SocketAddr], max_bytes: usize) -> Result<R
         let tls = tokio_rustls::TlsConnector::from(tls_config()?)
             .connect(name, tcp)
             .await
-            .map_err(|e| ToolError::new("tls_failed", format!("TLS handshake failed: {e}")).retryable())?;
+            .map_err(|e| {
+                ToolError::new("tls_failed", format!("TLS handshake failed: {e}")).retryable()
+            })?;
         exchange(hyper_util::rt::TokioIo::new(tls), request, max_bytes).await
     } else {
         exchange(hyper_util::rt::TokioIo::new(tcp), request, max_bytes).await
@@ -401,16 +424,42 @@ mod tests {
     #[test]
     fn the_deny_set_covers_every_form() {
         for text in [
-            "127.0.0.1", "127.1.2.3", "0.0.0.0", "0.1.2.3", "10.1.1.1", "172.16.0.1",
-            "172.31.255.255", "192.168.1.1", "169.254.169.254", "100.64.0.1", "224.0.0.1",
-            "255.255.255.255", "::1", "::", "::ffff:127.0.0.1", "::ffff:8.8.8.8", "::127.0.0.1",
-            "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "64:ff9b::7f00:1", "2002:7f00:1::",
-            "2002:c0a8:101::1", "192.0.2.1",
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.1.1.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:8.8.8.8",
+            "::127.0.0.1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
+            "2002:c0a8:101::1",
+            "192.0.2.1",
         ] {
             let ip: IpAddr = text.parse().unwrap();
             assert!(denied(ip).is_some(), "{text} must be denied");
         }
-        for text in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "2606:4700::1111", "2002:808:808::1"] {
+        for text in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "2002:808:808::1",
+        ] {
             let ip: IpAddr = text.parse().unwrap();
             assert!(denied(ip).is_none(), "{text} must be allowed");
         }
@@ -418,19 +467,30 @@ mod tests {
 
     #[test]
     fn the_allow_list_opens_only_what_it_names() {
-        let allow = [Network::parse("127.0.0.1/32").unwrap(), Network::parse("fd00::/8").unwrap()];
+        let allow = [
+            Network::parse("127.0.0.1/32").unwrap(),
+            Network::parse("fd00::/8").unwrap(),
+        ];
         assert!(check("127.0.0.1".parse().unwrap(), &allow).is_ok());
         assert!(check("127.0.0.2".parse().unwrap(), &allow).is_err());
         assert!(check("fd00::5".parse().unwrap(), &allow).is_ok());
         assert!(check("::ffff:127.0.0.1".parse().unwrap(), &allow).is_err());
         assert!(Network::parse("10.0.0.0/33").is_err());
         assert!(Network::parse("nonsense").is_err());
-        assert!(Network::parse("0.0.0.0/0").unwrap().contains("9.9.9.9".parse().unwrap()));
+        assert!(Network::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("9.9.9.9".parse().unwrap()));
     }
 
     #[test]
     fn url_forms_of_loopback_parse_to_loopback() {
-        for text in ["http://2130706433/", "http://0x7f.1/", "http://0177.0.0.1/", "http://[::ffff:7f00:1]/", "http://127.1/"] {
+        for text in [
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://0177.0.0.1/",
+            "http://[::ffff:7f00:1]/",
+            "http://127.1/",
+        ] {
             let url = parse_url(text).unwrap();
             let ip = match url.host() {
                 Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
@@ -439,9 +499,18 @@ mod tests {
             };
             assert!(denied(ip).is_some(), "{text}");
         }
-        assert_eq!(parse_url("file:///etc/passwd").unwrap_err().code, "unsupported_scheme");
-        assert_eq!(parse_url("gopher://x/").unwrap_err().code, "unsupported_scheme");
-        assert_eq!(parse_url("http://u:p@example.com/").unwrap_err().code, "invalid_url");
+        assert_eq!(
+            parse_url("file:///etc/passwd").unwrap_err().code,
+            "unsupported_scheme"
+        );
+        assert_eq!(
+            parse_url("gopher://x/").unwrap_err().code,
+            "unsupported_scheme"
+        );
+        assert_eq!(
+            parse_url("http://u:p@example.com/").unwrap_err().code,
+            "invalid_url"
+        );
         assert_eq!(parse_url("not a url").unwrap_err().code, "invalid_url");
     }
 }

@@ -84,7 +84,8 @@ pub fn write_file(workspace: &Workspace, input: &WriteFileInput) -> Result<Value
             create_dirs: input.create_dirs,
         },
     )?;
-    file.write_all(&bytes).map_err(|e| io_error(e, &input.path))?;
+    file.write_all(&bytes)
+        .map_err(|e| io_error(e, &input.path))?;
     file.flush().map_err(|e| io_error(e, &input.path))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     Ok(json!({
@@ -158,7 +159,11 @@ pub fn grep(workspace: &Workspace, input: &GrepInput, policy: &Policy) -> Result
             .into())
         }
         _ => {
-            return Err(FsError::new(code::NOT_REGULAR, format!("{root:?} is not a file or directory")).into())
+            return Err(FsError::new(
+                code::NOT_REGULAR,
+                format!("{root:?} is not a file or directory"),
+            )
+            .into())
         }
     }
     Ok(json!({
@@ -208,7 +213,8 @@ impl Search {
             .collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, kind) in names {
-            if self.full() || (self.files_searched + self.files_skipped) as usize >= GREP_MAX_FILES {
+            if self.full() || (self.files_searched + self.files_skipped) as usize >= GREP_MAX_FILES
+            {
                 self.truncated = true;
                 return;
             }
@@ -287,7 +293,8 @@ impl Search {
 fn is_regular(fd: &OwnedFd) -> bool {
     fstat(fd.as_fd())
         .map(|s| {
-            SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG && s.st_nlink == 1
+            SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+                && s.st_nlink == 1
         })
         .unwrap_or(false)
 }

@@ -70,7 +70,9 @@ fn expand(pattern: &str) -> Result<Vec<String>, String> {
         for expanded in expand(&format!("{head}{middle}{tail}"))? {
             out.push(expanded);
             if out.len() > MAX_ALTERNATIVES {
-                return Err(format!("the glob expands to more than {MAX_ALTERNATIVES} alternatives"));
+                return Err(format!(
+                    "the glob expands to more than {MAX_ALTERNATIVES} alternatives"
+                ));
             }
         }
     }

@@ -3,8 +3,30 @@
 //! whitespace collapsed. A linear scan; no DOM.
 
 const BLOCKS: [&str; 24] = [
-    "p", "div", "br", "li", "ul", "ol", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6",
-    "section", "article", "header", "footer", "pre", "blockquote", "hr", "title", "dt", "dd",
+    "p",
+    "div",
+    "br",
+    "li",
+    "ul",
+    "ol",
+    "tr",
+    "table",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "pre",
+    "blockquote",
+    "hr",
+    "title",
+    "dt",
+    "dd",
 ];
 const SKIPPED: [&str; 5] = ["script", "style", "noscript", "template", "svg"];
 

@@ -280,7 +280,10 @@ impl Default for Policy {
 
 /// Parses a call's input for `tool`, so a bad input fails before anything is spawned.
 pub fn check_input(tool: ToolName, input: &Value) -> Result<(), ToolError> {
-    fn parse<T: serde::de::DeserializeOwned>(tool: ToolName, input: &Value) -> Result<(), ToolError> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        tool: ToolName,
+        input: &Value,
+    ) -> Result<(), ToolError> {
         T::deserialize(input)
             .map(|_| ())
             .map_err(|e| ToolError::invalid_input(tool, e))
@@ -335,7 +338,9 @@ mod tests {
         assert_eq!(defs.len(), 5);
         for def in defs {
             assert_eq!(def.input_schema["type"], "object", "{:?}", def.name);
-            assert!(def.input_schema["required"].as_array().is_some_and(|r| !r.is_empty()));
+            assert!(def.input_schema["required"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty()));
             assert!(!def.description.is_empty());
         }
     }
