@@ -294,6 +294,15 @@ pub fn bin(name: &str) -> PathBuf {
 /// Live (not zombie) processes whose environment sets `name`.
 pub fn processes_with_env(name: &str) -> Vec<i32> {
     let needle = format!("{name}=");
+    live_processes_where(|environ| {
+        environ
+            .split(|b| *b == 0)
+            .any(|var| var.starts_with(needle.as_bytes()))
+    })
+}
+
+/// Live (not zombie) processes whose raw environment (`NAME=value\0…`) passes `keep`.
+pub fn live_processes_where(mut keep: impl FnMut(&[u8]) -> bool) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -306,11 +315,7 @@ pub fn processes_with_env(name: &str) -> Vec<i32> {
                     .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
             })
             .unwrap_or(false);
-        if alive
-            && environ
-                .split(|b| *b == 0)
-                .any(|var| var.starts_with(needle.as_bytes()))
-        {
+        if alive && keep(&environ) {
             found.push(pid);
         }
     }

@@ -8,31 +8,13 @@ use serde_json::json;
 use sluice_testkit::{wait_until, Runner, Scheduler, TestDb, Timings};
 use uuid::Uuid;
 
+/// Live processes whose environment holds every one of `needles` (`NAME=value`) exactly.
 fn processes_with_all(needles: &[String]) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(false);
-        let matches = needles.iter().all(|n| {
-            let mut with_nul = n.as_bytes().to_vec();
-            with_nul.push(0);
-            environ
-                .windows(with_nul.len())
-                .any(|w| w == with_nul.as_slice())
-        });
-        if alive && matches {
-            found.push(pid);
-        }
-    }
-    found
+    sluice_testkit::live_processes_where(|environ| {
+        needles
+            .iter()
+            .all(|n| environ.split(|b| *b == 0).any(|var| var == n.as_bytes()))
+    })
 }
 
 async fn running_attempt(db: &TestDb, id: i64) -> Option<(i32, String)> {
