@@ -405,17 +405,27 @@ pub struct CancelOrder {
 }
 
 /// `POST /internal/runners/:pod/claim`: a long poll for up to `max` tasks.
+///
+/// `complete` may carry the completions of attempts that just ended, so that a runner whose
+/// slots free up reports and refills them in one request and one commit. A claim that carries
+/// completions never waits: it answers at once with what it could lease (the runner claims
+/// again, without completions, to wait).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimRequest {
     pub max: u32,
     #[serde(default)]
     pub wait_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub complete: Vec<TaskCompletion>,
 }
 
-/// The tasks leased to the runner; empty when the wait ran out.
+/// The tasks leased to the runner (empty when the wait ran out), and the result of each
+/// completion the request carried, in the request's order.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClaimResponse {
     pub tasks: Vec<Task>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completed: Vec<CompletionResult>,
 }
 
 /// One leased attempt of a job.
@@ -522,6 +532,65 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompleteResponse {
     pub state: JobState,
+}
+
+/// One attempt's completion inside a batch: a [`CompleteRequest`] that names its job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskCompletion {
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub output: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+    #[serde(default = "default_true")]
+    pub retryable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_seq: Option<i64>,
+}
+
+impl TaskCompletion {
+    /// The batch form of one task's completion.
+    pub fn new(job_id: JobId, request: CompleteRequest) -> TaskCompletion {
+        TaskCompletion {
+            job_id,
+            attempt: request.attempt,
+            lease_token: request.lease_token,
+            outcome: request.outcome,
+            output: request.output,
+            error: request.error,
+            retryable: request.retryable,
+            final_seq: request.final_seq,
+        }
+    }
+}
+
+/// What became of one completion of a batch: the job's state after it (applied now, or a
+/// repeat of one applied before), or an error — `lease_lost` when the attempt no longer held
+/// its lease, exactly where the single-task endpoint answers 409.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionResult {
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// `POST /internal/runners/:pod/complete`: many completions in one request and one commit,
+/// each idempotent and fenced like the single-task endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteManyRequest {
+    pub completions: Vec<TaskCompletion>,
+}
+
+/// One result per completion, in the request's order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteManyResponse {
+    pub completed: Vec<CompletionResult>,
 }
 
 /// The body of every error response: `{"error":{"code","message"}}`.

@@ -65,6 +65,7 @@ impl Server {
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
             capped_queues: capped_queues.clone(),
+            runner_tokens: Arc::default(),
         };
         let mut tasks = JoinSet::new();
         tasks.spawn(wake::listen(

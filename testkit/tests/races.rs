@@ -33,6 +33,20 @@ async fn enqueue_and_claim(db: &TestDb, runner: RunnerId, count: usize) -> Vec<j
     claimed
 }
 
+/// A registered runner: claims lease only to runners that are not gone.
+async fn register_runner(db: &TestDb) -> RunnerId {
+    let params = sluice::store::runners::RegisterParams {
+        pod_name: &format!("races-{}", Uuid::new_v4()),
+        labels: json!({}),
+        slots: 1,
+        version: "",
+    };
+    sluice::store::runners::register(&db.pool, params)
+        .await
+        .unwrap()
+        .0
+}
+
 async fn expire_all_leases(db: &TestDb) {
     sqlx::query(
         "UPDATE sluice.job_attempts SET lease_expires_at = now() - interval '1 second' WHERE outcome IS NULL",
@@ -45,7 +59,7 @@ async fn expire_all_leases(db: &TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_racing_the_reaper_never_change_a_terminal_state() {
     let db = TestDb::new().await;
-    let runner = RunnerId(Uuid::new_v4());
+    let runner = register_runner(&db).await;
     // 20 rounds of 500: RELIABILITY.md's 10,000 interleavings (F-16).
     let rounds: u64 = std::env::var("SLUICE_RACE_ROUNDS")
         .ok()
@@ -163,7 +177,7 @@ async fn completions_racing_the_reaper_never_change_a_terminal_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_reapers_reclaim_each_expired_lease_exactly_once() {
     let db = TestDb::new().await;
-    let runner = RunnerId(Uuid::new_v4());
+    let runner = register_runner(&db).await;
     enqueue_and_claim(&db, runner, 1000).await;
     expire_all_leases(&db).await;
     let mut reapers = Vec::new();

@@ -11,9 +11,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 use sluice_protocol::{
-    CancelOrder, ClaimRequest, ClaimResponse, CompleteRequest, CompleteResponse, HeartbeatRequest,
-    HeartbeatResponse, JobId, RegisterRequest, RegisterResponse, StreamRequest, StreamResponse,
-    Task,
+    CancelOrder, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
+    CompleteRequest, CompleteResponse, CompletionResult, ErrorDetail, HeartbeatRequest,
+    HeartbeatResponse, JobId, RegisterRequest, RegisterResponse, RunnerId, StreamRequest,
+    StreamResponse, Task, TaskCompletion,
 };
 use tokio::time::Instant;
 
@@ -25,6 +26,8 @@ use crate::Error;
 
 /// Most tasks one claim may take.
 pub const MAX_CLAIM: u32 = 1000;
+/// Most completions one request may carry.
+pub const MAX_COMPLETIONS: usize = 1000;
 /// Most events one stream POST may carry.
 pub const MAX_EVENTS_PER_POST: usize = 10_000;
 
@@ -34,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/internal/runners/register", post(register))
         .route("/internal/runners/{pod}/heartbeat", post(heartbeat))
         .route("/internal/runners/{pod}/claim", post(claim))
+        .route("/internal/runners/{pod}/complete", post(complete_many))
         .route("/internal/tasks/{id}/stream", post(stream))
         .route("/internal/tasks/{id}/complete", post(complete))
         .route(
@@ -46,7 +50,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The runner behind a request's bearer token.
+/// The runner behind a request's bearer token (a lookup of the last two seconds may serve:
+/// see [`runners::TokenCache`]).
 pub struct Runner(pub RunnerIdentity);
 
 impl FromRequestParts<AppState> for Runner {
@@ -55,10 +60,29 @@ impl FromRequestParts<AppState> for Runner {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
         let token =
             bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
-        let runner = runners::get_by_token(&state.pool, token)
+        let runner = state
+            .runner_tokens
+            .get(&state.pool, token)
             .await?
             .ok_or(Error::Unauthorized("unknown or revoked runner token"))?;
         Ok(Runner(runner))
+    }
+}
+
+/// The runner behind a request's bearer token, always looked up: for heartbeats, which must
+/// tell a replaced runner at once.
+pub struct LiveRunner(pub RunnerIdentity);
+
+impl FromRequestParts<AppState> for LiveRunner {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let token =
+            bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
+        let runner = runners::get_by_token(&state.pool, token)
+            .await?
+            .ok_or(Error::Unauthorized("unknown or revoked runner token"))?;
+        Ok(LiveRunner(runner))
     }
 }
 
@@ -108,6 +132,7 @@ async fn register(
         },
     )
     .await?;
+    state.runner_tokens.forget_pod(&request.pod_name);
     tracing::info!(%runner_id, pod = %request.pod_name, slots = request.slots, "runner registered");
     let timings = state.config.timings;
     Ok((
@@ -123,7 +148,7 @@ async fn register(
 
 async fn heartbeat(
     State(state): State<AppState>,
-    Runner(runner): Runner,
+    LiveRunner(runner): LiveRunner,
     Path(pod): Path<String>,
     JsonBody(request): JsonBody<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
@@ -169,22 +194,46 @@ async fn claim(
     if request.max == 0 || request.max > MAX_CLAIM {
         return Err(Error::invalid("max", format!("must be between 1 and {MAX_CLAIM}")).into());
     }
+    check_completions(&request.complete)?;
     let config = &state.config;
-    let deadline =
-        Instant::now() + Duration::from_millis(request.wait_ms).min(config.max_claim_wait);
+    // A claim that carries completions answers at once: their results must not wait.
+    let wait = if request.complete.is_empty() {
+        Duration::from_millis(request.wait_ms).min(config.max_claim_wait)
+    } else {
+        Duration::ZERO
+    };
+    let deadline = Instant::now() + wait;
     let mut wake = state.wake.subscribe();
     let mut shutdown = state.shutdown.clone();
+    let mut completions = Some(&request.complete);
+    let mut completed = Vec::new();
     loop {
         // Mark the current wake-up as seen before looking, so a job inserted between the
         // claim and the wait still wakes us.
         wake.borrow_and_update();
-        let mut claimed = jobs::claim_available(
-            &state.pool,
-            runner.id,
-            request.max as i32,
-            config.timings.lease,
-        )
-        .await?;
+        let mut claimed = match completions.take().filter(|c| !c.is_empty()) {
+            Some(items) => {
+                let (results, claimed) = jobs::complete_and_claim(
+                    &state.pool,
+                    runner.id,
+                    &completions_of(runner.id, items),
+                    request.max as i32,
+                    config.timings.lease,
+                )
+                .await?;
+                completed = completion_results(runner.id, items, results)?;
+                claimed
+            }
+            None => {
+                jobs::claim_available(
+                    &state.pool,
+                    runner.id,
+                    request.max as i32,
+                    config.timings.lease,
+                )
+                .await?
+            }
+        };
         let room = request.max as usize - claimed.len();
         if room > 0
             && state
@@ -209,7 +258,7 @@ async fn claim(
                     timeout_ms: job.timeout_ms.map(|ms| ms as u64),
                 })
                 .collect();
-            return Ok(Json(ClaimResponse { tasks }));
+            return Ok(Json(ClaimResponse { tasks, completed }));
         }
         let poll = (now + config.claim_poll_interval).min(deadline);
         tokio::select! {
@@ -278,4 +327,97 @@ async fn complete(
     .await?;
     tracing::info!(job_id = %job, attempt = %request.attempt, runner_id = %runner.id, state = %state_after, "attempt completed");
     Ok(Json(CompleteResponse { state: state_after }))
+}
+
+/// Many completions in one request and one commit (the runner's batch of attempts that ended
+/// while its claim was waiting).
+async fn complete_many(
+    State(state): State<AppState>,
+    Runner(runner): Runner,
+    Path(pod): Path<String>,
+    JsonBody(request): JsonBody<CompleteManyRequest>,
+) -> ApiResult<Json<CompleteManyResponse>> {
+    check_pod(&runner, &pod)?;
+    check_completions(&request.completions)?;
+    let results = jobs::complete_many_if_leased(
+        &state.pool,
+        runner.id,
+        &completions_of(runner.id, &request.completions),
+    )
+    .await?;
+    let completed = completion_results(runner.id, &request.completions, results)?;
+    Ok(Json(CompleteManyResponse { completed }))
+}
+
+/// A batch of completions names each job once, and not too many.
+fn check_completions(items: &[TaskCompletion]) -> Result<(), Error> {
+    if items.len() > MAX_COMPLETIONS {
+        return Err(Error::invalid(
+            "completions",
+            format!("at most {MAX_COMPLETIONS} per request"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    if let Some(twice) = items.iter().find(|c| !seen.insert(c.job_id)) {
+        return Err(Error::invalid(
+            "completions",
+            format!("job {} appears more than once", twice.job_id),
+        ));
+    }
+    Ok(())
+}
+
+fn completions_of(runner: RunnerId, items: &[TaskCompletion]) -> Vec<jobs::Completion<'_>> {
+    items
+        .iter()
+        .map(|c| jobs::Completion {
+            runner,
+            job: c.job_id,
+            attempt: c.attempt,
+            lease_token: c.lease_token,
+            outcome: c.outcome,
+            output: &c.output,
+            error: c
+                .error
+                .as_ref()
+                .map(|e| serde_json::to_value(e).unwrap_or_default()),
+            retryable: c.retryable,
+            final_seq: c.final_seq,
+            retry_backoff: retry_backoff(c.attempt.0),
+        })
+        .collect()
+}
+
+/// The per-completion answers; a lost lease is an answer, any other error fails the request.
+fn completion_results(
+    runner: RunnerId,
+    items: &[TaskCompletion],
+    results: Vec<crate::Result<sluice_protocol::JobState>>,
+) -> Result<Vec<CompletionResult>, Error> {
+    items
+        .iter()
+        .zip(results)
+        .map(|(item, result)| {
+            let (state, error) = match result {
+                Ok(state) => {
+                    tracing::debug!(job_id = %item.job_id, attempt = %item.attempt, runner_id = %runner, state = %state, "attempt completed");
+                    (Some(state), None)
+                }
+                Err(Error::LeaseLost) => (
+                    None,
+                    Some(ErrorDetail {
+                        code: sluice_protocol::error_code::LEASE_LOST.into(),
+                        message: "the attempt no longer holds its lease".into(),
+                    }),
+                ),
+                Err(other) => return Err(other),
+            };
+            Ok(CompletionResult {
+                job_id: item.job_id,
+                attempt: item.attempt,
+                state,
+                error,
+            })
+        })
+        .collect()
 }

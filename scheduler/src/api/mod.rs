@@ -39,6 +39,8 @@ pub struct AppState {
     /// it is false, claims skip the capped (serialised) path. A stale `false` only delays
     /// capped queues' jobs by a tick: the fast path never takes them.
     pub capped_queues: Arc<std::sync::atomic::AtomicBool>,
+    /// Runner tokens recently looked up, so that the hot task calls skip a round trip.
+    pub runner_tokens: Arc<crate::store::runners::TokenCache>,
 }
 
 /// The HTTP face of [`Error`].

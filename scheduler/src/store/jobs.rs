@@ -174,8 +174,9 @@ macro_rules! claimed_sql {
                  lease_token = gen_random_uuid(),
                  runner_id = $1,
                  started_at = now()
-             FROM picked
-             WHERE j.id = picked.id
+             -- By primary key: a join with the CTE would let the planner hash the whole
+             -- table for a large claim.
+             WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
              RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
                        j.priority, j.run_at
          ), attempts AS (
@@ -183,16 +184,23 @@ macro_rules! claimed_sql {
                  (job_id, attempt, runner_id, lease_token, lease_expires_at)
              SELECT id, attempt, $1, lease_token, now() + $3 * interval '1 millisecond'
              FROM claimed
-         )
+         )"
+    };
+}
+
+/// The result of a claim alone: the leased jobs in claim order.
+macro_rules! claimed_select {
+    () => {
+        "
          SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
          ORDER BY priority, run_at, id"
     };
 }
 
-macro_rules! claim_sql {
+/// The `picked` CTE of the uncapped claim (opened by the caller). Binds: $2 max.
+macro_rules! picked_sql {
     () => {
-        concat!(
-            "WITH picked AS (
+        "
              SELECT id FROM sluice.jobs j
              WHERE state = 'available' AND run_at <= now()
                -- The list is computed once (an InitPlan); queue_open keeps the planner
@@ -200,11 +208,92 @@ macro_rules! claim_sql {
                AND sluice.queue_open(j.queue, ARRAY(
                    SELECT name FROM sluice.queues WHERE paused OR max_running IS NOT NULL
                ))
+               -- A runner marked gone (replaced by a new registration) leases nothing,
+               -- even while a scheduler still has its token cached.
+               AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1 AND r.state <> 'gone')
              ORDER BY priority, run_at, id
              LIMIT $2
              FOR UPDATE SKIP LOCKED
-         ",
-            claimed_sql!()
+         "
+    };
+}
+
+macro_rules! claim_sql {
+    () => {
+        concat!(
+            "WITH picked AS (",
+            picked_sql!(),
+            claimed_sql!(),
+            claimed_select!()
+        )
+    };
+}
+
+/// The completion CTEs, `input` to `recorded`: apply each completion whose attempt still
+/// holds its lease. Binds: $1 runner, $4.. $12 the completions' columns as arrays. The
+/// caller's statement continues with `, <next CTE>` or its final `SELECT`.
+macro_rules! completion_ctes {
+    () => {
+        "WITH input AS (
+             SELECT * FROM unnest($4::bigint[], $5::int[], $6::uuid[], $7::text[],
+                                  $8::jsonb[], $9::jsonb[], $10::bool[], $11::bigint[],
+                                  $12::bigint[])
+                 AS i(job_id, attempt, lease_token, outcome, output, error,
+                      retryable, backoff_ms, final_seq)
+         ), target AS (
+             SELECT j.id, j.attempt, i.outcome, i.output, i.error, i.backoff_ms, i.final_seq,
+                    CASE WHEN i.outcome = 'succeeded' THEN 'succeeded'
+                         WHEN i.retryable AND j.attempt < j.max_attempts THEN 'scheduled'
+                         ELSE 'failed' END AS next_state
+             FROM input i JOIN sluice.jobs j ON j.id = i.job_id
+             WHERE j.attempt = i.attempt AND j.lease_token = i.lease_token
+               AND j.runner_id = $1 AND j.state = 'running'
+             FOR UPDATE OF j
+         ), done AS (
+             UPDATE sluice.jobs j
+             SET state = t.next_state::sluice.job_state,
+                 result = t.output,
+                 error = t.error,
+                 run_at = CASE WHEN t.next_state = 'scheduled'
+                               THEN now() + t.backoff_ms * interval '1 millisecond'
+                               ELSE j.run_at END,
+                 finished_at = CASE WHEN t.next_state = 'scheduled' THEN NULL ELSE now() END
+             FROM target t
+             WHERE j.id = t.id
+             RETURNING j.id, j.attempt, j.state, t.outcome, t.error, t.final_seq
+         ), recorded AS (
+             UPDATE sluice.job_attempts a
+             SET outcome = done.outcome, finished_at = now(), error = done.error,
+                 final_seq = done.final_seq
+             FROM done
+             WHERE a.job_id = done.id AND a.attempt = done.attempt
+         )"
+    };
+}
+
+/// Completions and a claim in one statement, so one commit (and one round trip) serves a
+/// runner that reports finished attempts and refills their slots. The snapshot is shared:
+/// the completions only touch `running` rows and the claim only `available` ones. Rows come
+/// back as `(done, …)`: the applied completions first, then the leased jobs in claim order.
+macro_rules! complete_and_claim_sql {
+    () => {
+        concat!(
+            completion_ctes!(),
+            ", picked AS (",
+            picked_sql!(),
+            claimed_sql!(),
+            "
+         SELECT done, id, attempt, lease_token, queue, spec, timeout_ms, state FROM (
+             SELECT true AS done, id, attempt, NULL::uuid AS lease_token, NULL::text AS queue,
+                    NULL::jsonb AS spec, NULL::bigint AS timeout_ms, state::text AS state,
+                    NULL::int AS priority, NULL::timestamptz AS run_at
+             FROM done
+             UNION ALL
+             SELECT false, id, attempt, lease_token, queue, spec, timeout_ms, NULL,
+                    priority, run_at
+             FROM claimed
+         ) r
+         ORDER BY done DESC, priority, run_at, id"
         )
     };
 }
@@ -279,6 +368,7 @@ pub async fn claim_capped(
              SELECT j.id, j.queue, j.priority, j.run_at
              FROM sluice.jobs j JOIN caps c ON c.name = j.queue
              WHERE j.state = 'available' AND j.run_at <= now() AND c.free > 0
+               AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1 AND r.state <> 'gone')
              ORDER BY j.priority, j.run_at, j.id
              LIMIT $2
              FOR UPDATE OF j SKIP LOCKED
@@ -292,7 +382,8 @@ pub async fn claim_capped(
              JOIN caps ON caps.name = ranked.queue
              WHERE ranked.n <= caps.free
          ",
-        claimed_sql!()
+        claimed_sql!(),
+        claimed_select!()
     ))
     .bind(runner.0)
     .bind(max)
@@ -412,119 +503,138 @@ fn outcome_name(outcome: Outcome) -> &'static str {
 /// job's current state without writing, so runners can retry the POST. Anything else is
 /// [`Error::LeaseLost`].
 pub async fn complete_if_leased(pool: &PgPool, completion: Completion<'_>) -> Result<JobState> {
-    let outcome = outcome_name(completion.outcome);
-    let row: Option<(String,)> = sqlx::query_as(
-        "WITH target AS (
-             SELECT id, attempt,
-                    CASE WHEN $5 = 'succeeded' THEN 'succeeded'
-                         WHEN $8 AND attempt < max_attempts THEN 'scheduled'
-                         ELSE 'failed' END AS next_state
-             FROM sluice.jobs
-             WHERE id = $1 AND attempt = $2 AND lease_token = $3 AND runner_id = $4
-               AND state = 'running'
-             FOR UPDATE
-         ), done AS (
-             UPDATE sluice.jobs j
-             SET state = t.next_state::sluice.job_state,
-                 result = $6,
-                 error = $7,
-                 run_at = CASE WHEN t.next_state = 'scheduled'
-                               THEN now() + $9 * interval '1 millisecond' ELSE j.run_at END,
-                 finished_at = CASE WHEN t.next_state = 'scheduled' THEN NULL ELSE now() END
-             FROM target t
-             WHERE j.id = t.id
-             RETURNING j.id, j.attempt, j.state
-         ), recorded AS (
-             UPDATE sluice.job_attempts a
-             SET outcome = $5, finished_at = now(), error = $7, final_seq = $10
-             FROM done
-             WHERE a.job_id = done.id AND a.attempt = done.attempt
-         )
-         SELECT state::text FROM done",
-    )
-    .bind(completion.job.0)
-    .bind(completion.attempt.0)
-    .bind(completion.lease_token.0)
-    .bind(completion.runner.0)
-    .bind(outcome)
-    .bind(completion.output)
-    .bind(&completion.error)
-    .bind(completion.retryable)
-    .bind(completion.retry_backoff.as_millis() as i64)
-    .bind(completion.final_seq)
-    .fetch_optional(pool)
-    .await?;
-    if let Some((state,)) = row {
-        return parse_state(&state);
-    }
-
-    // Not applied: either a repeat of the completion that was, or a stale attempt.
-    let replay: Option<(Option<String>, String)> = sqlx::query_as(
-        "SELECT a.outcome, j.state::text
-         FROM sluice.job_attempts a JOIN sluice.jobs j ON j.id = a.job_id
-         WHERE a.job_id = $1 AND a.attempt = $2 AND a.lease_token = $3 AND a.runner_id = $4",
-    )
-    .bind(completion.job.0)
-    .bind(completion.attempt.0)
-    .bind(completion.lease_token.0)
-    .bind(completion.runner.0)
-    .fetch_optional(pool)
-    .await?;
-    match replay {
-        Some((Some(recorded), state)) if recorded == outcome => parse_state(&state),
-        _ => Err(Error::LeaseLost),
-    }
+    complete_many_if_leased(pool, completion.runner, std::slice::from_ref(&completion))
+        .await?
+        .remove(0)
 }
 
-/// One successful attempt in a [`complete_many_succeeded_if_leased`] batch.
-#[derive(Debug, Clone)]
-pub struct Success<'a> {
-    pub job: JobId,
-    pub attempt: Attempt,
-    pub lease_token: LeaseToken,
-    pub output: &'a Value,
-}
-
-/// Marks many attempts `succeeded` in one statement, each only if it still holds its lease
-/// (the same guard as [`complete_if_leased`]). Returns the jobs that were completed; the rest
-/// lost their lease (or were already completed). The fast path for runners with many short
-/// tasks in flight and for the queue benchmark.
-pub async fn complete_many_succeeded_if_leased(
+/// [`complete_if_leased`] for many attempts of one runner in one statement (one commit on
+/// an autocommit connection): one result per completion, in order. The caller makes sure no
+/// job appears twice.
+pub async fn complete_many_if_leased(
     pool: &PgPool,
     runner: RunnerId,
-    successes: &[Success<'_>],
-) -> Result<Vec<JobId>> {
-    let ids: Vec<i64> = successes.iter().map(|s| s.job.0).collect();
-    let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.0).collect();
-    let tokens: Vec<Uuid> = successes.iter().map(|s| s.lease_token.0).collect();
-    let outputs: Vec<&Value> = successes.iter().map(|s| s.output).collect();
-    let rows: Vec<(i64,)> = sqlx::query_as(
-        "WITH input AS (
-             SELECT * FROM unnest($2::bigint[], $3::int[], $4::uuid[], $5::jsonb[])
-                 AS i(job_id, attempt, lease_token, output)
-         ), done AS (
-             UPDATE sluice.jobs j
-             SET state = 'succeeded', result = i.output, error = NULL, finished_at = now()
-             FROM input i
-             WHERE j.id = i.job_id AND j.attempt = i.attempt AND j.lease_token = i.lease_token
-               AND j.runner_id = $1 AND j.state = 'running'
-             RETURNING j.id, j.attempt
-         ), recorded AS (
-             UPDATE sluice.job_attempts a
-             SET outcome = 'succeeded', finished_at = now()
-             FROM done
-             WHERE a.job_id = done.id AND a.attempt = done.attempt AND a.outcome IS NULL
-         )
-         SELECT id FROM done",
+    completions: &[Completion<'_>],
+) -> Result<Vec<Result<JobState>>> {
+    Ok(
+        complete_and_claim(pool, runner, completions, 0, Duration::ZERO)
+            .await?
+            .0,
     )
-    .bind(runner.0)
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&tokens)
-    .bind(&outputs)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|(id,)| JobId(id)).collect())
+}
+
+/// Applies `completions` (as [`complete_if_leased`]) and leases up to `max` more jobs (as
+/// [`claim_available`]) in one statement: a runner refilling the slots it just freed pays one
+/// round trip and one commit for both. With `max` 0 it only completes.
+pub async fn complete_and_claim(
+    pool: &PgPool,
+    runner: RunnerId,
+    completions: &[Completion<'_>],
+    max: i32,
+    lease: Duration,
+) -> Result<(Vec<Result<JobState>>, Vec<ClaimedJob>)> {
+    if completions.is_empty() {
+        let claimed = if max > 0 {
+            claim_available(pool, runner, max, lease).await?
+        } else {
+            Vec::new()
+        };
+        return Ok((Vec::new(), claimed));
+    }
+    let ids: Vec<i64> = completions.iter().map(|c| c.job.0).collect();
+    let attempts: Vec<i32> = completions.iter().map(|c| c.attempt.0).collect();
+    let tokens: Vec<Uuid> = completions.iter().map(|c| c.lease_token.0).collect();
+    let outcomes: Vec<&str> = completions
+        .iter()
+        .map(|c| outcome_name(c.outcome))
+        .collect();
+    let outputs: Vec<&Value> = completions.iter().map(|c| c.output).collect();
+    let errors: Vec<Option<&Value>> = completions.iter().map(|c| c.error.as_ref()).collect();
+    let retryable: Vec<bool> = completions.iter().map(|c| c.retryable).collect();
+    let backoffs: Vec<i64> = completions
+        .iter()
+        .map(|c| c.retry_backoff.as_millis() as i64)
+        .collect();
+    let final_seqs: Vec<Option<i64>> = completions.iter().map(|c| c.final_seq).collect();
+    type Row = (
+        bool,
+        i64,
+        i32,
+        Option<Uuid>,
+        Option<String>,
+        Option<Value>,
+        Option<i64>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(complete_and_claim_sql!())
+        .bind(runner.0)
+        .bind(max)
+        .bind(lease.as_millis() as i64)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&tokens)
+        .bind(&outcomes)
+        .bind(&outputs)
+        .bind(&errors)
+        .bind(&retryable)
+        .bind(&backoffs)
+        .bind(&final_seqs)
+        .fetch_all(pool)
+        .await?;
+    let mut states: HashMap<i64, JobState> = HashMap::with_capacity(completions.len());
+    let mut claimed = Vec::new();
+    for (done, id, attempt, token, queue, spec, timeout_ms, state) in rows {
+        if done {
+            states.insert(id, parse_state(state.as_deref().unwrap_or_default())?);
+        } else {
+            claimed.push(claimed_job((
+                id,
+                attempt,
+                token.unwrap_or_default(),
+                queue.unwrap_or_default(),
+                spec.unwrap_or_default(),
+                timeout_ms,
+            )));
+        }
+    }
+    let missed: Vec<&Completion> = completions
+        .iter()
+        .filter(|c| !states.contains_key(&c.job.0))
+        .collect();
+    // Not applied: either repeats of completions that were, or stale attempts.
+    let mut replays: HashMap<i64, (Option<String>, String)> = HashMap::new();
+    if !missed.is_empty() {
+        let rows: Vec<(i64, Option<String>, String)> = sqlx::query_as(
+            "SELECT a.job_id, a.outcome, j.state::text
+             FROM unnest($2::bigint[], $3::int[], $4::uuid[]) AS i(job_id, attempt, lease_token)
+             JOIN sluice.job_attempts a
+               ON a.job_id = i.job_id AND a.attempt = i.attempt
+              AND a.lease_token = i.lease_token AND a.runner_id = $1
+             JOIN sluice.jobs j ON j.id = a.job_id",
+        )
+        .bind(runner.0)
+        .bind(missed.iter().map(|c| c.job.0).collect::<Vec<_>>())
+        .bind(missed.iter().map(|c| c.attempt.0).collect::<Vec<_>>())
+        .bind(missed.iter().map(|c| c.lease_token.0).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
+        replays.extend(rows.into_iter().map(|(id, o, s)| (id, (o, s))));
+    }
+    let completed = completions
+        .iter()
+        .map(|c| {
+            if let Some(state) = states.get(&c.job.0) {
+                return Ok(*state);
+            }
+            match replays.get(&c.job.0) {
+                Some((Some(recorded), state)) if recorded == outcome_name(c.outcome) => {
+                    parse_state(state)
+                }
+                _ => Err(Error::LeaseLost),
+            }
+        })
+        .collect();
+    Ok((completed, claimed))
 }
 
 /// What one maintenance pass changed.

@@ -1,6 +1,10 @@
 //! Runner registration and identity. Tokens are stored as SHA-256 hashes; the plain token
 //! exists only in the register response and the runner's memory.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sluice_protocol::RunnerId;
@@ -67,14 +71,76 @@ pub async fn register(pool: &PgPool, params: RegisterParams<'_>) -> Result<(Runn
 
 /// The live runner holding `token`, if any.
 pub async fn get_by_token(pool: &PgPool, token: &str) -> Result<Option<RunnerIdentity>> {
+    get_by_hash(pool, &token_hash(token)).await
+}
+
+async fn get_by_hash(pool: &PgPool, hash: &[u8]) -> Result<Option<RunnerIdentity>> {
     let row: Option<(Uuid, String)> = sqlx::query_as(
         "SELECT id, pod_name FROM sluice.runners WHERE token_hash = $1 AND state <> 'gone'",
     )
-    .bind(token_hash(token))
+    .bind(hash)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|(id, pod_name)| RunnerIdentity {
         id: RunnerId(id),
         pod_name,
     }))
+}
+
+/// How long a token lookup is reused.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(2);
+/// Most tokens remembered; past it, expired entries are dropped first, then everything.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// Recent successful token lookups, by token hash (the token itself is never kept).
+///
+/// Only calls whose every write is fenced anyway use it: claims (the claim statement checks
+/// that the runner is not `gone`), event streams and completions (guarded by the lease).
+/// Heartbeats always look the token up, so a replaced runner hears 401 within one
+/// heartbeat; a refused or unknown token is never cached.
+#[derive(Default)]
+pub struct TokenCache {
+    entries: Mutex<HashMap<Vec<u8>, (RunnerIdentity, Instant)>>,
+}
+
+impl TokenCache {
+    /// The live runner holding `token`, from the cache when looked up less than
+    /// [`TOKEN_CACHE_TTL`] ago.
+    pub async fn get(&self, pool: &PgPool, token: &str) -> Result<Option<RunnerIdentity>> {
+        let hash = token_hash(token);
+        let now = Instant::now();
+        if let Some((runner, at)) = self.entries.lock().expect("lock").get(&hash) {
+            if now.duration_since(*at) < TOKEN_CACHE_TTL {
+                return Ok(Some(runner.clone()));
+            }
+        }
+        let found = get_by_hash(pool, &hash).await?;
+        let mut entries = self.entries.lock().expect("lock");
+        match &found {
+            Some(runner) => {
+                if entries.len() >= TOKEN_CACHE_MAX {
+                    entries.retain(|_, (_, at)| now.duration_since(*at) < TOKEN_CACHE_TTL);
+                    if entries.len() >= TOKEN_CACHE_MAX {
+                        entries.clear();
+                    }
+                }
+                entries.insert(hash, (runner.clone(), now));
+            }
+            None => {
+                entries.remove(&hash);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Forgets the cached tokens of `pod_name`'s instances: called when the pod registers
+    /// anew, so that this scheduler refuses the old instance's token at once (another
+    /// replica may serve it from its cache for up to [`TOKEN_CACHE_TTL`], where every write
+    /// it allows is still fenced by the lease).
+    pub fn forget_pod(&self, pod_name: &str) {
+        self.entries
+            .lock()
+            .expect("lock")
+            .retain(|_, (runner, _)| runner.pod_name != pod_name);
+    }
 }
