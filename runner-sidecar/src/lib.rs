@@ -10,12 +10,14 @@
 //! - [`task`] — one task: dispatch on the spec's kind, event batching, completion.
 //! - [`process`] — forking tools (session, death signal, no-new-privs, rlimits, clean env)
 //!   and killing their process groups.
+//! - [`outbox`] — completions on their way, carried by claims or sent in batches.
 //! - [`output`] — the per-attempt output cap and the tails kept for results.
 //! - [`tools`] — the five tools' definitions, path confinement, the file tools, `web_fetch`,
 //!   and the confined child that runs them.
 
 pub mod client;
 pub mod config;
+pub mod outbox;
 pub mod output;
 pub mod process;
 pub mod runner;

@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_protocol::{
-    ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef,
-    RegisterRequest, RegisterResponse, RunnerId,
+    ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef, RegisterRequest,
+    RegisterResponse, RunnerId,
 };
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{Backoff, CallError, Client};
 use crate::config::{Config, Secret};
+use crate::outbox::{self, Outbox};
 use crate::task::{self, StopReason, TaskContext};
 use crate::Result;
 
@@ -27,6 +28,15 @@ struct Running {
 }
 
 type RunningTasks = Arc<Mutex<HashMap<JobId, Running>>>;
+
+/// The claim request, borrowing the completions it carries (`ClaimRequest` on the wire).
+#[derive(serde::Serialize)]
+struct ClaimBody<'a> {
+    max: u32,
+    wait_ms: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    complete: Vec<&'a sluice_protocol::TaskCompletion>,
+}
 
 /// One registration of this sidecar.
 struct Session {
@@ -99,11 +109,26 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             session_end.clone(),
         ));
         let slots = Arc::new(Semaphore::new(config.slots as usize));
+        let outbox = Arc::new(Outbox::default());
+        let flusher = tokio::spawn({
+            let outbox = outbox.clone();
+            let client = client.clone();
+            let path = format!("/internal/runners/{}/complete", config.pod_name);
+            let token = session.token.clone();
+            let hard_stop = hard_stop.clone();
+            let session_end = session_end.clone();
+            async move {
+                outbox
+                    .flusher(client, path, token, hard_stop, session_end)
+                    .await
+            }
+        });
         let ctx = TaskContext {
             config: config.clone(),
             client: client.clone(),
             token: session.token.clone(),
             hard_stop: hard_stop.clone(),
+            outbox: outbox.clone(),
         };
 
         loop {
@@ -111,26 +136,34 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 break;
             }
             if *drain_rx.borrow() {
+                outbox.release_carrier();
                 tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = lost_rx.changed() => {}
                 }
                 continue;
             }
-            // Wait for a free slot, then take every free one.
+            // Wait for a free slot, then take every free one. A task frees its slot right
+            // after queueing its completion, so the claim for that slot carries it.
+            outbox.await_carrier();
             let first = tokio::select! {
                 permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 _ = shutdown.changed() => continue,
                 _ = lost_rx.changed() => continue,
                 _ = drain_rx.changed() => continue,
             };
+            // Let tasks that are finishing this instant free their slots too, so one claim
+            // carries their completions and refills them all.
+            tokio::task::yield_now().await;
             let mut permits = vec![first];
             while let Ok(permit) = slots.clone().try_acquire_owned() {
                 permits.push(permit);
             }
-            let request = ClaimRequest {
+            let carried = outbox.carry(outbox::MAX_BATCH);
+            let request = ClaimBody {
                 max: permits.len() as u32,
                 wait_ms: config.claim_wait.as_millis() as u64,
+                complete: carried.iter().map(|p| &p.completion).collect(),
             };
             let claim_path = format!("/internal/runners/{}/claim", config.pod_name);
             let claim = client.post::<_, ClaimResponse>(
@@ -140,14 +173,22 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 config.claim_wait + Duration::from_secs(10),
             );
             let answer = tokio::select! {
-                answer = claim => answer,
+                answer = claim => Some(answer),
                 // Stop claiming at once on shutdown; a job claimed in this instant is
                 // reclaimed when its lease expires.
-                _ = shutdown.changed() => continue,
-                _ = lost_rx.changed() => continue,
+                _ = shutdown.changed() => None,
+                _ = lost_rx.changed() => None,
+            };
+            drop(request);
+            let Some(answer) = answer else {
+                // The carried completions may or may not have landed: send them again.
+                outbox.release_carrier();
+                outbox.put_back(carried);
+                continue;
             };
             match answer {
                 Ok(response) => {
+                    outbox::resolve(carried, response.completed);
                     for task in response.tasks {
                         let Some(permit) = permits.pop() else {
                             tracing::error!(job_id = %task.job_id, "the scheduler sent more tasks than asked for");
@@ -167,17 +208,25 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         let running = running.clone();
                         tasks.spawn(async move {
                             let job_id = task.job_id;
-                            task::run(ctx, task, stop).await;
-                            running.lock().expect("lock").remove(&job_id);
+                            let completing = task::run(ctx, task, stop).await;
+                            // The tool has ended: the slot is free. The lease is kept (in
+                            // the heartbeat) until the completion is delivered.
                             drop(permit);
+                            if let Some(completing) = completing {
+                                completing.delivered().await;
+                            }
+                            running.lock().expect("lock").remove(&job_id);
                         });
                     }
                 }
                 Err(err) if err.is_unauthorized() => {
+                    outbox::fail(carried, &err);
                     tracing::warn!("the scheduler no longer knows this runner; registering again");
                     break;
                 }
                 Err(err) => {
+                    outbox.release_carrier();
+                    outbox.put_back(carried);
                     tracing::warn!(error = %err, "claim failed");
                     let pause = Backoff::default().pause() * 20;
                     tokio::select! {
@@ -189,19 +238,23 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             // Reap finished task futures without waiting.
             while tasks.try_join_next().is_some() {}
         }
+        // No more claims in this registration: the flusher sends every completion.
+        outbox.release_carrier();
 
         if *shutdown.borrow() {
-            drain(&config, &running, &mut tasks).await;
+            drain(&config, &running, &mut tasks, &hard_stop_tx).await;
             let _ = hard_stop_tx.send(true);
             let _ = session_end_tx.send(true);
             let _ = heartbeat.await;
+            let _ = flusher.await;
             break 'registrations;
         }
         // The registration is gone: its leases are void. Stop every tool, then register anew.
         stop_all(&running, StopReason::LeaseLost);
-        while tasks.join_next().await.is_some() {}
         let _ = session_end_tx.send(true);
+        while tasks.join_next().await.is_some() {}
         let _ = heartbeat.await;
+        let _ = flusher.await;
     }
     let _ = hard_stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
@@ -215,8 +268,14 @@ fn stop_all(running: &RunningTasks, reason: StopReason) {
     }
 }
 
-/// Lets running tasks finish (heartbeats continue) until the drain deadline, then stops them.
-async fn drain(config: &Config, running: &RunningTasks, tasks: &mut JoinSet<()>) {
+/// Lets running tasks finish (heartbeats continue) until the drain deadline, then stops them
+/// and gives up on undelivered POSTs.
+async fn drain(
+    config: &Config,
+    running: &RunningTasks,
+    tasks: &mut JoinSet<()>,
+    hard_stop: &watch::Sender<bool>,
+) {
     let count = running.lock().expect("lock").len();
     if count > 0 {
         tracing::info!(running = count, "draining");
@@ -230,6 +289,7 @@ async fn drain(config: &Config, running: &RunningTasks, tasks: &mut JoinSet<()>)
         }
     }
     stop_all(running, StopReason::Shutdown);
+    let _ = hard_stop.send(true);
     while tasks.join_next().await.is_some() {}
 }
 

@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_protocol::{
-    event_kind, parse_spec, BashSpec, CompleteRequest, CompleteResponse, ErrorDetail, Event,
-    JobSpec, Outcome, StreamRequest, StreamResponse, Task, ToolName, ToolSpec,
+    event_kind, parse_spec, BashSpec, ErrorDetail, Event, JobSpec, Outcome, StreamRequest,
+    StreamResponse, Task, TaskCompletion, ToolName, ToolSpec,
 };
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::client::{CallError, Client};
 use crate::config::{Config, Secret};
+use crate::outbox::{Delivery, Outbox};
 use crate::output::{Budget, Tail};
 use crate::process::{self, ToolCommand};
 use crate::tools;
@@ -40,6 +41,8 @@ pub struct TaskContext {
     pub token: Secret,
     /// Turns true at the end of a drain: stop retrying POSTs.
     pub hard_stop: watch::Receiver<bool>,
+    /// Where finished attempts' completions go.
+    pub outbox: Arc<Outbox>,
 }
 
 /// Bytes of stdout and of stderr kept for the result.
@@ -53,8 +56,15 @@ const BATCH_DELAY: Duration = Duration::from_millis(20);
 /// How long to keep reading pipes after the tool exited (an escaped child may hold them).
 const PIPE_DRAIN: Duration = Duration::from_secs(1);
 
-/// Runs a task to its end. `stop` carries a reason when the task must stop early.
-pub async fn run(ctx: TaskContext, task: Task, stop: Arc<watch::Sender<Option<StopReason>>>) {
+/// Runs a task until its tool has ended and queues its completion in the outbox. `stop`
+/// carries a reason when the task must stop early. The slot is free once this returns; the
+/// returned [`Completing`] waits for the scheduler's answer. `None` when the attempt was
+/// abandoned.
+pub async fn run(
+    ctx: TaskContext,
+    task: Task,
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+) -> Option<Completing> {
     let started = Instant::now();
     let report = match parse_spec(&task.spec) {
         Err(err) => Some(Report::failed(
@@ -76,9 +86,55 @@ pub async fn run(ctx: TaskContext, task: Task, stop: Arc<watch::Sender<Option<St
     };
     let Some(report) = report else {
         tracing::info!(job_id = %task.job_id, attempt = %task.attempt, "attempt abandoned");
-        return;
+        return None;
     };
-    complete(&ctx, &task, report, started).await;
+    let answer = ctx.outbox.submit(TaskCompletion {
+        job_id: task.job_id,
+        attempt: task.attempt,
+        lease_token: task.lease_token,
+        outcome: report.outcome,
+        output: report.output,
+        error: report.error,
+        retryable: report.retryable,
+        final_seq: report.final_seq,
+    });
+    Some(Completing {
+        task,
+        started,
+        answer,
+    })
+}
+
+/// A completion on its way: the attempt's lease must be kept until the scheduler has it.
+pub struct Completing {
+    task: Task,
+    started: Instant,
+    answer: oneshot::Receiver<Delivery>,
+}
+
+impl Completing {
+    /// Waits for the scheduler's answer and logs it.
+    pub async fn delivered(self) {
+        let task = &self.task;
+        match self.answer.await {
+            Ok(Delivery::Applied(state)) => tracing::debug!(
+                job_id = %task.job_id,
+                attempt = %task.attempt,
+                state = %state,
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                "attempt completed"
+            ),
+            Ok(Delivery::LeaseLost) => {
+                tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, "lease lost before completion")
+            }
+            Ok(Delivery::NotDelivered(why)) => {
+                tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, error = %why, "completion not delivered")
+            }
+            Err(_) => {
+                tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, "completion not delivered")
+            }
+        }
+    }
 }
 
 /// Kinds this runner version cannot run yet: the later issues replace this.
@@ -111,44 +167,6 @@ impl Report {
             }),
             retryable,
             final_seq: None,
-        }
-    }
-}
-
-async fn complete(ctx: &TaskContext, task: &Task, report: Report, started: Instant) {
-    let request = CompleteRequest {
-        attempt: task.attempt,
-        lease_token: task.lease_token,
-        outcome: report.outcome,
-        output: report.output,
-        error: report.error,
-        retryable: report.retryable,
-        final_seq: report.final_seq,
-    };
-    let mut hard_stop = ctx.hard_stop.clone();
-    let result: Result<CompleteResponse, CallError> = ctx
-        .client
-        .post_retrying(
-            &format!("/internal/tasks/{}/complete", task.job_id),
-            &ctx.token,
-            &request,
-            Duration::from_secs(30),
-            &mut hard_stop,
-        )
-        .await;
-    match result {
-        Ok(response) => tracing::info!(
-            job_id = %task.job_id,
-            attempt = %task.attempt,
-            state = %response.state,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "attempt completed"
-        ),
-        Err(err) if err.is_lease_lost() => {
-            tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, "lease lost before completion")
-        }
-        Err(err) => {
-            tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, error = %err, "completion not delivered")
         }
     }
 }

@@ -1,0 +1,326 @@
+//! Completions on their way to the scheduler, batched.
+//!
+//! A finished task puts its completion here and frees its slot. The claim loop, which is
+//! waiting for exactly that slot, carries every pending completion on its next claim, so a
+//! runner refilling its slots reports and refills them in one request and one commit. While
+//! the claim loop cannot carry them — its claim is long-polling, it is backing off, or it has
+//! stopped claiming — the flusher sends them instead, as one batch per request
+//! (`POST /internal/runners/:pod/complete`). Completions are idempotent on the scheduler, so
+//! a batch whose answer was lost is simply sent again.
+
+use std::sync::Mutex;
+
+use sluice_protocol::{
+    error_code, CompleteManyRequest, CompleteManyResponse, CompletionResult, JobState,
+    TaskCompletion,
+};
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::client::{CallError, Client};
+use crate::config::Secret;
+
+/// Most completions per request (the scheduler's limit).
+pub const MAX_BATCH: usize = 1000;
+
+/// What became of a completion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// Applied (or a repeat of one applied before); the job's state after it.
+    Applied(JobState),
+    /// The attempt no longer held its lease.
+    LeaseLost,
+    /// Not delivered: the registration ended or the sidecar is stopping.
+    NotDelivered(String),
+}
+
+/// One completion waiting to be sent, and where its answer goes.
+pub struct Pending {
+    pub completion: TaskCompletion,
+    reply: oneshot::Sender<Delivery>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: Vec<Pending>,
+    /// The claim loop is waiting for a slot and will carry what is pending when it gets one.
+    carrier: bool,
+    /// The flusher has stopped: nothing more will be sent.
+    closed: bool,
+}
+
+/// The completions of one registration.
+#[derive(Default)]
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    flush: Notify,
+}
+
+impl Outbox {
+    /// Queues a completion; the receiver gets its fate.
+    pub fn submit(&self, completion: TaskCompletion) -> oneshot::Receiver<Delivery> {
+        let (reply, answer) = oneshot::channel();
+        let mut inner = self.inner.lock().expect("lock");
+        if inner.closed {
+            let _ = reply.send(Delivery::NotDelivered("the registration ended".into()));
+            return answer;
+        }
+        inner.pending.push(Pending { completion, reply });
+        if !inner.carrier {
+            self.flush.notify_one();
+        }
+        answer
+    }
+
+    /// The claim loop is about to wait for a slot: it will carry what is pending.
+    pub fn await_carrier(&self) {
+        self.inner.lock().expect("lock").carrier = true;
+    }
+
+    /// The claim loop will not carry anything soon (it claims, backs off or stops): pending
+    /// and later completions go through the flusher.
+    pub fn release_carrier(&self) {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.carrier = false;
+        if !inner.pending.is_empty() {
+            self.flush.notify_one();
+        }
+    }
+
+    /// Takes up to `max` pending completions for the claim about to be sent. A claim that
+    /// carries completions is answered at once, so the claim loop stays the carrier for what
+    /// comes in meanwhile; a claim that carries none may wait long, so the flusher takes
+    /// over for its time.
+    pub fn carry(&self, max: usize) -> Vec<Pending> {
+        let mut inner = self.inner.lock().expect("lock");
+        let taken = take_front(&mut inner.pending, max);
+        inner.carrier = !taken.is_empty();
+        if !inner.carrier && !inner.pending.is_empty() {
+            self.flush.notify_one();
+        }
+        taken
+    }
+
+    /// Returns completions whose request failed, to be sent again by the flusher.
+    pub fn put_back(&self, mut items: Vec<Pending>) {
+        if items.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock().expect("lock");
+        items.append(&mut inner.pending);
+        inner.pending = items;
+        if !inner.carrier {
+            self.flush.notify_one();
+        }
+    }
+
+    fn take_for_flush(&self) -> Vec<Pending> {
+        let mut inner = self.inner.lock().expect("lock");
+        if inner.carrier {
+            return Vec::new();
+        }
+        take_front(&mut inner.pending, MAX_BATCH)
+    }
+
+    /// Sends pending completions whenever the claim loop cannot carry them, until
+    /// `session_end` or `hard_stop` turns true; then answers what is left, and anything
+    /// submitted later, as not delivered.
+    pub async fn flusher(
+        &self,
+        client: Client,
+        path: String,
+        token: Secret,
+        hard_stop: watch::Receiver<bool>,
+        session_end: watch::Receiver<bool>,
+    ) {
+        self.flush_until(client, path, token, hard_stop, session_end)
+            .await;
+        let left = {
+            let mut inner = self.inner.lock().expect("lock");
+            inner.closed = true;
+            std::mem::take(&mut inner.pending)
+        };
+        for pending in left {
+            let _ = pending
+                .reply
+                .send(Delivery::NotDelivered("the registration ended".into()));
+        }
+    }
+
+    async fn flush_until(
+        &self,
+        client: Client,
+        path: String,
+        token: Secret,
+        mut hard_stop: watch::Receiver<bool>,
+        mut session_end: watch::Receiver<bool>,
+    ) {
+        let mut stopping = hard_stop.clone();
+        loop {
+            if *session_end.borrow() || *stopping.borrow() {
+                return;
+            }
+            loop {
+                let batch = self.take_for_flush();
+                if batch.is_empty() {
+                    break;
+                }
+                let request = CompleteManyRequest {
+                    completions: batch.iter().map(|p| p.completion.clone()).collect(),
+                };
+                let answer = tokio::select! {
+                    answer = client.post_retrying::<_, CompleteManyResponse>(
+                        &path,
+                        &token,
+                        &request,
+                        std::time::Duration::from_secs(30),
+                        &mut hard_stop,
+                    ) => answer,
+                    _ = session_end.changed() => {
+                        self.put_back(batch);
+                        return;
+                    }
+                    _ = stopping.changed() => {
+                        self.put_back(batch);
+                        return;
+                    }
+                };
+                match answer {
+                    Ok(response) => resolve(batch, response.completed),
+                    Err(err) => fail(batch, &err),
+                }
+            }
+            tokio::select! {
+                _ = self.flush.notified() => {}
+                _ = session_end.changed() => {}
+                _ = stopping.changed() => {}
+            }
+        }
+    }
+}
+
+fn take_front(pending: &mut Vec<Pending>, max: usize) -> Vec<Pending> {
+    if pending.len() <= max {
+        std::mem::take(pending)
+    } else {
+        let rest = pending.split_off(max);
+        std::mem::replace(pending, rest)
+    }
+}
+
+/// Hands each completion its answer from the scheduler's results (matched by job and
+/// attempt; one the scheduler did not answer is reported as not delivered).
+pub fn resolve(batch: Vec<Pending>, results: Vec<CompletionResult>) {
+    for pending in batch {
+        let c = &pending.completion;
+        let result = results
+            .iter()
+            .find(|r| r.job_id == c.job_id && r.attempt == c.attempt);
+        let delivery = match result {
+            Some(CompletionResult {
+                state: Some(state), ..
+            }) => Delivery::Applied(*state),
+            Some(CompletionResult { error: Some(e), .. }) if e.code == error_code::LEASE_LOST => {
+                Delivery::LeaseLost
+            }
+            Some(CompletionResult { error: Some(e), .. }) => {
+                Delivery::NotDelivered(format!("{}: {}", e.code, e.message))
+            }
+            _ => Delivery::NotDelivered("the scheduler did not answer this completion".into()),
+        };
+        let _ = pending.reply.send(delivery);
+    }
+}
+
+/// Answers a batch whose request failed for good.
+pub fn fail(batch: Vec<Pending>, err: &CallError) {
+    for pending in batch {
+        let delivery = if err.is_lease_lost() {
+            Delivery::LeaseLost
+        } else {
+            Delivery::NotDelivered(err.to_string())
+        };
+        let _ = pending.reply.send(delivery);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_protocol::{Attempt, JobId, LeaseToken, Outcome};
+
+    fn completion(id: i64) -> TaskCompletion {
+        TaskCompletion {
+            job_id: JobId(id),
+            attempt: Attempt(1),
+            lease_token: LeaseToken(uuid::Uuid::new_v4()),
+            outcome: Outcome::Succeeded,
+            output: serde_json::json!({}),
+            error: None,
+            retryable: true,
+            final_seq: None,
+        }
+    }
+
+    #[test]
+    fn the_carrier_takes_in_order_and_put_back_goes_first() {
+        let outbox = Outbox::default();
+        outbox.await_carrier();
+        let _a = outbox.submit(completion(1));
+        let _b = outbox.submit(completion(2));
+        let _c = outbox.submit(completion(3));
+        // While the claim loop is the carrier the flusher takes nothing.
+        assert!(outbox.take_for_flush().is_empty());
+        let first = outbox.carry(2);
+        let ids: Vec<i64> = first.iter().map(|p| p.completion.job_id.0).collect();
+        assert_eq!(ids, [1, 2]);
+        // A claim carrying completions is answered at once: the loop stays the carrier.
+        assert!(outbox.take_for_flush().is_empty());
+        // The claim failed: the completions go back, first, and to the flusher.
+        outbox.release_carrier();
+        outbox.put_back(first);
+        let all: Vec<i64> = outbox
+            .take_for_flush()
+            .iter()
+            .map(|p| p.completion.job_id.0)
+            .collect();
+        assert_eq!(all, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn results_are_matched_by_job_and_attempt() {
+        let outbox = Outbox::default();
+        let applied = outbox.submit(completion(1));
+        let lost = outbox.submit(completion(2));
+        let unanswered = outbox.submit(completion(3));
+        let batch = outbox.take_for_flush();
+        resolve(
+            batch,
+            vec![
+                CompletionResult {
+                    job_id: JobId(2),
+                    attempt: Attempt(1),
+                    state: None,
+                    error: Some(sluice_protocol::ErrorDetail {
+                        code: error_code::LEASE_LOST.into(),
+                        message: String::new(),
+                    }),
+                },
+                CompletionResult {
+                    job_id: JobId(1),
+                    attempt: Attempt(1),
+                    state: Some(JobState::Succeeded),
+                    error: None,
+                },
+            ],
+        );
+        assert_eq!(
+            applied.await.unwrap(),
+            Delivery::Applied(JobState::Succeeded)
+        );
+        assert_eq!(lost.await.unwrap(), Delivery::LeaseLost);
+        assert!(matches!(
+            unanswered.await.unwrap(),
+            Delivery::NotDelivered(_)
+        ));
+    }
+}
