@@ -31,6 +31,8 @@ pub struct BenchConfig {
     pub json: Option<PathBuf>,
     /// Measure against this server instead of a private durable cluster.
     pub database_url: Option<Secret>,
+    /// Only these sections ([`SECTIONS`]); all when empty.
+    pub only: Vec<String>,
 }
 
 /// One measured quantity.
@@ -115,6 +117,8 @@ impl Sizes {
 /// cluster and the sidecars use it as their parent).
 pub fn run(config: BenchConfig) -> Result<Vec<Measurement>> {
     let base = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base)
+        .map_err(|e| Error::Internal(format!("creating {}: {e}", base.display())))?;
     let mut cluster = None;
     let url = match &config.database_url {
         Some(url) => url.clone(),
@@ -181,12 +185,39 @@ fn with_reference(mut m: Measurement, reference: &Measurement) -> Measurement {
     m
 }
 
+/// The parts of the benchmark, for `--only`.
+pub const SECTIONS: [&str; 6] = ["enqueue", "bulk", "core", "e2e", "spawn", "claim"];
+
+/// What every section shares: the server under test, a pool, and the run's sizes.
+struct Bench<'a> {
+    config: &'a BenchConfig,
+    sizes: Sizes,
+    url: Secret,
+    base: &'a std::path::Path,
+    serve: ServeConfig,
+    server: Server,
+    pool: PgPool,
+    http: reqwest::Client,
+    /// 1,000 noop specs, the unit of every bulk insert.
+    specs: Vec<Value>,
+    pgbench: Option<PathBuf>,
+}
+
+impl Bench<'_> {
+    fn wants(&self, section: &str) -> bool {
+        self.config.only.is_empty() || self.config.only.iter().any(|s| s == section)
+    }
+
+    fn api(&self) -> String {
+        format!("http://{}", self.server.api_addr)
+    }
+}
+
 async fn measure_all(
     config: &BenchConfig,
     url: Secret,
     base: &std::path::Path,
 ) -> Result<Vec<Measurement>> {
-    let sizes = Sizes::new(config.quick);
     let mut serve = ServeConfig::new(
         url.clone(),
         Secret::generate("sk_"),
@@ -208,43 +239,80 @@ async fn measure_all(
             ..Default::default()
         },
     );
-    let api = format!("http://{}", server.api_addr);
-    let internal = format!("http://{}", server.internal_addr);
-    let http = reqwest::Client::new();
-    let token = serve.api_token.expose().to_string();
-    let spec = json!({"kind": "noop"});
+    let bench = Bench {
+        config,
+        sizes: Sizes::new(config.quick),
+        url,
+        base,
+        serve,
+        server,
+        pool,
+        http: reqwest::Client::new(),
+        specs: (0..1000).map(|_| json!({"kind": "noop"})).collect(),
+        pgbench: crate::postgres::find_tool("pgbench"),
+    };
     let mut results = Vec::new();
+    if bench.wants("enqueue") {
+        results.extend(enqueue_one_by_one(&bench).await?);
+    }
+    if bench.wants("bulk") {
+        results.extend(enqueue_bulk(&bench).await?);
+    }
+    if bench.wants("core") {
+        results.extend(queue_core(&bench).await?);
+    }
+    if bench.wants("e2e") {
+        results.extend(end_to_end(&bench).await?);
+    }
+    if bench.wants("spawn") {
+        results.extend(spawn_overhead(
+            &dev::find_runner_binary()?,
+            bench.sizes.pickup_jobs,
+        )?);
+    }
+    if bench.wants("claim") {
+        results.extend(claim_with_history(&bench).await?);
+    }
+    bench.pool.close().await;
+    bench.server.shutdown().await;
+    Ok(results)
+}
 
-    let settings = sql::durability_settings(&pool).await?;
+/// Enqueue one by one: the bare INSERT (and pgbench's), the README's SQL INSERT, HTTP.
+async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let (pool, sizes) = (&bench.pool, &bench.sizes);
+    let spec = &bench.specs[0];
+    let settings = sql::durability_settings(pool).await?;
     let settings_note = settings
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ");
-
-    // Enqueue one by one.
+    let api = bench.api();
+    let token = bench.serve.api_token.expose().to_string();
     let mut bare = Vec::new();
     let mut via_sql = Vec::new();
     let mut via_http = Vec::new();
     for _ in 0..sizes.runs {
-        sql::reset_reference_table(&pool).await?;
+        sql::reset_reference_table(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.one_by_one {
-            sql::insert_reference_one(&pool, &spec).await?;
+            sql::insert_reference_one(pool, spec).await?;
         }
         bare.push(sizes.one_by_one as f64 / started.elapsed().as_secs_f64());
 
-        sql::truncate_jobs(&pool).await?;
+        sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.one_by_one {
-            sql::insert_job_plain(&pool, &spec).await?;
+            sql::insert_job_plain(pool, spec).await?;
         }
         via_sql.push(sizes.one_by_one as f64 / started.elapsed().as_secs_f64());
 
-        sql::truncate_jobs(&pool).await?;
+        sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.one_by_one {
-            let response = http
+            let response = bench
+                .http
                 .post(format!("{api}/api/jobs"))
                 .bearer_auth(&token)
                 .json(&json!({"spec": spec}))
@@ -266,51 +334,79 @@ async fn measure_all(
         bare,
         &settings_note,
     );
-    results.push(with_reference(
-        summarize(
-            "enqueue one by one (SQL INSERT)",
-            "jobs/s",
-            via_sql,
-            "one client, autocommit",
+    let mut results = vec![
+        with_reference(
+            summarize(
+                "enqueue one by one (SQL INSERT)",
+                "jobs/s",
+                via_sql,
+                "one client, autocommit",
+            ),
+            &bare,
         ),
-        &bare,
-    ));
-    results.push(with_reference(
-        summarize(
-            "enqueue one by one (HTTP POST /api/jobs)",
-            "jobs/s",
-            via_http,
-            "one client, keep-alive",
+        with_reference(
+            summarize(
+                "enqueue one by one (HTTP POST /api/jobs)",
+                "jobs/s",
+                via_http,
+                "one client, keep-alive",
+            ),
+            &bare,
         ),
-        &bare,
-    ));
+    ];
+    if let Some(pgbench) = &bench.pgbench {
+        let script =
+            "INSERT INTO sluice_bench_reference (payload) VALUES ('{\"kind\":\"noop\"}');\n";
+        let mut rates = Vec::new();
+        for _ in 0..sizes.runs {
+            sql::reset_reference_table(pool).await?;
+            let tps = run_pgbench(pgbench, &bench.url, bench.base, script, 1, sizes.one_by_one)?;
+            rates.push(tps);
+        }
+        let reference = summarize(
+            "pgbench: single-row INSERT",
+            "rows/s",
+            rates,
+            "pgbench -n -M prepared -c 1, the bare INSERT",
+        );
+        results.push(with_reference(results[0].clone(), &reference));
+        results[2].name = "enqueue one by one (SQL INSERT) vs pgbench".into();
+        results.insert(0, reference);
+    }
+    sql::drop_reference_table(pool).await?;
     results.insert(0, bare);
+    Ok(results)
+}
 
-    // Bulk enqueue, 1,000 per call.
-    let specs: Vec<Value> = (0..1000).map(|_| spec.clone()).collect();
+/// Bulk enqueue, 1,000 per call: bare multi-row INSERT (and pgbench's), SQL, the batch API.
+async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let (pool, sizes, specs) = (&bench.pool, &bench.sizes, &bench.specs);
+    let api = bench.api();
+    let token = bench.serve.api_token.expose().to_string();
     let batch_body = json!({"jobs": specs.iter().map(|s| json!({"spec": s})).collect::<Vec<_>>()});
     let mut bare_bulk = Vec::new();
     let mut sql_bulk = Vec::new();
     let mut http_bulk = Vec::new();
     for _ in 0..sizes.runs {
-        sql::reset_reference_table(&pool).await?;
+        sql::reset_reference_table(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.bulk_calls {
-            sql::insert_reference_many(&pool, &specs).await?;
+            sql::insert_reference_many(pool, specs).await?;
         }
         bare_bulk.push((sizes.bulk_calls * 1000) as f64 / started.elapsed().as_secs_f64());
 
-        sql::truncate_jobs(&pool).await?;
+        sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.bulk_calls {
-            sql::insert_jobs_plain_many(&pool, &specs).await?;
+            sql::insert_jobs_plain_many(pool, specs).await?;
         }
         sql_bulk.push((sizes.bulk_calls * 1000) as f64 / started.elapsed().as_secs_f64());
 
-        sql::truncate_jobs(&pool).await?;
+        sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.bulk_calls {
-            let response = http
+            let response = bench
+                .http
                 .post(format!("{api}/api/jobs/batch"))
                 .bearer_auth(&token)
                 .json(&batch_body)
@@ -327,34 +423,60 @@ async fn measure_all(
         http_bulk.push((sizes.bulk_calls * 1000) as f64 / started.elapsed().as_secs_f64());
     }
     let bare_bulk = summarize("reference: bare 1,000-row INSERT", "rows/s", bare_bulk, "");
-    results.push(with_reference(
-        summarize(
-            "bulk enqueue (SQL, 1,000 per INSERT)",
-            "jobs/s",
-            sql_bulk,
-            "",
+    let mut results = vec![
+        bare_bulk.clone(),
+        with_reference(
+            summarize(
+                "bulk enqueue (SQL, 1,000 per INSERT)",
+                "jobs/s",
+                sql_bulk,
+                "",
+            ),
+            &bare_bulk,
         ),
-        &bare_bulk,
-    ));
-    results.push(with_reference(
-        summarize(
-            "bulk enqueue (HTTP batch, 1,000 per call)",
-            "jobs/s",
-            http_bulk,
-            "",
+        with_reference(
+            summarize(
+                "bulk enqueue (HTTP batch, 1,000 per call)",
+                "jobs/s",
+                http_bulk,
+                "",
+            ),
+            &bare_bulk,
         ),
-        &bare_bulk,
-    ));
-    results.push(bare_bulk);
-    sql::drop_reference_table(&pool).await?;
+    ];
+    if let Some(pgbench) = &bench.pgbench {
+        let script = "INSERT INTO sluice_bench_reference (payload) \
+                      SELECT '{\"kind\":\"noop\"}'::jsonb FROM generate_series(1, 1000);\n";
+        let mut rates = Vec::new();
+        for _ in 0..sizes.runs {
+            sql::reset_reference_table(pool).await?;
+            let tps = run_pgbench(pgbench, &bench.url, bench.base, script, 1, sizes.bulk_calls)?;
+            rates.push(tps * 1000.0);
+        }
+        let reference = summarize(
+            "pgbench: 1,000-row INSERT",
+            "rows/s",
+            rates,
+            "pgbench -n -M prepared -c 1",
+        );
+        let mut vs = with_reference(results[1].clone(), &reference);
+        vs.name = "bulk enqueue (SQL) vs pgbench".into();
+        results.insert(1, reference);
+        results.push(vs);
+    }
+    sql::drop_reference_table(pool).await?;
+    Ok(results)
+}
 
-    // Queue-core drain: claim and complete in batches through the store, no HTTP.
+/// Queue-core drain through the store layer, and the bare-SQL drain limit beside it.
+async fn queue_core(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let (pool, sizes, specs) = (&bench.pool, &bench.sizes, &bench.specs);
     let mut core = Vec::new();
-    let runner = RunnerId(uuid::Uuid::new_v4());
+    let runner = bench_runner(pool).await?;
     for _ in 0..sizes.runs {
-        sql::truncate_jobs(&pool).await?;
+        sql::truncate_jobs(pool).await?;
         for _ in 0..sizes.drain_jobs / 1000 {
-            sql::insert_jobs_plain_many(&pool, &specs).await?;
+            sql::insert_jobs_plain_many(pool, specs).await?;
         }
         let started = Instant::now();
         let mut workers = tokio::task::JoinSet::new();
@@ -362,22 +484,36 @@ async fn measure_all(
             let pool = pool.clone();
             workers.spawn(async move {
                 let output = json!({});
+                let mut finished: Vec<jobs::ClaimedJob> = Vec::new();
                 loop {
-                    let claimed =
-                        jobs::claim_available(&pool, runner, 500, Duration::from_secs(30)).await?;
-                    if claimed.is_empty() {
-                        return Ok::<_, Error>(());
-                    }
-                    let successes: Vec<jobs::Success> = claimed
+                    // Complete the last batch and claim the next in one transaction.
+                    let completions: Vec<jobs::Completion> = finished
                         .iter()
-                        .map(|c| jobs::Success {
+                        .map(|c| jobs::Completion {
+                            runner,
                             job: c.id,
                             attempt: c.attempt,
                             lease_token: c.lease_token,
+                            outcome: sluice_protocol::Outcome::Succeeded,
                             output: &output,
+                            error: None,
+                            retryable: true,
+                            final_seq: None,
+                            retry_backoff: Duration::ZERO,
                         })
                         .collect();
-                    jobs::complete_many_succeeded_if_leased(&pool, runner, &successes).await?;
+                    let (_, claimed) = jobs::complete_and_claim(
+                        &pool,
+                        runner,
+                        &completions,
+                        CORE_BATCH,
+                        Duration::from_secs(30),
+                    )
+                    .await?;
+                    if claimed.is_empty() {
+                        return Ok::<_, Error>(());
+                    }
+                    finished = claimed;
                 }
             });
         }
@@ -385,79 +521,139 @@ async fn measure_all(
             done.map_err(|e| Error::Internal(e.to_string()))??;
         }
         core.push(sizes.drain_jobs as f64 / started.elapsed().as_secs_f64());
+        expect_succeeded(pool, sizes.drain_jobs).await?;
     }
-    results.push(summarize(
-        "queue-core drain (claim 500 + complete 500, 2 workers)",
+    let core = summarize(
+        "queue-core drain (complete + claim 500, 2 workers)",
         "jobs/s",
         core,
-        "store layer only, no HTTP",
-    ));
-
-    // End to end through real sidecars: pickup latency, then drain with 10 in flight.
-    let runner_binary = dev::find_runner_binary()?;
-    let work = base.join("runners");
-    let mut sidecars: Vec<Child> = Vec::new();
-    for n in 1..=2u32 {
-        sidecars.push(dev::spawn_runner(&dev::RunnerLaunch {
-            binary: &runner_binary,
-            name: format!("bench-runner-{n}"),
-            workdir: work.join(n.to_string()),
-            log: base.join(format!("runner-{n}.log")),
-            internal_url: &internal,
-            secret: &serve.runner_secret,
-            slots: 5,
-        })?);
-    }
-    let idle = idle_rss(&pool, &sidecars).await;
-    let outcome = end_to_end(&pool, &sizes, &specs).await;
-    dev::stop_runners(&mut sidecars).await;
-    results.push(idle?);
-    results.extend(outcome?);
-    results.extend(spawn_overhead(&runner_binary, sizes.pickup_jobs)?);
-
-    // Claim latency with history: 1,000 vs many finished rows.
-    let mut claim_latency = Vec::new();
-    for history in [1_000, sizes.history_rows] {
-        sql::truncate_jobs(&pool).await?;
-        sql::insert_finished_jobs(&pool, history).await?;
-        sql::insert_jobs_plain_many(&pool, &specs).await?;
-        let mut samples = Vec::new();
-        for _ in 0..100 {
-            let started = Instant::now();
-            let claimed = jobs::claim_available(&pool, runner, 10, Duration::from_secs(30)).await?;
-            samples.push(started.elapsed().as_secs_f64() * 1000.0);
-            if claimed.is_empty() {
-                break;
+        "store layer only, no HTTP; one transaction per batch",
+    );
+    let mut results = vec![core.clone()];
+    if let Some(pgbench) = &bench.pgbench {
+        // The limit of any SKIP LOCKED queue on this server: claim 100 and delete them.
+        let script = "WITH picked AS (SELECT id FROM sluice_bench_reference ORDER BY id \
+                      LIMIT 100 FOR UPDATE SKIP LOCKED) \
+                      DELETE FROM sluice_bench_reference r USING picked WHERE r.id = picked.id;\n";
+        let mut rates = Vec::new();
+        for _ in 0..sizes.runs {
+            sql::reset_reference_table(pool).await?;
+            for _ in 0..sizes.drain_jobs / 1000 {
+                sql::insert_reference_many(pool, specs).await?;
             }
+            let tps = run_pgbench(
+                pgbench,
+                &bench.url,
+                bench.base,
+                script,
+                2,
+                sizes.drain_jobs / 100 / 2,
+            )?;
+            rates.push(tps * 100.0);
         }
-        claim_latency.push(summarize(
-            &format!("claim 10 with {history} finished jobs"),
-            "ms",
-            samples,
-            "median of 100 claims",
-        ));
+        sql::drop_reference_table(pool).await?;
+        let reference = summarize(
+            "pgbench: claim 100 + DELETE (2 clients)",
+            "rows/s",
+            rates,
+            "bare SKIP LOCKED drain, no attempts, no results",
+        );
+        results[0] = with_reference(core, &reference);
+        results.insert(0, reference);
     }
-    let small = claim_latency.remove(0);
-    let large = claim_latency.remove(0);
-    results.push(with_reference(large, &small));
-    results.push(small);
-
-    pool.close().await;
-    server.shutdown().await;
     Ok(results)
 }
 
-async fn end_to_end(pool: &PgPool, sizes: &Sizes, specs: &[Value]) -> Result<Vec<Measurement>> {
-    let spec = json!({"kind": "noop"});
+/// A registered runner for the store-level measurements (claims lease only to live runners).
+async fn bench_runner(pool: &PgPool) -> Result<RunnerId> {
+    let name = format!("bench-store-{}", uuid::Uuid::new_v4());
+    let (runner, _token) = store::runners::register(
+        pool,
+        store::runners::RegisterParams {
+            pod_name: &name,
+            labels: json!({}),
+            slots: 1,
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    )
+    .await?;
+    Ok(runner)
+}
+
+/// Jobs per transaction in the queue-core drain.
+const CORE_BATCH: i32 = 500;
+
+/// Pickup latency, idle RSS and the drains through real sidecars and the HTTP protocol.
+async fn end_to_end(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let runner_binary = dev::find_runner_binary()?;
+    let mut results = Vec::new();
+    // The contract's setting (10 in flight), then the best one found on this machine.
+    for (sidecars, slots) in [(2u32, 5u32), (2, BEST_SLOTS)] {
+        let mut children = start_sidecars(bench, &runner_binary, sidecars, slots)?;
+        let outcome = async {
+            let idle = idle_rss(&bench.pool, &children).await?;
+            let mut out = Vec::new();
+            if slots == 5 {
+                out.push(idle);
+                out.extend(pickup_latency(bench).await?);
+            }
+            out.push(drain_through_sidecars(bench, sidecars, slots).await?);
+            Ok::<_, Error>(out)
+        }
+        .await;
+        dev::stop_runners(&mut children).await;
+        results.extend(outcome?);
+    }
+    Ok(results)
+}
+
+/// Slots per sidecar in the best-setting drain.
+const BEST_SLOTS: u32 = 100;
+
+fn start_sidecars(
+    bench: &Bench<'_>,
+    binary: &std::path::Path,
+    count: u32,
+    slots: u32,
+) -> Result<Vec<Child>> {
+    let internal = format!("http://{}", bench.server.internal_addr);
+    let work = bench.base.join("runners");
+    let mut children = Vec::new();
+    for n in 1..=count {
+        let launched = dev::spawn_runner(&dev::RunnerLaunch {
+            binary,
+            name: format!("bench-runner-{slots}-{n}"),
+            workdir: work.join(n.to_string()),
+            log: bench.base.join(format!("runner-{slots}-{n}.log")),
+            internal_url: &internal,
+            secret: &bench.serve.runner_secret,
+            slots,
+        });
+        match launched {
+            Ok(child) => children.push(child),
+            Err(err) => {
+                let mut started = children;
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(dev::stop_runners(&mut started))
+                });
+                return Err(err);
+            }
+        }
+    }
+    Ok(children)
+}
+
+async fn pickup_latency(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let pool = &bench.pool;
+    let spec = &bench.specs[0];
     sql::truncate_jobs(pool).await?;
     // Warm up: both sidecars registered and waiting.
-    sql::insert_jobs_plain_many(pool, &specs[..10]).await?;
-    wait_for_state(pool, "succeeded", 10, Duration::from_secs(60)).await?;
-
+    sql::insert_jobs_plain_many(pool, &bench.specs[..10]).await?;
+    wait_drained(pool, 10, Duration::from_secs(60)).await?;
     sql::truncate_jobs(pool).await?;
     let mut latencies = Vec::new();
-    for _ in 0..sizes.pickup_jobs {
-        sql::insert_job_plain(pool, &spec).await?;
+    for _ in 0..bench.sizes.pickup_jobs {
+        sql::insert_job_plain(pool, spec).await?;
         let committed = SystemTime::now();
         let started_at = wait_started(pool).await?;
         let started: SystemTime = started_at.into();
@@ -480,33 +676,121 @@ async fn end_to_end(pool: &PgPool, sizes: &Sizes, specs: &[Value]) -> Result<Vec
     let mut pickup99 = pickup.clone();
     pickup99.name = "pickup latency p99 (INSERT commit → claimed)".into();
     pickup99.median = percentile(&latencies, 0.99);
+    Ok(vec![pickup, pickup99])
+}
 
+async fn drain_through_sidecars(
+    bench: &Bench<'_>,
+    sidecars: u32,
+    slots: u32,
+) -> Result<Measurement> {
+    let (pool, sizes) = (&bench.pool, &bench.sizes);
+    // Both sidecars registered and claiming before the clock starts.
+    sql::truncate_jobs(pool).await?;
+    sql::insert_jobs_plain_many(pool, &bench.specs[..10]).await?;
+    wait_drained(pool, 10, Duration::from_secs(60)).await?;
     let mut drain = Vec::new();
     for _ in 0..sizes.runs.min(3) {
         sql::truncate_jobs(pool).await?;
-        for _ in 0..sizes.drain_jobs / 1000 {
-            sql::insert_jobs_plain_many(pool, specs).await?;
-        }
+        // Load the backlog in one transaction, so the sidecars start on all of it at once.
+        sql::insert_jobs_plain_repeated(pool, &bench.specs[0], sizes.drain_jobs as i64).await?;
         let started = Instant::now();
-        wait_for_state(
-            pool,
-            "succeeded",
-            sizes.drain_jobs as i64,
-            Duration::from_secs(600),
-        )
-        .await?;
+        wait_drained(pool, sizes.drain_jobs as i64, Duration::from_secs(600)).await?;
         drain.push(sizes.drain_jobs as f64 / started.elapsed().as_secs_f64());
     }
-    Ok(vec![
-        pickup,
-        pickup99,
-        summarize(
-            "end-to-end drain (noop, 2 sidecars × 5 slots)",
-            "jobs/s",
-            drain,
-            "real HTTP protocol, 10 in flight",
-        ),
-    ])
+    let in_flight = sidecars * slots;
+    Ok(summarize(
+        &format!("end-to-end drain (noop, {sidecars} sidecars × {slots} slots)"),
+        "jobs/s",
+        drain,
+        &format!("real HTTP protocol, {in_flight} in flight"),
+    ))
+}
+
+/// Claim latency with history: 1,000 vs many finished rows.
+async fn claim_with_history(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let pool = &bench.pool;
+    let runner = bench_runner(pool).await?;
+    let mut claim_latency = Vec::new();
+    for history in [1_000, bench.sizes.history_rows] {
+        sql::truncate_jobs(pool).await?;
+        sql::insert_finished_jobs(pool, history).await?;
+        sql::insert_jobs_plain_many(pool, &bench.specs).await?;
+        let mut samples = Vec::new();
+        for _ in 0..100 {
+            let started = Instant::now();
+            let claimed = jobs::claim_available(pool, runner, 10, Duration::from_secs(30)).await?;
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            if claimed.is_empty() {
+                break;
+            }
+        }
+        claim_latency.push(summarize(
+            &format!("claim 10 with {history} finished jobs"),
+            "ms",
+            samples,
+            "median of 100 claims",
+        ));
+    }
+    let small = claim_latency.remove(0);
+    let large = claim_latency.remove(0);
+    Ok(vec![with_reference(large, &small), small])
+}
+
+/// Runs one pgbench script against the server: `clients` connections, `transactions` each;
+/// returns its transactions per second. The password (if any) goes through the environment,
+/// never the command line.
+fn run_pgbench(
+    pgbench: &std::path::Path,
+    url: &Secret,
+    base: &std::path::Path,
+    script: &str,
+    clients: usize,
+    transactions: usize,
+) -> Result<f64> {
+    let parsed = url::Url::parse(url.expose())
+        .map_err(|e| Error::Internal(format!("DATABASE_URL is not a URL: {e}")))?;
+    let password = parsed.password().map(|p| {
+        url::form_urlencoded::parse(format!("p={p}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    });
+    let mut conninfo = parsed.clone();
+    let _ = conninfo.set_password(None);
+    std::fs::create_dir_all(base).map_err(|e| Error::Internal(e.to_string()))?;
+    let script_path = base.join(format!("pgbench-{}.sql", fastrand::u64(..)));
+    std::fs::write(&script_path, script).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut command = std::process::Command::new(pgbench);
+    command
+        .args(["-n", "-M", "prepared", "-f"])
+        .arg(&script_path)
+        .args(["-c", &clients.to_string(), "-j", &clients.to_string()])
+        .args(["-t", &transactions.to_string()])
+        .arg(conninfo.as_str())
+        .stdin(std::process::Stdio::null());
+    if let Some(password) = password {
+        command.env("PGPASSWORD", password);
+    }
+    let output = command
+        .output()
+        .map_err(|e| Error::Internal(format!("running {}: {e}", pgbench.display())));
+    let _ = std::fs::remove_file(&script_path);
+    let output = output?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(Error::Internal(format!(
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    stdout
+        .lines()
+        .find_map(|line| {
+            let rest = line.trim().strip_prefix("tps = ")?;
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .ok_or_else(|| Error::Internal(format!("pgbench printed no tps: {stdout}")))
 }
 
 /// Resident memory of the registered, idle sidecars, in MiB.
@@ -588,17 +872,30 @@ async fn wait_started(pool: &PgPool) -> Result<chrono::DateTime<chrono::Utc>> {
     }
 }
 
-async fn wait_for_state(pool: &PgPool, state: &str, count: i64, timeout: Duration) -> Result<()> {
+/// Waits until `count` jobs have finished and none is left to run (polling the claim and
+/// running indexes, which stay small, rather than counting the whole table).
+async fn wait_drained(pool: &PgPool, count: i64, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        if sql::count_in_state(pool, state).await? >= count {
-            return Ok(());
+        if !sql::any_unfinished(pool).await? {
+            return expect_succeeded(pool, count as usize).await;
         }
         if Instant::now() > deadline {
             return Err(Error::Internal(format!(
-                "{count} jobs did not reach {state} in {timeout:?}"
+                "{count} jobs did not finish in {timeout:?}"
             )));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Every job of a drain succeeded, exactly once.
+async fn expect_succeeded(pool: &PgPool, count: usize) -> Result<()> {
+    let (succeeded, attempts) = sql::succeeded_and_attempts(pool).await?;
+    if succeeded != count as i64 || attempts != count as i64 {
+        return Err(Error::Internal(format!(
+            "drain of {count} jobs ended with {succeeded} succeeded and {attempts} attempts"
+        )));
+    }
+    Ok(())
 }

@@ -50,6 +50,9 @@ struct BenchArgs {
     /// Measure against this server instead of a private durable cluster.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<Secret>,
+    /// Run only these parts (comma-separated): enqueue, bulk, core, e2e, spawn, claim.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(sluice::bench::SECTIONS))]
+    only: Vec<String>,
 }
 
 #[derive(Args)]
@@ -183,6 +186,7 @@ fn main() -> ExitCode {
                 quick: args.quick,
                 json: args.json,
                 database_url: args.database_url,
+                only: args.only,
             })
             .map(|_| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from)

@@ -33,21 +33,7 @@ pub const INSTALL_HINT: &str = "no PostgreSQL server binaries (initdb, postgres)
 impl Binaries {
     /// Finds `initdb` and `postgres` on PATH, else in the newest `/usr/lib/postgresql/*/bin`.
     pub fn find() -> Result<Binaries> {
-        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
-        if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
-            let mut versions: Vec<(u32, PathBuf)> = entries
-                .flatten()
-                .filter_map(|e| {
-                    let version = e.file_name().to_str()?.parse::<u32>().ok()?;
-                    Some((version, e.path().join("bin")))
-                })
-                .collect();
-            versions.sort_by_key(|v| std::cmp::Reverse(v.0));
-            dirs.extend(versions.into_iter().map(|(_, dir)| dir));
-        }
-        for dir in dirs {
+        for dir in search_dirs() {
             let initdb = dir.join("initdb");
             let postgres = dir.join("postgres");
             if is_executable(&initdb) && is_executable(&postgres) {
@@ -56,6 +42,33 @@ impl Binaries {
         }
         Err(Error::Setup(INSTALL_HINT.to_string()))
     }
+}
+
+/// Another Postgres program (`pgbench`, …), looked up like the server binaries.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    search_dirs()
+        .into_iter()
+        .map(|dir| dir.join(name))
+        .find(|path| is_executable(path))
+}
+
+/// PATH, then `/usr/lib/postgresql/*/bin` newest first.
+fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<(u32, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((version, e.path().join("bin")))
+            })
+            .collect();
+        versions.sort_by_key(|v| std::cmp::Reverse(v.0));
+        dirs.extend(versions.into_iter().map(|(_, dir)| dir));
+    }
+    dirs
 }
 
 fn is_executable(path: &Path) -> bool {

@@ -85,14 +85,35 @@ pub async fn insert_finished_jobs(pool: &PgPool, count: i64) -> Result<()> {
     Ok(())
 }
 
-/// Jobs in a state, for waiting on a drain.
-pub async fn count_in_state(pool: &PgPool, state: &str) -> Result<i64> {
-    let (n,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM sluice.jobs WHERE state = $1::sluice.job_state")
-            .bind(state)
-            .fetch_one(pool)
-            .await?;
-    Ok(n)
+/// `count` copies of one spec in one statement (a backlog loaded in one transaction).
+pub async fn insert_jobs_plain_repeated(pool: &PgPool, spec: &Value, count: i64) -> Result<()> {
+    sqlx::query("INSERT INTO sluice.jobs (spec) SELECT $1 FROM generate_series(1, $2)")
+        .bind(spec)
+        .bind(count)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Whether any job is still available or running (both are small partial-index lookups).
+pub async fn any_unfinished(pool: &PgPool) -> Result<bool> {
+    let (any,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM sluice.jobs WHERE state = 'available')
+             OR EXISTS (SELECT 1 FROM sluice.jobs WHERE state = 'running')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(any)
+}
+
+/// Succeeded jobs and recorded attempts, to check that a drain ran every job exactly once.
+pub async fn succeeded_and_attempts(pool: &PgPool) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT count(*) FROM sluice.jobs WHERE state = 'succeeded'),
+                (SELECT count(*) FROM sluice.job_attempts)",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Pickup latencies (claim time minus insert time, database clock) in milliseconds.
