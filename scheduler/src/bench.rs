@@ -127,7 +127,8 @@ pub fn run(config: BenchConfig) -> Result<Vec<Measurement>> {
                 data_dir: base.join("data"),
                 port: 0,
                 durable: true,
-                settings: Vec::new(),
+                // Pickup latency is measured from the INSERT's commit on the server's clock.
+                settings: vec![("track_commit_timestamp".into(), "on".into())],
             })?;
             let url = Secret::new(started.url("postgres"));
             cluster = Some(started);
@@ -588,13 +589,12 @@ async fn end_to_end(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     let runner_binary = dev::find_runner_binary()?;
     let mut results = Vec::new();
     // The contract's setting (10 in flight), then the best one found on this machine.
-    for (sidecars, slots) in [(2u32, 5u32), (2, BEST_SLOTS)] {
-        let mut children = start_sidecars(bench, &runner_binary, sidecars, slots)?;
+    for (sidecars, slots) in [(1u32, 10u32), (2, 5), (2, BEST_SLOTS)] {
+        let mut children = start_sidecars(bench, &runner_binary, sidecars, slots).await?;
         let outcome = async {
-            let idle = idle_rss(&bench.pool, &children).await?;
             let mut out = Vec::new();
-            if slots == 5 {
-                out.push(idle);
+            if sidecars == 2 && slots == 5 {
+                out.push(idle_rss(&children).await?);
                 out.extend(pickup_latency(bench).await?);
             }
             out.push(drain_through_sidecars(bench, sidecars, slots).await?);
@@ -608,9 +608,9 @@ async fn end_to_end(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
 }
 
 /// Slots per sidecar in the best-setting drain.
-const BEST_SLOTS: u32 = 100;
+const BEST_SLOTS: u32 = 500;
 
-fn start_sidecars(
+async fn start_sidecars(
     bench: &Bench<'_>,
     binary: &std::path::Path,
     count: u32,
@@ -618,13 +618,14 @@ fn start_sidecars(
 ) -> Result<Vec<Child>> {
     let internal = format!("http://{}", bench.server.internal_addr);
     let work = bench.base.join("runners");
+    let prefix = format!("bench-{count}x{slots}-");
     let mut children = Vec::new();
     for n in 1..=count {
         let launched = dev::spawn_runner(&dev::RunnerLaunch {
             binary,
-            name: format!("bench-runner-{slots}-{n}"),
+            name: format!("{prefix}{n}"),
             workdir: work.join(n.to_string()),
-            log: bench.base.join(format!("runner-{slots}-{n}.log")),
+            log: bench.base.join(format!("runner-{count}x{slots}-{n}.log")),
             internal_url: &internal,
             secret: &bench.serve.runner_secret,
             slots,
@@ -632,13 +633,21 @@ fn start_sidecars(
         match launched {
             Ok(child) => children.push(child),
             Err(err) => {
-                let mut started = children;
-                tokio::task::block_in_place(|| {
-                    tokio::runtime::Handle::current().block_on(dev::stop_runners(&mut started))
-                });
+                dev::stop_runners(&mut children).await;
                 return Err(err);
             }
         }
+    }
+    // Every sidecar of this set registered (earlier sets' rows stay, so count by name).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql::live_runners(&bench.pool, &prefix).await? < count as i64 {
+        if Instant::now() > deadline {
+            dev::stop_runners(&mut children).await;
+            return Err(Error::Internal(
+                "the sidecars did not register within 30 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(children)
 }
@@ -652,24 +661,34 @@ async fn pickup_latency(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     wait_drained(pool, 10, Duration::from_secs(60)).await?;
     sql::truncate_jobs(pool).await?;
     let mut latencies = Vec::new();
+    let mut clock = "database clock: commit timestamp to the claim's now()";
     for _ in 0..bench.sizes.pickup_jobs {
-        sql::insert_job_plain(pool, spec).await?;
+        let (id, xid) = sql::insert_job_plain_returning_xid(pool, spec).await?;
         let committed = SystemTime::now();
-        let started_at = wait_started(pool).await?;
-        let started: SystemTime = started_at.into();
-        let ms = started
-            .duration_since(committed)
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0);
+        let started_at = wait_started(pool, id).await?;
+        let ms = match sql::commit_timestamp(pool, &xid).await? {
+            Some(commit) => (started_at - commit).num_microseconds().unwrap_or(0) as f64 / 1000.0,
+            None => {
+                // track_commit_timestamp is off on this server: the client's clock right
+                // after the commit returned (an under-estimate by the reply's latency).
+                clock = "client clock after the commit returned (track_commit_timestamp is off)";
+                let started: SystemTime = started_at.into();
+                started
+                    .duration_since(committed)
+                    .map(|d| d.as_secs_f64() * 1000.0)
+                    .unwrap_or(0.0)
+            }
+        };
         latencies.push(ms);
-        sql::truncate_jobs(pool).await?;
+        // The next job goes into an idle queue again.
+        wait_drained(pool, latencies.len() as i64, Duration::from_secs(30)).await?;
     }
     latencies.sort_by(f64::total_cmp);
     let mut pickup = summarize(
         "pickup latency p50 (INSERT commit → claimed)",
         "ms",
         vec![percentile(&latencies, 0.5)],
-        &format!("{} jobs, idle queue, 2 sidecars", latencies.len()),
+        &format!("{} jobs, idle queue, 2 sidecars; {clock}", latencies.len()),
     );
     pickup.min = latencies.first().copied().unwrap_or(f64::NAN);
     pickup.max = latencies.last().copied().unwrap_or(f64::NAN);
@@ -794,16 +813,7 @@ fn run_pgbench(
 }
 
 /// Resident memory of the registered, idle sidecars, in MiB.
-async fn idle_rss(pool: &PgPool, sidecars: &[Child]) -> Result<Measurement> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sql::live_runners(pool).await? < sidecars.len() as i64 {
-        if Instant::now() > deadline {
-            return Err(Error::Internal(
-                "the sidecars did not register within 30 s".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn idle_rss(sidecars: &[Child]) -> Result<Measurement> {
     let samples: Vec<f64> = sidecars
         .iter()
         .filter_map(|child| std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok())
@@ -857,10 +867,10 @@ fn spawn_overhead(runner_binary: &std::path::Path, runs: usize) -> Result<Vec<Me
     ])
 }
 
-async fn wait_started(pool: &PgPool) -> Result<chrono::DateTime<chrono::Utc>> {
+async fn wait_started(pool: &PgPool, id: i64) -> Result<chrono::DateTime<chrono::Utc>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(started_at) = sql::first_attempt_started_at(pool).await? {
+        if let Some(started_at) = sql::first_attempt_started_at(pool, id).await? {
             return Ok(started_at);
         }
         if Instant::now() > deadline {

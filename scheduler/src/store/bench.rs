@@ -138,21 +138,57 @@ pub async fn durability_settings(pool: &PgPool) -> Result<Vec<(String, String)>>
     .await?)
 }
 
-/// When the first attempt of any job started (the bench runs one job at a time).
+/// When the first attempt of job `id` started (the claim's `now()`), once it has.
 pub async fn first_attempt_started_at(
     pool: &PgPool,
+    id: i64,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
-    let row: Option<(chrono::DateTime<chrono::Utc>,)> =
-        sqlx::query_as("SELECT started_at FROM sluice.job_attempts LIMIT 1")
-            .fetch_optional(pool)
-            .await?;
+    let row: Option<(chrono::DateTime<chrono::Utc>,)> = sqlx::query_as(
+        "SELECT started_at FROM sluice.job_attempts WHERE job_id = $1 AND attempt = 1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
     Ok(row.map(|(at,)| at))
 }
 
-/// Registered runners not marked gone.
-pub async fn live_runners(pool: &PgPool) -> Result<i64> {
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM sluice.runners WHERE state <> 'gone'")
-        .fetch_one(pool)
-        .await?;
+/// The README's plain INSERT of one job, returning its id and inserting transaction.
+pub async fn insert_job_plain_returning_xid(pool: &PgPool, spec: &Value) -> Result<(i64, String)> {
+    Ok(
+        sqlx::query_as("INSERT INTO sluice.jobs (spec) VALUES ($1) RETURNING id, xmin::text")
+            .bind(spec)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// When a transaction committed, on the server's clock; `None` without
+/// `track_commit_timestamp`.
+pub async fn commit_timestamp(
+    pool: &PgPool,
+    xid: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let row: Result<(Option<chrono::DateTime<chrono::Utc>>,), sqlx::Error> =
+        sqlx::query_as("SELECT pg_xact_commit_timestamp($1::xid)")
+            .bind(xid)
+            .fetch_one(pool)
+            .await;
+    match row {
+        Ok((at,)) => Ok(at),
+        // "could not get commit timestamp data": the setting is off.
+        Err(sqlx::Error::Database(_)) => Ok(None),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Registered runners not marked gone whose pod name starts with `prefix`.
+pub async fn live_runners(pool: &PgPool, prefix: &str) -> Result<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM sluice.runners
+         WHERE state <> 'gone' AND starts_with(pod_name, $1)",
+    )
+    .bind(prefix)
+    .fetch_one(pool)
+    .await?;
     Ok(n)
 }
