@@ -104,10 +104,17 @@ fn bench_spawn(count: usize, args: sluice_runner::config::Args) -> ExitCode {
     ));
     let _ = std::fs::remove_dir_all(&workspace);
     match measured {
-        Ok((p50, p99)) => {
+        Ok(t) => {
             println!(
                 "{}",
-                serde_json::json!({"spawn_p50_us": p50, "spawn_p99_us": p99, "idle_rss_kib": idle_rss_kib, "runs": count})
+                serde_json::json!({
+                    "exec_p50_us": t.exec_p50,
+                    "exec_p99_us": t.exec_p99,
+                    "spawn_p50_us": t.exit_p50,
+                    "spawn_p99_us": t.exit_p99,
+                    "idle_rss_kib": idle_rss_kib,
+                    "runs": count,
+                })
             );
             ExitCode::SUCCESS
         }
