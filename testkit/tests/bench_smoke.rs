@@ -40,6 +40,7 @@ fn sluice_bench_quick_reports_every_measurement_as_json() {
         "sidecar idle RSS",
         "tool spawn p50",
         "tool spawn p99",
+        "tool spawn round trip p50",
     ] {
         let found = results
             .iter()
@@ -51,4 +52,61 @@ fn sluice_bench_quick_reports_every_measurement_as_json() {
     }
     // The table for people went to stdout.
     assert!(String::from_utf8_lossy(&output.stdout).contains("measurement"));
+    // Where the server packages ship pgbench, its references are in the same run.
+    if pgbench_installed() {
+        for expected in [
+            "pgbench: single-row INSERT",
+            "pgbench: 1,000-row INSERT",
+            "pgbench: claim 100",
+        ] {
+            let found = results
+                .iter()
+                .find(|r| r["name"].as_str().unwrap().starts_with(expected))
+                .unwrap_or_else(|| panic!("no {expected:?} in {report}"));
+            assert!(found["median"].as_f64().unwrap() > 0.0, "{found}");
+        }
+        let vs = results
+            .iter()
+            .find(|r| r["name"] == "queue-core drain (complete + claim 500, 2 workers)")
+            .unwrap();
+        assert!(vs["ratio"].as_f64().unwrap() > 0.0, "{vs}");
+    }
+}
+
+fn pgbench_installed() -> bool {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("pgbench").is_file()))
+        .unwrap_or(false);
+    let packaged = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| {
+            dirs.flatten()
+                .any(|d| d.path().join("bin/pgbench").is_file())
+        })
+        .unwrap_or(false);
+    on_path || packaged
+}
+
+#[test]
+fn sluice_bench_only_runs_the_named_sections_and_refuses_unknown_ones() {
+    let output = Command::new(bin("sluice"))
+        .args(["bench", "--quick", "--only", "spawn"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run sluice bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("tool spawn p50"), "{stdout}");
+    assert!(!stdout.contains("enqueue"), "{stdout}");
+
+    let output = Command::new(bin("sluice"))
+        .args(["bench", "--only", "everything"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run sluice bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("everything") && stderr.contains("e2e"),
+        "the error names the bad value and the good ones: {stderr}"
+    );
 }
