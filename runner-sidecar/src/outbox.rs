@@ -8,11 +8,12 @@
 //! (`POST /internal/runners/:pod/complete`). Completions are idempotent on the scheduler, so
 //! a batch whose answer was lost is simply sent again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use sluice_protocol::{
-    error_code, CompleteManyRequest, CompleteManyResponse, CompletionResult, JobState,
-    TaskCompletion,
+    error_code, CompleteManyRequest, CompleteManyResponse, CompleteRequest, CompleteResponse,
+    CompletionResult, JobState, TaskCompletion,
 };
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -53,6 +54,10 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     flush: Notify,
+    /// The scheduler predates batched completions (a claim came back without answers for
+    /// the completions it carried, or the batch endpoint was not found): send each
+    /// completion to `/internal/tasks/:id/complete` instead, as before.
+    one_by_one: AtomicBool,
 }
 
 impl Outbox {
@@ -98,6 +103,31 @@ impl Outbox {
             self.flush.notify_one();
         }
         taken
+    }
+
+    /// How many completions the next claim may carry (none for a scheduler that would not
+    /// apply them).
+    pub fn carry_limit(&self) -> usize {
+        if self.one_by_one.load(Ordering::Relaxed) {
+            0
+        } else {
+            MAX_BATCH
+        }
+    }
+
+    /// Hands the completions a claim carried their answers. A claim answered without any
+    /// comes from a scheduler that ignored them: they go back to the flusher, one by one.
+    pub fn answered_by_claim(&self, carried: Vec<Pending>, results: Vec<CompletionResult>) {
+        if !carried.is_empty() && results.is_empty() {
+            tracing::warn!(
+                "the scheduler does not take completions on claims; sending them one by one"
+            );
+            self.one_by_one.store(true, Ordering::Relaxed);
+            self.release_carrier();
+            self.put_back(carried);
+            return;
+        }
+        resolve(carried, results);
     }
 
     /// Returns completions whose request failed, to be sent again by the flusher.
@@ -164,6 +194,14 @@ impl Outbox {
                 if batch.is_empty() {
                     break;
                 }
+                if self.one_by_one.load(Ordering::Relaxed) {
+                    tokio::select! {
+                        _ = send_one_by_one(&client, &token, &mut hard_stop, batch) => {}
+                        _ = session_end.changed() => return,
+                        _ = stopping.changed() => return,
+                    }
+                    continue;
+                }
                 let request = CompleteManyRequest {
                     completions: batch.iter().map(|p| p.completion.clone()).collect(),
                 };
@@ -186,6 +224,13 @@ impl Outbox {
                 };
                 match answer {
                     Ok(response) => resolve(batch, response.completed),
+                    Err(CallError::Status {
+                        status: 404 | 405, ..
+                    }) => {
+                        tracing::warn!("the scheduler has no batch completion endpoint; sending completions one by one");
+                        self.one_by_one.store(true, Ordering::Relaxed);
+                        self.put_back(batch);
+                    }
                     Err(err) => fail(batch, &err),
                 }
             }
@@ -195,6 +240,42 @@ impl Outbox {
                 _ = stopping.changed() => {}
             }
         }
+    }
+}
+
+/// The pre-batching protocol: one `POST /internal/tasks/:id/complete` per completion.
+async fn send_one_by_one(
+    client: &Client,
+    token: &Secret,
+    hard_stop: &mut watch::Receiver<bool>,
+    batch: Vec<Pending>,
+) {
+    for pending in batch {
+        let c = &pending.completion;
+        let request = CompleteRequest {
+            attempt: c.attempt,
+            lease_token: c.lease_token,
+            outcome: c.outcome,
+            output: c.output.clone(),
+            error: c.error.clone(),
+            retryable: c.retryable,
+            final_seq: c.final_seq,
+        };
+        let answer: Result<CompleteResponse, CallError> = client
+            .post_retrying(
+                &format!("/internal/tasks/{}/complete", c.job_id),
+                token,
+                &request,
+                std::time::Duration::from_secs(30),
+                hard_stop,
+            )
+            .await;
+        let delivery = match answer {
+            Ok(response) => Delivery::Applied(response.state),
+            Err(err) if err.is_lease_lost() => Delivery::LeaseLost,
+            Err(err) => Delivery::NotDelivered(err.to_string()),
+        };
+        let _ = pending.reply.send(delivery);
     }
 }
 
@@ -284,6 +365,26 @@ mod tests {
             .map(|p| p.completion.job_id.0)
             .collect();
         assert_eq!(all, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_scheduler_that_ignores_carried_completions_gets_them_one_by_one() {
+        let outbox = Outbox::default();
+        outbox.await_carrier();
+        let _a = outbox.submit(completion(1));
+        assert_eq!(outbox.carry_limit(), MAX_BATCH);
+        let carried = outbox.carry(outbox.carry_limit());
+        assert_eq!(carried.len(), 1);
+        // An older scheduler answers the claim without `completed`.
+        outbox.answered_by_claim(carried, Vec::new());
+        assert_eq!(outbox.carry_limit(), 0, "claims stop carrying completions");
+        let back = outbox.take_for_flush();
+        assert_eq!(
+            back.len(),
+            1,
+            "the completion goes to the flusher, not lost"
+        );
+        assert!(outbox.one_by_one.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

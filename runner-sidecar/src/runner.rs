@@ -159,7 +159,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             while let Ok(permit) = slots.clone().try_acquire_owned() {
                 permits.push(permit);
             }
-            let carried = outbox.carry(outbox::MAX_BATCH);
+            let carried = outbox.carry(outbox.carry_limit());
             let request = ClaimBody {
                 max: permits.len() as u32,
                 wait_ms: config.claim_wait.as_millis() as u64,
@@ -188,7 +188,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             };
             match answer {
                 Ok(response) => {
-                    outbox::resolve(carried, response.completed);
+                    outbox.answered_by_claim(carried, response.completed);
                     for task in response.tasks {
                         let Some(permit) = permits.pop() else {
                             tracing::error!(job_id = %task.job_id, "the scheduler sent more tasks than asked for");
