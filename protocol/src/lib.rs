@@ -552,17 +552,16 @@ pub struct TaskCompletion {
 }
 
 impl TaskCompletion {
-    /// The batch form of one task's completion.
-    pub fn new(job_id: JobId, request: CompleteRequest) -> TaskCompletion {
-        TaskCompletion {
-            job_id,
-            attempt: request.attempt,
-            lease_token: request.lease_token,
-            outcome: request.outcome,
-            output: request.output,
-            error: request.error,
-            retryable: request.retryable,
-            final_seq: request.final_seq,
+    /// The single-task form, for `/internal/tasks/:id/complete`.
+    pub fn request(&self) -> CompleteRequest {
+        CompleteRequest {
+            attempt: self.attempt,
+            lease_token: self.lease_token,
+            outcome: self.outcome,
+            output: self.output.clone(),
+            error: self.error.clone(),
+            retryable: self.retryable,
+            final_seq: self.final_seq,
         }
     }
 }

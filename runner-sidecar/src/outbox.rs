@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use sluice_protocol::{
-    error_code, CompleteManyRequest, CompleteManyResponse, CompleteRequest, CompleteResponse,
-    CompletionResult, JobState, TaskCompletion,
+    error_code, CompleteManyRequest, CompleteManyResponse, CompleteResponse, CompletionResult,
+    JobState, TaskCompletion,
 };
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -252,15 +252,7 @@ async fn send_one_by_one(
 ) {
     for pending in batch {
         let c = &pending.completion;
-        let request = CompleteRequest {
-            attempt: c.attempt,
-            lease_token: c.lease_token,
-            outcome: c.outcome,
-            output: c.output.clone(),
-            error: c.error.clone(),
-            retryable: c.retryable,
-            final_seq: c.final_seq,
-        };
+        let request = c.request();
         let answer: Result<CompleteResponse, CallError> = client
             .post_retrying(
                 &format!("/internal/tasks/{}/complete", c.job_id),

@@ -58,14 +58,11 @@ impl FromRequestParts<AppState> for Runner {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token =
-            bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
         let runner = state
             .runner_tokens
-            .get(&state.pool, token)
-            .await?
-            .ok_or(Error::Unauthorized("unknown or revoked runner token"))?;
-        Ok(Runner(runner))
+            .get(&state.pool, runner_token(parts)?)
+            .await?;
+        Ok(Runner(known(runner)?))
     }
 }
 
@@ -77,13 +74,17 @@ impl FromRequestParts<AppState> for LiveRunner {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token =
-            bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
-        let runner = runners::get_by_token(&state.pool, token)
-            .await?
-            .ok_or(Error::Unauthorized("unknown or revoked runner token"))?;
-        Ok(LiveRunner(runner))
+        let runner = runners::get_by_token(&state.pool, runner_token(parts)?).await?;
+        Ok(LiveRunner(known(runner)?))
     }
+}
+
+fn runner_token(parts: &Parts) -> Result<&str, Error> {
+    bearer_token(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))
+}
+
+fn known(runner: Option<RunnerIdentity>) -> Result<RunnerIdentity, Error> {
+    runner.ok_or(Error::Unauthorized("unknown or revoked runner token"))
 }
 
 /// A runner may only use its own pod's paths.
