@@ -544,9 +544,9 @@ impl Runner {
         Runner::start_wrapped(scheduler, pod_name, slots, extra_env, &[]).await
     }
 
-    /// Starts the sidecar under a wrapper command, e.g. `["unshare", "-pf", "--"]` (the sidecar
-    /// as PID 1) or `["runsc", "--rootless", "--network=host", "do"]` (under gVisor). The
-    /// wrapper's environment is the sidecar's.
+    /// Starts the sidecar under a wrapper command, e.g. `["unshare", "-pf", "--kill-child",
+    /// "--"]` (the sidecar as PID 1, killed with the wrapper) or `["runsc", "--rootless",
+    /// "--network=host", "do"]` (under gVisor). The wrapper's environment is the sidecar's.
     pub async fn start_wrapped(
         scheduler: &Scheduler,
         pod_name: &str,

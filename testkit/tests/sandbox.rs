@@ -231,7 +231,14 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
     let db = TestDb::new().await;
     let scheduler = Scheduler::start(&db, Timings::FAST).await;
     let api = scheduler.api();
-    let runner = Runner::start_wrapped(&scheduler, "pid1", 2, &[], &["unshare", "-pf", "--"]).await;
+    let runner = Runner::start_wrapped(
+        &scheduler,
+        "pid1",
+        2,
+        &[],
+        &["unshare", "-pf", "--kill-child", "--"],
+    )
+    .await;
     let sidecar = wait_until("the sidecar under unshare", DEADLINE, || async {
         let pid = runner.pid().ok_or("unshare exited")?;
         Ok::<_, String>(children_of(pid).first().copied())
@@ -304,4 +311,13 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
         after <= baseline + 2,
         "descriptors grew from {baseline} to {after} over {tasks} tasks"
     );
+    // Stopping the runner stops the sidecar inside the namespace too (the wrapper's
+    // `--kill-child`): nothing of this test outlives it.
+    drop(runner);
+    wait_until("the sidecar to be gone", DEADLINE, || async {
+        let alive = std::fs::read_to_string(format!("/proc/{sidecar}/status"))
+            .is_ok_and(|s| !s.contains("State:\tZ"));
+        Ok::<_, String>((!alive).then_some(()))
+    })
+    .await;
 }
