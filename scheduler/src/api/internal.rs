@@ -306,27 +306,19 @@ async fn complete(
     JsonBody(request): JsonBody<CompleteRequest>,
 ) -> ApiResult<Json<CompleteResponse>> {
     let job = parse_job_id(&id)?;
-    let error = request
-        .error
-        .as_ref()
-        .map(|e| serde_json::to_value(e).unwrap_or_default());
-    let state_after = jobs::complete_if_leased(
-        &state.pool,
-        jobs::Completion {
-            runner: runner.id,
-            job,
-            attempt: request.attempt,
-            lease_token: request.lease_token,
-            outcome: request.outcome,
-            output: &request.output,
-            error,
-            retryable: request.retryable,
-            final_seq: request.final_seq,
-            retry_backoff: retry_backoff(request.attempt.0),
-        },
-    )
-    .await?;
-    tracing::info!(job_id = %job, attempt = %request.attempt, runner_id = %runner.id, state = %state_after, "attempt completed");
+    let item = TaskCompletion {
+        job_id: job,
+        attempt: request.attempt,
+        lease_token: request.lease_token,
+        outcome: request.outcome,
+        output: request.output,
+        error: request.error,
+        retryable: request.retryable,
+        final_seq: request.final_seq,
+    };
+    let state_after =
+        jobs::complete_if_leased(&state.pool, completion_of(runner.id, &item)).await?;
+    tracing::info!(job_id = %job, attempt = %item.attempt, runner_id = %runner.id, state = %state_after, "attempt completed");
     Ok(Json(CompleteResponse { state: state_after }))
 }
 
@@ -369,24 +361,26 @@ fn check_completions(items: &[TaskCompletion]) -> Result<(), Error> {
 }
 
 fn completions_of(runner: RunnerId, items: &[TaskCompletion]) -> Vec<jobs::Completion<'_>> {
-    items
-        .iter()
-        .map(|c| jobs::Completion {
-            runner,
-            job: c.job_id,
-            attempt: c.attempt,
-            lease_token: c.lease_token,
-            outcome: c.outcome,
-            output: &c.output,
-            error: c
-                .error
-                .as_ref()
-                .map(|e| serde_json::to_value(e).unwrap_or_default()),
-            retryable: c.retryable,
-            final_seq: c.final_seq,
-            retry_backoff: retry_backoff(c.attempt.0),
-        })
-        .collect()
+    items.iter().map(|c| completion_of(runner, c)).collect()
+}
+
+/// The store's form of one completion, with the retry back-off its attempt earned.
+fn completion_of(runner: RunnerId, c: &TaskCompletion) -> jobs::Completion<'_> {
+    jobs::Completion {
+        runner,
+        job: c.job_id,
+        attempt: c.attempt,
+        lease_token: c.lease_token,
+        outcome: c.outcome,
+        output: &c.output,
+        error: c
+            .error
+            .as_ref()
+            .map(|e| serde_json::to_value(e).unwrap_or_default()),
+        retryable: c.retryable,
+        final_seq: c.final_seq,
+        retry_backoff: retry_backoff(c.attempt.0),
+    }
 }
 
 /// The per-completion answers; a lost lease is an answer, any other error fails the request.
