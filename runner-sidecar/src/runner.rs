@@ -2,7 +2,8 @@
 //! itself when renewals stop, and drain on shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ struct Session {
 /// through, in leases: while Postgres is away no scheduler can reclaim anything, and after it
 /// returns the schedulers give expired leases one more term (F-07, F-20).
 const OUTAGE_RIDE_THROUGH_LEASES: u32 = 5;
+/// Longest a claim waits for the tasks of the last claim to have been polled once.
+const GATHER_LIMIT: Duration = Duration::from_millis(1);
 
 /// How long before the lease's end the sidecar stops a tool whose lease it could not renew,
 /// so that the old attempt is dead before the scheduler hands the job to someone else.
@@ -109,6 +112,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             session_end.clone(),
         ));
         let slots = Arc::new(Semaphore::new(config.slots as usize));
+        // Tasks spawned but not polled yet (see the gathering of free slots below).
+        let unpolled = Arc::new(AtomicUsize::new(0));
         let outbox = Arc::new(Outbox::default());
         let flusher = tokio::spawn({
             let outbox = outbox.clone();
@@ -152,12 +157,24 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 _ = lost_rx.changed() => continue,
                 _ = drain_rx.changed() => continue,
             };
-            // Let tasks that are finishing this instant free their slots too, so one claim
-            // carries their completions and refills them all.
-            tokio::task::yield_now().await;
+            // Let the tasks that are finishing now free their slots too, so one claim carries
+            // their completions and refills them all: the tasks of the last claim that have
+            // not been polled yet (a quick job, such as `noop`, ends within its first poll,
+            // possibly on the other worker thread) and anything else ready this instant. A
+            // running tool is not waited for.
             let mut permits = vec![first];
-            while let Ok(permit) = slots.clone().try_acquire_owned() {
-                permits.push(permit);
+            let gather_until = Instant::now() + GATHER_LIMIT;
+            loop {
+                tokio::task::yield_now().await;
+                while let Ok(permit) = slots.clone().try_acquire_owned() {
+                    permits.push(permit);
+                }
+                if permits.len() == config.slots as usize
+                    || unpolled.load(Ordering::Acquire) == 0
+                    || Instant::now() >= gather_until
+                {
+                    break;
+                }
             }
             let carried = outbox.carry(outbox.carry_limit());
             let request = ClaimBody {
@@ -206,7 +223,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         );
                         let ctx = ctx.clone();
                         let running = running.clone();
-                        tasks.spawn(async move {
+                        unpolled.fetch_add(1, Ordering::AcqRel);
+                        tasks.spawn(first_poll_counted(unpolled.clone(), async move {
                             let job_id = task.job_id;
                             let completing = task::run(ctx, task, stop).await;
                             // The tool has ended: the slot is free. The lease is kept (in
@@ -216,7 +234,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                                 completing.delivered().await;
                             }
                             running.lock().expect("lock").remove(&job_id);
-                        });
+                        }));
                     }
                 }
                 Err(err) if err.is_unauthorized() => {
@@ -260,6 +278,21 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     while tasks.join_next().await.is_some() {}
     tracing::info!("sluice-runner stopped");
     Ok(())
+}
+
+/// Runs `task`, counting it out of `unpolled` once its first poll has returned (a quick job
+/// has freed its slot by then).
+async fn first_poll_counted<F: Future>(unpolled: Arc<AtomicUsize>, task: F) -> F::Output {
+    let mut task = std::pin::pin!(task);
+    let mut first = true;
+    std::future::poll_fn(move |cx| {
+        let poll = task.as_mut().poll(cx);
+        if std::mem::take(&mut first) {
+            unpolled.fetch_sub(1, Ordering::AcqRel);
+        }
+        poll
+    })
+    .await
 }
 
 fn stop_all(running: &RunningTasks, reason: StopReason) {
