@@ -4,7 +4,9 @@
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::Result;
+use chrono::{DateTime, Utc};
+
+use crate::{Error, Result};
 
 /// Creates (empty) the reference table: a bigserial key and a jsonb payload, nothing else.
 pub async fn reset_reference_table(pool: &PgPool) -> Result<()> {
@@ -106,6 +108,25 @@ pub async fn any_unfinished(pool: &PgPool) -> Result<bool> {
     Ok(any)
 }
 
+/// The server's clock now.
+pub async fn server_clock(pool: &PgPool) -> Result<DateTime<Utc>> {
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await?;
+    Ok(now)
+}
+
+/// When the last finished job finished (an index scan of the finished jobs).
+pub async fn last_finished_at(pool: &PgPool) -> Result<DateTime<Utc>> {
+    let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
+        "SELECT max(finished_at) FROM sluice.jobs
+         WHERE state IN ('succeeded', 'failed', 'cancelled')",
+    )
+    .fetch_one(pool)
+    .await?;
+    at.ok_or_else(|| Error::Internal("no job has finished".into()))
+}
+
 /// Succeeded jobs and recorded attempts, to check that a drain ran every job exactly once.
 pub async fn succeeded_and_attempts(pool: &PgPool) -> Result<(i64, i64)> {
     Ok(sqlx::query_as(
@@ -114,17 +135,6 @@ pub async fn succeeded_and_attempts(pool: &PgPool) -> Result<(i64, i64)> {
     )
     .fetch_one(pool)
     .await?)
-}
-
-/// Pickup latencies (claim time minus insert time, database clock) in milliseconds.
-pub async fn pickup_latencies_ms(pool: &PgPool) -> Result<Vec<f64>> {
-    let rows: Vec<(f64,)> = sqlx::query_as(
-        "SELECT extract(epoch FROM (a.started_at - j.created_at))::float8 * 1000
-         FROM sluice.jobs j JOIN sluice.job_attempts a ON a.job_id = j.id AND a.attempt = 1",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|(ms,)| ms).collect())
 }
 
 /// The server's durability settings, recorded with the results.
@@ -143,13 +153,15 @@ pub async fn first_attempt_started_at(
     pool: &PgPool,
     id: i64,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
-    let row: Option<(chrono::DateTime<chrono::Utc>,)> = sqlx::query_as(
-        "SELECT started_at FROM sluice.job_attempts WHERE job_id = $1 AND attempt = 1",
+    let (at,): (Option<chrono::DateTime<chrono::Utc>>,) = sqlx::query_as(
+        "SELECT coalesce(
+             (SELECT started_at FROM sluice.job_attempts WHERE job_id = $1 AND attempt = 1),
+             (SELECT started_at FROM sluice.jobs WHERE id = $1 AND attempt = 1))",
     )
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(row.map(|(at,)| at))
+    Ok(at)
 }
 
 /// The README's plain INSERT of one job, returning its id and inserting transaction.
