@@ -66,7 +66,7 @@ fn orphaned_tools(marker: &str, live: &[i32]) -> Vec<i32> {
 /// `Some` once the runner instance holds no live lease (for `wait_until`).
 async fn no_live_leases(pool: sqlx::PgPool, runner_id: Uuid) -> Result<Option<()>, String> {
     let (n,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM sluice.job_attempts WHERE runner_id = $1 AND outcome IS NULL",
+        "SELECT count(*) FROM sluice.jobs WHERE runner_id = $1 AND state = 'running'",
     )
     .bind(runner_id)
     .fetch_one(&pool)
@@ -156,8 +156,8 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
             let pool = db.pool.clone();
             async move {
                 let (n,): (i64,) = sqlx::query_as(
-                    "SELECT count(*) FROM sluice.job_attempts a JOIN sluice.runners r ON r.id = a.runner_id
-                     WHERE a.outcome IS NULL AND r.pod_name = $1 AND r.state <> 'gone'",
+                    "SELECT count(*) FROM sluice.jobs j JOIN sluice.runners r ON r.id = j.runner_id
+                     WHERE j.state = 'running' AND r.pod_name = $1 AND r.state <> 'gone'",
                 )
                 .bind(pod)
                 .fetch_one(&pool)

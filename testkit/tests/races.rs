@@ -49,7 +49,7 @@ async fn register_runner(db: &TestDb) -> RunnerId {
 
 async fn expire_all_leases(db: &TestDb) {
     sqlx::query(
-        "UPDATE sluice.job_attempts SET lease_expires_at = now() - interval '1 second' WHERE outcome IS NULL",
+        "UPDATE sluice.jobs SET lease_expires_at = now() - interval '1 second' WHERE state = 'running'",
     )
     .execute(&db.pool)
     .await

@@ -19,9 +19,9 @@ fn processes_with_all(needles: &[String]) -> Vec<i32> {
 
 async fn running_attempt(db: &TestDb, id: i64) -> Option<(i32, String)> {
     sqlx::query_as(
-        "SELECT a.attempt, r.pod_name FROM sluice.job_attempts a
-         JOIN sluice.runners r ON r.id = a.runner_id
-         WHERE a.job_id = $1 AND a.outcome IS NULL",
+        "SELECT j.attempt, r.pod_name FROM sluice.jobs j
+         JOIN sluice.runners r ON r.id = j.runner_id
+         WHERE j.id = $1 AND j.state = 'running'",
     )
     .bind(id)
     .fetch_optional(&db.pool)

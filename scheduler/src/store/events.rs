@@ -25,9 +25,14 @@ pub async fn append_if_leased(
     let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
     let (leased, stored): (i64, i64) = sqlx::query_as(
         "WITH lease AS (
+             -- The running attempt (on the job row) or a completed one (in its history).
+             SELECT NULL::bigint AS final_seq FROM sluice.jobs j
+             WHERE j.id = $1 AND j.attempt = $2 AND j.lease_token = $3 AND j.runner_id = $4
+               AND j.state = 'running'
+             UNION ALL
              SELECT a.final_seq FROM sluice.job_attempts a
              WHERE a.job_id = $1 AND a.attempt = $2 AND a.lease_token = $3 AND a.runner_id = $4
-               AND (a.outcome IS NULL OR a.outcome IN ('succeeded', 'failed'))
+               AND a.outcome IN ('succeeded', 'failed')
          ), stored AS (
              INSERT INTO sluice.job_events (job_id, attempt, seq, kind, data)
              SELECT $1, $2, e.seq, e.kind, e.data

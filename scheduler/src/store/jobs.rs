@@ -164,7 +164,8 @@ pub async fn insert_many(pool: &PgPool, jobs: &[NewJob]) -> Result<Vec<Enqueued>
 
 /// The claim statement, as a macro so that [`explain_claim`] can prefix it at compile time.
 /// The end both claims share: start the attempts of the `picked` jobs (ids, in a CTE the
-/// caller's statement defines) and record them. Binds: $1 runner, $3 lease in ms.
+/// caller's statement defines), each holding a fresh lease on the job row. The attempt's
+/// `job_attempts` row is written when it ends. Binds: $1 runner, $3 lease in ms.
 macro_rules! claimed_sql {
     () => {
         "), claimed AS (
@@ -173,17 +174,13 @@ macro_rules! claimed_sql {
                  attempt = j.attempt + 1,
                  lease_token = gen_random_uuid(),
                  runner_id = $1,
-                 started_at = now()
+                 started_at = now(),
+                 lease_expires_at = now() + $3 * interval '1 millisecond'
              -- By primary key: a join with the CTE would let the planner hash the whole
              -- table for a large claim.
              WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
              RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
                        j.priority, j.run_at
-         ), attempts AS (
-             INSERT INTO sluice.job_attempts
-                 (job_id, attempt, runner_id, lease_token, lease_expires_at)
-             SELECT id, attempt, $1, lease_token, now() + $3 * interval '1 millisecond'
-             FROM claimed
          )"
     };
 }
@@ -230,7 +227,7 @@ macro_rules! claim_sql {
 }
 
 /// The completion CTEs, `input` to `recorded`: apply each completion whose attempt still
-/// holds its lease. Binds: $1 runner, $4.. $12 the completions' columns as arrays. The
+/// holds its lease, and record the finished attempt. Binds: $1 runner, $4.. $12 the completions' columns as arrays. The
 /// caller's statement continues with `, <next CTE>` or its final `SELECT`.
 macro_rules! completion_ctes {
     () => {
@@ -241,7 +238,8 @@ macro_rules! completion_ctes {
                  AS i(job_id, attempt, lease_token, outcome, output, error,
                       retryable, backoff_ms, final_seq)
          ), target AS (
-             SELECT j.id, j.attempt, i.outcome, i.output, i.error, i.backoff_ms, i.final_seq,
+             SELECT j.id, j.attempt, j.lease_token, j.started_at,
+                    i.outcome, i.output, i.error, i.backoff_ms, i.final_seq,
                     CASE WHEN i.outcome = 'succeeded' THEN 'succeeded'
                          WHEN i.retryable AND j.attempt < j.max_attempts THEN 'scheduled'
                          ELSE 'failed' END AS next_state
@@ -257,16 +255,18 @@ macro_rules! completion_ctes {
                  run_at = CASE WHEN t.next_state = 'scheduled'
                                THEN now() + t.backoff_ms * interval '1 millisecond'
                                ELSE j.run_at END,
-                 finished_at = CASE WHEN t.next_state = 'scheduled' THEN NULL ELSE now() END
+                 finished_at = CASE WHEN t.next_state = 'scheduled' THEN NULL ELSE now() END,
+                 lease_expires_at = NULL
              FROM target t
              WHERE j.id = t.id
-             RETURNING j.id, j.attempt, j.state, t.outcome, t.error, t.final_seq
+             RETURNING j.id, j.attempt, j.state, t.lease_token, t.started_at, t.outcome,
+                       t.error, t.final_seq
          ), recorded AS (
-             UPDATE sluice.job_attempts a
-             SET outcome = done.outcome, finished_at = now(), error = done.error,
-                 final_seq = done.final_seq
+             INSERT INTO sluice.job_attempts
+                 (job_id, attempt, runner_id, lease_token, started_at, finished_at, outcome,
+                  error, final_seq)
+             SELECT id, attempt, $1, lease_token, started_at, now(), outcome, error, final_seq
              FROM done
-             WHERE a.job_id = done.id AND a.attempt = done.attempt
          )"
     };
 }
@@ -313,7 +313,7 @@ pub struct ClaimedJob {
 /// (priority, run_at, id) order, in one statement: `FOR UPDATE SKIP LOCKED` on the partial
 /// claim index, so concurrent claimers
 /// never wait on each other and never get the same job. Each claim starts a new attempt with
-/// a fresh lease token and records it in `job_attempts`.
+/// a fresh lease token and expiry on the job row.
 pub async fn claim_available(
     pool: &PgPool,
     runner: RunnerId,
@@ -420,7 +420,8 @@ pub async fn explain_claim(pool: &PgPool) -> Result<Vec<String>> {
 
 /// Extends the listed leases that `runner` still holds and records that the runner is alive,
 /// in one statement. Returns, per listed lease in order, whether it was renewed and if not why.
-/// Renewals touch only the narrow `job_attempts` row (a HOT update), never the job row.
+/// A renewal rewrites only `lease_expires_at`, which is in no index: a HOT update where the
+/// page has room.
 pub async fn renew_leases_if_held(
     pool: &PgPool,
     runner: RunnerId,
@@ -437,13 +438,13 @@ pub async fn renew_leases_if_held(
          ), seen AS (
              UPDATE sluice.runners SET last_seen_at = now() WHERE id = $1
          ), renewed AS (
-             UPDATE sluice.job_attempts a
+             UPDATE sluice.jobs j
              SET lease_expires_at = now() + $5 * interval '1 millisecond'
              FROM listed l
-             WHERE a.job_id = l.job_id AND a.attempt = l.attempt
-               AND a.lease_token = l.lease_token AND a.runner_id = $1
-               AND a.outcome IS NULL
-             RETURNING a.job_id, a.attempt
+             WHERE j.id = l.job_id AND j.attempt = l.attempt
+               AND j.lease_token = l.lease_token AND j.runner_id = $1
+               AND j.state = 'running'
+             RETURNING j.id AS job_id, j.attempt
          )
          SELECT l.ord,
                 EXISTS (SELECT 1 FROM renewed r
@@ -663,17 +664,16 @@ pub const MAX_RUNNER_LOSSES: i64 = 3;
 /// Ends up to `limit` expired leases: the job becomes `available` again, or `failed` when that
 /// was its last attempt (`lease_expired`) or its runner was lost [`MAX_RUNNER_LOSSES`] times
 /// (`runner_lost`). `SKIP LOCKED` keeps two reapers (or a reaper and a completing runner) from
-/// acting on one lease; the `state = 'running'` and `outcome IS NULL` guards keep a finished
-/// attempt or a terminal job from changing.
+/// acting on one lease; the `state = 'running'` guard (re-checked on the locked row) keeps a
+/// finished attempt or a terminal job from changing.
 pub async fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> Result<ReclaimReport> {
     let (requeued, failed): (i64, i64) = sqlx::query_as(
         "WITH expired AS (
-             SELECT j.id, j.attempt,
+             SELECT j.id, j.attempt, j.runner_id, j.lease_token, j.started_at,
                     (SELECT count(*) FROM sluice.job_attempts p
                      WHERE p.job_id = j.id AND p.outcome = 'lease_expired') + 1 AS losses
-             FROM sluice.job_attempts a
-             JOIN sluice.jobs j ON j.id = a.job_id AND j.attempt = a.attempt
-             WHERE a.outcome IS NULL AND a.lease_expires_at < now() AND j.state = 'running'
+             FROM sluice.jobs j
+             WHERE j.state = 'running' AND j.lease_expires_at < now()
              LIMIT $1
              FOR UPDATE OF j SKIP LOCKED
          ), reclaimed AS (
@@ -692,15 +692,17 @@ pub async fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> Result<Recl
                                     THEN now() END,
                  run_at = now(),
                  lease_token = NULL,
+                 lease_expires_at = NULL,
                  runner_id = NULL
              FROM expired e
              WHERE j.id = e.id AND j.attempt = e.attempt AND j.state = 'running'
              RETURNING j.id, j.attempt, j.state
          ), recorded AS (
-             UPDATE sluice.job_attempts a
-             SET outcome = 'lease_expired', finished_at = now()
-             FROM reclaimed r
-             WHERE a.job_id = r.id AND a.attempt = r.attempt AND a.outcome IS NULL
+             INSERT INTO sluice.job_attempts
+                 (job_id, attempt, runner_id, lease_token, started_at, finished_at, outcome)
+             SELECT e.id, e.attempt, e.runner_id, e.lease_token, e.started_at, now(),
+                    'lease_expired'
+             FROM reclaimed r JOIN expired e ON e.id = r.id
          )
          SELECT count(*) FILTER (WHERE state = 'available'),
                 count(*) FILTER (WHERE state = 'failed')
@@ -721,9 +723,9 @@ pub async fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> Result<Recl
 /// reclaims their jobs (River 1ca57d2). Returns how many leases were extended.
 pub async fn extend_expired_leases(conn: &mut PgConnection, lease: Duration) -> Result<u64> {
     let result = sqlx::query(
-        "UPDATE sluice.job_attempts
+        "UPDATE sluice.jobs
          SET lease_expires_at = now() + $1 * interval '1 millisecond'
-         WHERE outcome IS NULL AND lease_expires_at < now()",
+         WHERE state = 'running' AND lease_expires_at < now()",
     )
     .bind(lease.as_millis() as i64)
     .execute(conn)
@@ -748,15 +750,17 @@ pub async fn fail_overdue(conn: &mut PgConnection, limit: i64) -> Result<u64> {
                  error = jsonb_build_object(
                      'code', 'timed_out',
                      'message', 'the job ran longer than its timeout_ms of ' || j.timeout_ms),
-                 finished_at = now()
+                 finished_at = now(),
+                 lease_expires_at = NULL
              FROM overdue o
              WHERE j.id = o.id AND j.state = 'running'
-             RETURNING j.id, j.attempt
+             RETURNING j.id, j.attempt, j.runner_id, j.lease_token, j.started_at, j.error
          ), recorded AS (
-             UPDATE sluice.job_attempts a
-             SET outcome = 'timed_out', finished_at = now()
-             FROM failed f
-             WHERE a.job_id = f.id AND a.attempt = f.attempt AND a.outcome IS NULL
+             INSERT INTO sluice.job_attempts
+                 (job_id, attempt, runner_id, lease_token, started_at, finished_at, outcome,
+                  error)
+             SELECT id, attempt, runner_id, lease_token, started_at, now(), 'timed_out', error
+             FROM failed
          )
          SELECT count(*) FROM failed",
     )
@@ -781,20 +785,24 @@ pub enum CancelOutcome {
 pub async fn cancel(pool: &PgPool, id: JobId) -> Result<Option<CancelOutcome>> {
     let row: Option<(String, bool)> = sqlx::query_as(
         "WITH target AS (
-             SELECT id, attempt, state FROM sluice.jobs WHERE id = $1 FOR UPDATE
+             SELECT id, attempt, state, runner_id, lease_token, started_at
+             FROM sluice.jobs WHERE id = $1 FOR UPDATE
          ), cancelled AS (
              UPDATE sluice.jobs j
              SET state = 'cancelled',
                  finished_at = now(),
-                 error = jsonb_build_object('code', 'cancelled', 'message', 'cancelled through the API')
+                 error = jsonb_build_object('code', 'cancelled', 'message', 'cancelled through the API'),
+                 lease_expires_at = NULL
              FROM target t
              WHERE j.id = t.id AND t.state NOT IN ('succeeded', 'failed', 'cancelled')
-             RETURNING j.id, j.attempt
+             RETURNING j.id
          ), recorded AS (
-             UPDATE sluice.job_attempts a
-             SET outcome = 'cancelled', finished_at = now()
-             FROM cancelled c
-             WHERE a.job_id = c.id AND a.attempt = c.attempt AND a.outcome IS NULL
+             -- A running attempt ends here; a queued job had none.
+             INSERT INTO sluice.job_attempts
+                 (job_id, attempt, runner_id, lease_token, started_at, finished_at, outcome)
+             SELECT t.id, t.attempt, t.runner_id, t.lease_token, t.started_at, now(), 'cancelled'
+             FROM target t JOIN cancelled c ON c.id = t.id
+             WHERE t.state = 'running'
          )
          SELECT t.state::text, EXISTS (SELECT 1 FROM cancelled) FROM target t",
     )
@@ -937,11 +945,16 @@ pub async fn get(pool: &PgPool, id: JobId) -> Result<Option<JobView>> {
     .await?)
 }
 
-/// The attempts of a job, oldest first.
+/// The attempts of a job, oldest first: the finished ones, then the running one (from the
+/// job row, without outcome).
 pub async fn list_attempts(pool: &PgPool, id: JobId) -> Result<Vec<AttemptView>> {
     Ok(sqlx::query_as(
         "SELECT attempt, runner_id, started_at, finished_at, outcome, error
-         FROM sluice.job_attempts WHERE job_id = $1 ORDER BY attempt",
+         FROM sluice.job_attempts WHERE job_id = $1
+         UNION ALL
+         SELECT attempt, runner_id, started_at, NULL, NULL, NULL
+         FROM sluice.jobs WHERE id = $1 AND state = 'running'
+         ORDER BY attempt",
     )
     .bind(id.0)
     .fetch_all(pool)

@@ -47,8 +47,8 @@ pub async fn register(pool: &PgPool, params: RegisterParams<'_>) -> Result<(Runn
              WHERE pod_name = $1 AND state <> 'gone'
              RETURNING id
          )
-         UPDATE sluice.job_attempts SET lease_expires_at = now()
-         WHERE outcome IS NULL AND runner_id IN (SELECT id FROM gone)",
+         UPDATE sluice.jobs SET lease_expires_at = now()
+         WHERE state = 'running' AND runner_id IN (SELECT id FROM gone)",
     )
     .bind(params.pod_name)
     .execute(&mut *tx)
