@@ -227,8 +227,9 @@ macro_rules! claim_sql {
 }
 
 /// The completion CTEs, `input` to `recorded`: apply each completion whose attempt still
-/// holds its lease, and record the finished attempt. Binds: $1 runner, $4.. $12 the completions' columns as arrays. The
-/// caller's statement continues with `, <next CTE>` or its final `SELECT`.
+/// holds its lease, and record the finished attempt. Binds: $1 runner, $4.. $12 the
+/// completions' columns as arrays. The caller's statement continues with `, <next CTE>` or
+/// its final `SELECT`.
 macro_rules! completion_ctes {
     () => {
         "WITH input AS (
@@ -237,30 +238,31 @@ macro_rules! completion_ctes {
                                   $12::bigint[])
                  AS i(job_id, attempt, lease_token, outcome, output, error,
                       retryable, backoff_ms, final_seq)
-         ), target AS (
-             SELECT j.id, j.attempt, j.lease_token, j.started_at,
-                    i.outcome, i.output, i.error, i.backoff_ms, i.final_seq,
-                    CASE WHEN i.outcome = 'succeeded' THEN 'succeeded'
-                         WHEN i.retryable AND j.attempt < j.max_attempts THEN 'scheduled'
-                         ELSE 'failed' END AS next_state
-             FROM input i JOIN sluice.jobs j ON j.id = i.job_id
-             WHERE j.attempt = i.attempt AND j.lease_token = i.lease_token
-               AND j.runner_id = $1 AND j.state = 'running'
-             FOR UPDATE OF j
          ), done AS (
+             -- The lease guard is in this UPDATE's own WHERE, so a row that another
+             -- statement changed meanwhile is re-checked on its new version before it is
+             -- written (no separate row lock needed). A failure is retried when it may be and
+             -- attempts are left: `scheduled` after the back-off.
              UPDATE sluice.jobs j
-             SET state = t.next_state::sluice.job_state,
-                 result = t.output,
-                 error = t.error,
-                 run_at = CASE WHEN t.next_state = 'scheduled'
-                               THEN now() + t.backoff_ms * interval '1 millisecond'
-                               ELSE j.run_at END,
-                 finished_at = CASE WHEN t.next_state = 'scheduled' THEN NULL ELSE now() END,
+             SET state = CASE
+                     WHEN i.outcome = 'succeeded' THEN 'succeeded'
+                     WHEN i.retryable AND j.attempt < j.max_attempts THEN 'scheduled'
+                     ELSE 'failed' END::sluice.job_state,
+                 result = i.output,
+                 error = i.error,
+                 run_at = CASE
+                     WHEN i.outcome <> 'succeeded' AND i.retryable AND j.attempt < j.max_attempts
+                     THEN now() + i.backoff_ms * interval '1 millisecond'
+                     ELSE j.run_at END,
+                 finished_at = CASE
+                     WHEN i.outcome <> 'succeeded' AND i.retryable AND j.attempt < j.max_attempts
+                     THEN NULL ELSE now() END,
                  lease_expires_at = NULL
-             FROM target t
-             WHERE j.id = t.id
-             RETURNING j.id, j.attempt, j.state, t.lease_token, t.started_at, t.outcome,
-                       t.error, t.final_seq
+             FROM input i
+             WHERE j.id = i.job_id AND j.attempt = i.attempt AND j.lease_token = i.lease_token
+               AND j.runner_id = $1 AND j.state = 'running'
+             RETURNING j.id, j.attempt, j.state, j.lease_token, j.started_at, i.outcome,
+                       i.error, i.final_seq
          ), recorded AS (
              INSERT INTO sluice.job_attempts
                  (job_id, attempt, runner_id, lease_token, started_at, finished_at, outcome,
