@@ -11,7 +11,7 @@ use sluice_protocol::{
     ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef, RegisterRequest,
     RegisterResponse, RunnerId,
 };
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{Backoff, CallError, Client};
@@ -113,7 +113,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         ));
         let slots = Arc::new(Semaphore::new(config.slots as usize));
         // Tasks spawned but not polled yet (see the gathering of free slots below).
-        let unpolled = Arc::new(AtomicUsize::new(0));
+        let unpolled = Arc::new(Unpolled::default());
         let outbox = Arc::new(Outbox::default());
         let flusher = tokio::spawn({
             let outbox = outbox.clone();
@@ -158,23 +158,15 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 _ = drain_rx.changed() => continue,
             };
             // Let the tasks that are finishing now free their slots too, so one claim carries
-            // their completions and refills them all: the tasks of the last claim that have
-            // not been polled yet (a quick job, such as `noop`, ends within its first poll,
-            // possibly on the other worker thread) and anything else ready this instant. A
-            // running tool is not waited for.
+            // their completions and refills them all: wait (without spinning) until every task
+            // of the last claim has been polled once — a quick job, such as `noop`, ends
+            // within its first poll, possibly on the other worker thread — at most
+            // GATHER_LIMIT, then take every free slot. A running tool is not waited for.
+            unpolled.all_polled(GATHER_LIMIT).await;
+            tokio::task::yield_now().await;
             let mut permits = vec![first];
-            let gather_until = Instant::now() + GATHER_LIMIT;
-            loop {
-                tokio::task::yield_now().await;
-                while let Ok(permit) = slots.clone().try_acquire_owned() {
-                    permits.push(permit);
-                }
-                if permits.len() == config.slots as usize
-                    || unpolled.load(Ordering::Acquire) == 0
-                    || Instant::now() >= gather_until
-                {
-                    break;
-                }
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                permits.push(permit);
             }
             let carried = outbox.carry(outbox.carry_limit());
             let request = ClaimBody {
@@ -223,8 +215,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         );
                         let ctx = ctx.clone();
                         let running = running.clone();
-                        unpolled.fetch_add(1, Ordering::AcqRel);
-                        tasks.spawn(first_poll_counted(unpolled.clone(), async move {
+                        let unpolled = Unpolled::spawned(&unpolled);
+                        tasks.spawn(first_poll_counted(unpolled, async move {
                             let job_id = task.job_id;
                             let completing = task::run(ctx, task, stop).await;
                             // The tool has ended: the slot is free. The lease is kept (in
@@ -280,16 +272,57 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     Ok(())
 }
 
-/// Runs `task`, counting it out of `unpolled` once its first poll has returned (a quick job
-/// has freed its slot by then).
-async fn first_poll_counted<F: Future>(unpolled: Arc<AtomicUsize>, task: F) -> F::Output {
+/// Tasks spawned by the claim loop that have not been polled yet.
+#[derive(Default)]
+struct Unpolled {
+    count: AtomicUsize,
+    none_left: Notify,
+}
+
+impl Unpolled {
+    /// Counts a task in until the returned guard is dropped (after its first poll, or
+    /// unpolled if the task is dropped first).
+    fn spawned(this: &Arc<Unpolled>) -> NotPolledYet {
+        this.count.fetch_add(1, Ordering::AcqRel);
+        NotPolledYet(this.clone())
+    }
+
+    /// Waits until every spawned task has been polled once, or `limit` has passed.
+    async fn all_polled(&self, limit: Duration) {
+        let waited = tokio::time::timeout(limit, async {
+            loop {
+                let notified = self.none_left.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if self.count.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        });
+        let _ = waited.await;
+    }
+}
+
+/// A task counted in [`Unpolled`].
+struct NotPolledYet(Arc<Unpolled>);
+
+impl Drop for NotPolledYet {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_left.notify_waiters();
+        }
+    }
+}
+
+/// Runs `task`, counting it out once its first poll has returned (a quick job has freed its
+/// slot by then).
+async fn first_poll_counted<F: Future>(counted: NotPolledYet, task: F) -> F::Output {
     let mut task = std::pin::pin!(task);
-    let mut first = true;
+    let mut counted = Some(counted);
     std::future::poll_fn(move |cx| {
         let poll = task.as_mut().poll(cx);
-        if std::mem::take(&mut first) {
-            unpolled.fetch_sub(1, Ordering::AcqRel);
-        }
+        counted.take();
         poll
     })
     .await
