@@ -13,9 +13,15 @@
 //!
 //! ```text
 //! sidecar ─fork→ keeper (old namespace; mirrors the tool's exit; death signal = SIGKILL)
-//!                  └─fork→ init (PID 1 of the new namespace; death signal = SIGKILL; reaps)
-//!                            └─fork→ tool (exec'd: bash -c …)
+//!                  └─clone(VM, VFORK, FILES)→ init (PID 1 of the new namespace; reaps)
+//!                                               └─clone(VM, VFORK)→ tool (execs: bash -c …)
 //! ```
+//!
+//! Only the first step copies the sidecar's address space. Init and the tool share the
+//! keeper's copy, each on a stack of its own mapped before the fork, and each `clone` is a
+//! vfork: the keeper sleeps while init lives, init sleeps until the tool has exec'd, so at any
+//! moment exactly one of the three runs on that memory. (Three forks cost about a third of a
+//! millisecond more per tool, in page-table copies and teardowns.)
 //!
 //! When the tool exits, init exits with its status and the namespace's stragglers die; when
 //! the sidecar dies, the keeper gets SIGKILL, then init, then everything in the namespace.
@@ -59,28 +65,33 @@ pub struct ToolCommand<'a> {
     pub exec_fd: Option<std::os::fd::RawFd>,
 }
 
-/// `argv` and `envp` for `execveat`, built before the fork (the child may not allocate).
+/// The tool's exec, built before the fork (the children may not allocate): the program by
+/// path (looked up in the tool's `PATH` when it has no slash) and, where given, by descriptor.
 struct PreparedExec {
-    fd: std::os::fd::RawFd,
+    fd: Option<std::os::fd::RawFd>,
+    path: std::ffi::CString,
     _strings: Vec<std::ffi::CString>,
     argv: Vec<*const nix::libc::c_char>,
     envp: Vec<*const nix::libc::c_char>,
 }
 
 // SAFETY: the pointers point into `_strings`, owned by the same value and never mutated; the
-// value is only read, in the forked child.
+// value is only read, in the forked children.
 unsafe impl Send for PreparedExec {}
 unsafe impl Sync for PreparedExec {}
 
 impl PreparedExec {
-    fn new(fd: std::os::fd::RawFd, tool: &ToolCommand<'_>) -> std::io::Result<PreparedExec> {
+    fn new(tool: &ToolCommand<'_>) -> std::io::Result<PreparedExec> {
         use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
         let nul = |_| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "NUL byte in an argument or variable",
             )
         };
+        let path = resolve_program(tool.program, &tool.env)?;
+        let path = CString::new(path.as_os_str().as_bytes()).map_err(nul)?;
         let mut args = vec![CString::new(tool.program).map_err(nul)?];
         for arg in &tool.args {
             args.push(CString::new(arg.as_str()).map_err(nul)?);
@@ -95,33 +106,138 @@ impl PreparedExec {
         envp.push(std::ptr::null());
         args.extend(vars);
         Ok(PreparedExec {
-            fd,
+            fd: tool.exec_fd,
+            path,
             _strings: args,
             argv,
             envp,
         })
     }
 
-    /// Replaces the process image; returns only when `execveat` is missing (ENOSYS), so the
-    /// caller's exec by path goes ahead. Async-signal-safe.
-    fn exec(&self) -> std::io::Result<()> {
-        // SAFETY: execveat with NUL-terminated arrays that outlive the call.
-        let result = unsafe {
-            nix::libc::syscall(
-                nix::libc::SYS_execveat,
-                self.fd,
-                c"".as_ptr(),
-                self.argv.as_ptr(),
-                self.envp.as_ptr(),
-                nix::libc::AT_EMPTY_PATH,
-            )
-        };
-        let err = std::io::Error::last_os_error();
-        if result != 0 && err.raw_os_error() == Some(nix::libc::ENOSYS) {
-            return Ok(());
+    /// Replaces the process image: by descriptor (`execveat(AT_EMPTY_PATH)`) where one is
+    /// given, by path otherwise or where `execveat` is missing. Returns only the error.
+    /// Async-signal-safe.
+    fn exec(&self) -> std::io::Error {
+        use nix::libc;
+        if let Some(fd) = self.fd {
+            // SAFETY: execveat with NUL-terminated arrays that outlive the call.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    fd,
+                    c"".as_ptr(),
+                    self.argv.as_ptr(),
+                    self.envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOSYS) {
+                return err;
+            }
         }
-        Err(err)
+        // SAFETY: as above.
+        unsafe {
+            libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
+        }
+        std::io::Error::last_os_error()
     }
+}
+
+/// The program to execute: `program` itself when it holds a slash, else the first executable
+/// file of that name in the tool's `PATH` (as a shell or `execvp` would find it).
+fn resolve_program(
+    program: &str,
+    env: &BTreeMap<String, String>,
+) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Ok(program.into());
+    }
+    let search = env
+        .get("PATH")
+        .map(String::as_str)
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    for dir in search.split(':').filter(|dir| !dir.is_empty()) {
+        let candidate = Path::new(dir).join(program);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{program}: not found in the tool's PATH"),
+    ))
+}
+
+/// A stack for a helper started with `clone`, mapped before the fork (the children cannot
+/// map memory), with a guard page below it: an overflow faults instead of writing over the
+/// keeper's heap.
+struct HelperStack {
+    base: *mut nix::libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is only used by the forked children, and unmapped by its owner.
+unsafe impl Send for HelperStack {}
+unsafe impl Sync for HelperStack {}
+
+impl HelperStack {
+    const SIZE: usize = 256 * 1024;
+    const GUARD: usize = 4096;
+
+    fn new() -> std::io::Result<HelperStack> {
+        use nix::libc;
+        // SAFETY: a fresh anonymous mapping; the guard page is inside it.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                Self::SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            let stack = HelperStack {
+                base,
+                len: Self::SIZE,
+            };
+            if libc::mprotect(base, Self::GUARD, libc::PROT_NONE) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(stack)
+        }
+    }
+
+    /// The initial stack pointer (stacks grow down; page-aligned, so 16-byte aligned).
+    fn top(&self) -> *mut nix::libc::c_void {
+        // SAFETY: one past the end of the mapping, which is where a stack starts.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for HelperStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; the children hold their own copies.
+        unsafe {
+            nix::libc::munmap(self.base, self.len);
+        }
+    }
+}
+
+/// Everything the tool's chain needs after the fork, computed before it.
+struct ToolSetup {
+    exec: PreparedExec,
+    tmp: Option<PrivateTmp>,
+    user: Option<ToolUser>,
+    limits: Vec<(Resource, u64)>,
+    init_stack: HelperStack,
+    tool_stack: HelperStack,
 }
 
 /// The unprivileged identity tools run as when the sidecar runs as root (`nobody` by
@@ -516,74 +632,217 @@ fn proc_fd_path(fd: i32, out: &mut [u8; 32]) -> usize {
     prefix.len() + count
 }
 
-/// In the forked child, before exec: moves the rest of the chain into a new PID namespace
-/// (see the module doc). Returns in the process that goes on to exec the tool; the keeper and
-/// init never return. Without the right to unshare, returns at once and the tool runs in the
-/// sidecar's namespace (process-group cleanup only).
+/// Termination signals the keeper ignores (it must outlive them to report the tool's exit)
+/// and init forwards to the tool.
+const GROUP_SIGNALS: [nix::libc::c_int; 3] =
+    [nix::libc::SIGTERM, nix::libc::SIGINT, nix::libc::SIGHUP];
+
+/// In the forked child (the keeper), before exec: starts init in a new PID namespace and
+/// mirrors its exit (see the module doc). Never returns once init has started; returns at
+/// once when the sidecar may not create PID namespaces, and this process becomes the tool
+/// (process-group cleanup only).
 ///
 /// Only async-signal-safe calls: this runs in a fork of a multi-threaded process.
-fn enter_pid_namespace() -> nix::Result<()> {
-    use nix::sched::{unshare, CloneFlags};
-    use nix::sys::signal::{signal, SigHandler};
-    use nix::sys::wait::{waitpid, WaitStatus};
-    use nix::unistd::{fork, ForkResult};
+fn keep_tool_in_pid_namespace(setup: &ToolSetup) -> std::io::Result<()> {
+    use nix::libc;
+    // SAFETY: unshare, sigaction (through signal), clone, close and waitpid are
+    // async-signal-safe; init runs on its own stack and the keeper sleeps until it has exited.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWPID) != 0 {
+            return Ok(());
+        }
+        // Out of group signals' way (SIGKILL, from the death signal, still ends it); init and
+        // the tool inherit this, and the tool restores the defaults before its exec.
+        for sig in GROUP_SIGNALS {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        // Init shares this process's memory and descriptor table: its closing of every
+        // descriptor from 3 up closes the keeper's too (std's spawn pipe above all).
+        let init = libc::clone(
+            init_main,
+            setup.init_stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD,
+            std::ptr::from_ref(setup).cast_mut().cast(),
+        );
+        if init < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Init has exited (it never execs): report its status, which is the tool's.
+        close_inherited_descriptors();
+        let mut status = 0;
+        loop {
+            if libc::waitpid(init, &mut status, 0) == init {
+                break;
+            }
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                exit_now(127);
+            }
+        }
+        exit_now(exit_code(status))
+    }
+}
 
-    if unshare(CloneFlags::CLONE_NEWPID).is_err() {
-        return Ok(());
+/// The exit code mirroring a wait status: the code, or 128 + the signal.
+fn exit_code(status: nix::libc::c_int) -> i32 {
+    use nix::libc;
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        127
     }
-    // The keeper: the sidecar's direct child. It stays out of group signals' way so that
-    // it can report the tool's exit; SIGKILL (from its death signal) still ends it.
-    // SAFETY: fork in a single-threaded child; both sides only make async-signal-safe calls.
-    let init = match unsafe { fork() }? {
-        ForkResult::Parent { child } => child,
-        ForkResult::Child => return run_init(),
-    };
-    close_inherited_descriptors();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        // SAFETY: installing SIG_IGN is async-signal-safe.
-        unsafe { signal(sig, SigHandler::SigIgn) }?;
-    }
-    loop {
-        match waitpid(init, None) {
-            Ok(WaitStatus::Exited(_, code)) => exit_now(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => exit_now(128 + sig as i32),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => exit_now(127),
+}
+
+/// PID 1 of the tool's namespace: starts the tool, forwards termination signals to it, reaps
+/// orphans, and exits with the tool's status (which ends the namespace).
+extern "C" fn init_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
+    use nix::libc;
+    // SAFETY: `setup` is the keeper's `ToolSetup`, alive while the keeper sleeps; only
+    // async-signal-safe calls follow, and the tool runs on its own stack while init sleeps.
+    unsafe {
+        let setup_ref = &*setup.cast_const().cast::<ToolSetup>();
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            fail_to_start(c"cannot set init's death signal", None);
+        }
+        let tool = libc::clone(
+            tool_main,
+            setup_ref.tool_stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            setup,
+        );
+        if tool < 0 {
+            fail_to_start(c"cannot start the tool process", None);
+        }
+        // The tool has exec'd (or failed and exited): this memory is init's alone now.
+        TOOL_PID.store(tool, std::sync::atomic::Ordering::Relaxed);
+        close_inherited_descriptors();
+        for sig in GROUP_SIGNALS {
+            // SAFETY: the handler only calls kill(2).
+            libc::signal(sig, forward_to_tool as *const () as libc::sighandler_t);
+        }
+        let mut status = 0;
+        loop {
+            let pid = libc::waitpid(-1, &mut status, 0);
+            if pid == tool {
+                exit_now(exit_code(status));
+            }
+            // An orphan of the tool, reaped (or EINTR); keep waiting for the tool itself.
+            if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                exit_now(127);
+            }
         }
     }
 }
 
-/// PID 1 of the tool's namespace: starts the tool, forwards termination signals to it,
-/// reaps orphans, and exits with the tool's status (which ends the namespace).
-fn run_init() -> nix::Result<()> {
-    use nix::sys::signal::{signal, SigHandler};
-    use nix::sys::wait::{waitpid, WaitStatus};
-    use nix::unistd::{fork, ForkResult, Pid};
+/// The tool process: restores the default dispositions, confines itself and execs.
+extern "C" fn tool_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
+    use nix::libc;
+    // SAFETY: as in `init_main`; init sleeps until this process has exec'd or exited.
+    unsafe {
+        let setup = &*setup.cast_const().cast::<ToolSetup>();
+        for sig in GROUP_SIGNALS {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        if let Err(err) = confine_tool(setup) {
+            fail_to_start(c"cannot confine the tool", err.raw_os_error());
+        }
+        let err = setup.exec.exec();
+        fail_to_start(c"cannot execute the tool", err.raw_os_error())
+    }
+}
 
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-    // SAFETY: as above.
-    let tool = match unsafe { fork() }? {
-        ForkResult::Child => {
-            // The tool: back to default dispositions, then exec (by std, after we return).
-            return Ok(());
+/// In the tool process, before its exec: private temp directories, priority, the uid drop,
+/// the death signal, no new privileges, close-on-exec and the lowered rlimits.
+/// Async-signal-safe: raw syscalls (the uid drop with no libc bookkeeping, which would try to
+/// reach the keeper's threads).
+fn confine_tool(setup: &ToolSetup) -> std::io::Result<()> {
+    use nix::libc;
+    let check = |result: libc::c_long| {
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
         }
-        ForkResult::Parent { child } => child,
     };
-    TOOL_PID.store(tool.as_raw(), std::sync::atomic::Ordering::Relaxed);
-    close_inherited_descriptors();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        // SAFETY: the handler only calls kill(2).
-        unsafe { signal(sig, SigHandler::Handler(forward_to_tool)) }?;
+    if let Some(tmp) = &setup.tmp {
+        private_tmp(tmp);
     }
-    loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == tool => exit_now(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == tool => exit_now(128 + sig as i32),
-            // An orphan of the tool, reaped; keep waiting for the tool itself.
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => exit_now(127),
+    yield_to_the_sidecar();
+    // SAFETY: raw credential and prctl syscalls on this process only.
+    unsafe {
+        if let Some(user) = setup.user {
+            // Only the tool drops its privileges; the keeper and init stay root.
+            check(libc::syscall(
+                libc::SYS_setgroups,
+                0,
+                std::ptr::null::<libc::gid_t>(),
+            ))?;
+            check(libc::syscall(
+                libc::SYS_setresgid,
+                user.gid,
+                user.gid,
+                user.gid,
+            ))?;
+            check(libc::syscall(
+                libc::SYS_setresuid,
+                user.uid,
+                user.uid,
+                user.uid,
+            ))?;
         }
+        // Again: a credential change clears the death signal.
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL).into())?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
     }
+    close_on_exec_above_stderr();
+    for &(resource, wanted) in &setup.limits {
+        let (soft, hard) = getrlimit(resource)?;
+        // Only ever lower: a job cannot raise the runner's limits.
+        let hard = hard.min(wanted);
+        setrlimit(resource, soft.min(hard), hard)?;
+    }
+    Ok(())
+}
+
+/// Ends a helper that could not start the tool, saying why on the tool's stderr (which the
+/// task reports), with the shell's "cannot execute" status. Async-signal-safe.
+fn fail_to_start(what: &std::ffi::CStr, errno: Option<i32>) -> ! {
+    let mut line = [0u8; 160];
+    let mut at = 0;
+    for part in [b"sluice-runner: ".as_slice(), what.to_bytes()] {
+        let n = part.len().min(line.len() - at);
+        line[at..at + n].copy_from_slice(&part[..n]);
+        at += n;
+    }
+    if let Some(errno) = errno {
+        let text = b" (errno ";
+        line[at..at + text.len()].copy_from_slice(text);
+        at += text.len();
+        let mut digits = [0u8; 10];
+        let (mut n, mut count) = (errno.unsigned_abs(), 0);
+        loop {
+            digits[count] = b'0' + (n % 10) as u8;
+            count += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for i in 0..count {
+            line[at] = digits[count - 1 - i];
+            at += 1;
+        }
+        line[at] = b')';
+        at += 1;
+    }
+    line[at] = b'\n';
+    at += 1;
+    // SAFETY: write and _exit are async-signal-safe.
+    unsafe {
+        nix::libc::write(2, line.as_ptr().cast(), at);
+    }
+    exit_now(127)
 }
 
 /// Spawns a tool process. Call it from an async task on a runtime *worker* thread, never from
@@ -604,48 +863,29 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // Computed before the fork: the child may only make async-signal-safe calls.
-    let limits = rlimits(&tool.limits);
-    let user = tool.user;
-    let tmp = PrivateTmp::new(
-        tool.workspace,
-        tool.limits.file_size_bytes.unwrap_or(1 << 30),
-    );
-    let exec = match tool.exec_fd {
-        Some(fd) => Some(PreparedExec::new(fd, tool)?),
-        None => None,
+    // Computed before the fork: the children may only make async-signal-safe calls.
+    let setup = ToolSetup {
+        exec: PreparedExec::new(tool)?,
+        tmp: PrivateTmp::new(
+            tool.workspace,
+            tool.limits.file_size_bytes.unwrap_or(1 << 30),
+        ),
+        user: tool.user,
+        limits: rlimits(&tool.limits),
+        init_stack: HelperStack::new()?,
+        tool_stack: HelperStack::new()?,
     };
-    // SAFETY: between fork and exec the closure only makes raw syscalls through nix (setsid,
-    // prctl, getrlimit, setrlimit) and does not allocate (`limits` was built beforehand).
+    // SAFETY: between fork and exec the closure only makes raw syscalls (setsid, prctl,
+    // unshare, clone, getrlimit, setrlimit, exec) and does not allocate (`setup` was built
+    // beforehand).
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid()?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            enter_pid_namespace()?;
-            if let Some(tmp) = &tmp {
-                private_tmp(tmp);
-            }
-            yield_to_the_sidecar();
-            if let Some(user) = user {
-                // Only the tool drops its privileges; the keeper and init above stay root.
-                nix::unistd::setgroups(&[])?;
-                nix::unistd::setgid(nix::unistd::Gid::from_raw(user.gid))?;
-                nix::unistd::setuid(nix::unistd::Uid::from_raw(user.uid))?;
-            }
-            // Again: a credential change clears the death signal.
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            nix::sys::prctl::set_no_new_privs()?;
-            close_on_exec_above_stderr();
-            for &(resource, wanted) in &limits {
-                let (soft, hard) = getrlimit(resource)?;
-                // Only ever lower: a job cannot raise the runner's limits.
-                let hard = hard.min(wanted);
-                setrlimit(resource, soft.min(hard), hard)?;
-            }
-            if let Some(exec) = &exec {
-                exec.exec()?;
-            }
-            Ok(())
+            keep_tool_in_pid_namespace(&setup)?;
+            // No PID namespace here: this process is the tool.
+            confine_tool(&setup)?;
+            Err(setup.exec.exec())
         });
     }
     // Held across the spawn, so the orphan reaper cannot see the new pid untracked.
@@ -867,6 +1107,53 @@ mod tests {
                 "TASK_ID"
             ]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_tool_that_cannot_be_executed_fails_saying_why() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sluice-proc-noexec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("not-executable");
+        std::fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tool = ToolCommand {
+            program: script.to_str().unwrap(),
+            args: Vec::new(),
+            workspace: &dir,
+            env: tool_env(&dir, 1, 1, &BTreeMap::new()),
+            limits: Limits::default(),
+            user: None,
+            stdin: false,
+            exec_fd: None,
+        };
+        match spawn_tool(&tool) {
+            // In a PID namespace the tool process execs by itself: it says why on its stderr
+            // and ends with the shell's "cannot execute" status.
+            Ok(child) => {
+                let output = child.wait_with_output().await.unwrap();
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert_eq!(output.status.code(), Some(127), "{stderr}");
+                assert!(
+                    stderr.contains("cannot execute the tool (errno 13)"),
+                    "{stderr}"
+                );
+                assert!(output.stdout.is_empty());
+            }
+            // Without one the sidecar's own fork execs, and the spawn fails.
+            Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied),
+        }
+        let missing = ToolCommand {
+            program: "no-such-tool-anywhere",
+            ..tool.clone()
+        };
+        let err = spawn_tool(&missing).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert!(
+            err.to_string().contains("not found in the tool's PATH"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
