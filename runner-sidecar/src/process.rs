@@ -158,7 +158,8 @@ fn resolve_program(
         .get("PATH")
         .map(String::as_str)
         .unwrap_or("/usr/local/bin:/usr/bin:/bin");
-    for dir in search.split(':').filter(|dir| !dir.is_empty()) {
+    // Relative entries would resolve against the sidecar's directory, not the tool's: skipped.
+    for dir in search.split(':').filter(|dir| dir.starts_with('/')) {
         let candidate = Path::new(dir).join(program);
         if let Ok(meta) = std::fs::metadata(&candidate) {
             if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
@@ -232,6 +233,9 @@ impl Drop for HelperStack {
 
 /// Everything the tool's chain needs after the fork, computed before it.
 struct ToolSetup {
+    /// Where init or the tool write the errno of a failure to start (4 bytes), so that the
+    /// sidecar's spawn fails as it would without the namespace chain (see [`StartErrors`]).
+    start_errors: std::os::fd::RawFd,
     exec: PreparedExec,
     tmp: Option<PrivateTmp>,
     user: Option<ToolUser>,
@@ -703,7 +707,7 @@ extern "C" fn init_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
     unsafe {
         let setup_ref = &*setup.cast_const().cast::<ToolSetup>();
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            fail_to_start(c"cannot set init's death signal", None);
+            fail_to_start(setup_ref, c"cannot set init's death signal", last_errno());
         }
         let tool = libc::clone(
             tool_main,
@@ -712,7 +716,7 @@ extern "C" fn init_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
             setup,
         );
         if tool < 0 {
-            fail_to_start(c"cannot start the tool process", None);
+            fail_to_start(setup_ref, c"cannot start the tool process", last_errno());
         }
         // The tool has exec'd (or failed and exited): this memory is init's alone now.
         TOOL_PID.store(tool, std::sync::atomic::Ordering::Relaxed);
@@ -745,10 +749,10 @@ extern "C" fn tool_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
             libc::signal(sig, libc::SIG_DFL);
         }
         if let Err(err) = confine_tool(setup) {
-            fail_to_start(c"cannot confine the tool", err.raw_os_error());
+            fail_to_start(setup, c"cannot confine the tool", err.raw_os_error());
         }
         let err = setup.exec.exec();
-        fail_to_start(c"cannot execute the tool", err.raw_os_error())
+        fail_to_start(setup, c"cannot execute the tool", err.raw_os_error())
     }
 }
 
@@ -805,9 +809,20 @@ fn confine_tool(setup: &ToolSetup) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Ends a helper that could not start the tool, saying why on the tool's stderr (which the
-/// task reports), with the shell's "cannot execute" status. Async-signal-safe.
-fn fail_to_start(what: &std::ffi::CStr, errno: Option<i32>) -> ! {
+fn last_errno() -> Option<i32> {
+    std::io::Error::last_os_error().raw_os_error()
+}
+
+/// Ends a helper that could not start the tool: hands the errno to the sidecar's spawn (which
+/// then fails, so a passing shortage such as `EAGAIN` is retried like any spawn failure),
+/// says why on the tool's stderr, and exits with the shell's "cannot execute" status.
+/// Async-signal-safe.
+fn fail_to_start(setup: &ToolSetup, what: &std::ffi::CStr, errno: Option<i32>) -> ! {
+    let code = errno.unwrap_or(nix::libc::EIO).to_ne_bytes();
+    // SAFETY: write is async-signal-safe; the pipe is empty, so 4 bytes never block.
+    unsafe {
+        nix::libc::write(setup.start_errors, code.as_ptr().cast(), code.len());
+    }
     let mut line = [0u8; 160];
     let mut at = 0;
     for part in [b"sluice-runner: ".as_slice(), what.to_bytes()] {
@@ -864,7 +879,9 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     // Computed before the fork: the children may only make async-signal-safe calls.
+    let start_errors = StartErrors::new()?;
     let setup = ToolSetup {
+        start_errors: start_errors.write_fd(),
         exec: PreparedExec::new(tool)?,
         tmp: PrivateTmp::new(
             tool.workspace,
@@ -894,7 +911,50 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
     if let Some(pid) = child.id() {
         tracked.insert(pid as i32);
     }
+    // The spawn returned: the tool has exec'd, or it (or init) has failed and said so.
+    if let Some(err) = start_errors.received() {
+        // The keeper exits 127 on its own; kill_on_drop makes sure, tokio reaps it.
+        drop(child);
+        return Err(err);
+    }
     Ok(child)
+}
+
+/// A close-on-exec pipe on which init or the tool report a failure to start. std's spawn
+/// returns only once the tool has exec'd or exited (its error pipe closes then, the tool's
+/// copy at the exec, init's once the tool is under way), so after the spawn the helpers have
+/// either written their errno here or closed their ends: a non-blocking read never waits.
+struct StartErrors {
+    read: std::os::fd::OwnedFd,
+    write: Option<std::os::fd::OwnedFd>,
+}
+
+impl StartErrors {
+    fn new() -> std::io::Result<StartErrors> {
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        Ok(StartErrors {
+            read,
+            write: Some(write),
+        })
+    }
+
+    fn write_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.write.as_ref().map_or(-1, |w| w.as_raw_fd())
+    }
+
+    /// The failure the helpers reported, if any.
+    fn received(mut self) -> Option<std::io::Error> {
+        use std::os::fd::AsRawFd;
+        drop(self.write.take());
+        let mut code = [0u8; 4];
+        // SAFETY: a read into a stack buffer from a descriptor this value owns.
+        let n =
+            unsafe { nix::libc::read(self.read.as_raw_fd(), code.as_mut_ptr().cast(), code.len()) };
+        (n == code.len() as isize)
+            .then(|| std::io::Error::from_raw_os_error(i32::from_ne_bytes(code)))
+    }
 }
 
 /// Pids of the tools this process spawned (tokio reaps them): [`reap_orphans`] leaves them be.
@@ -1110,7 +1170,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_tool_that_cannot_be_executed_fails_saying_why() {
+    async fn a_tool_that_cannot_be_executed_fails_its_spawn() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("sluice-proc-noexec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1127,22 +1187,10 @@ mod tests {
             stdin: false,
             exec_fd: None,
         };
-        match spawn_tool(&tool) {
-            // In a PID namespace the tool process execs by itself: it says why on its stderr
-            // and ends with the shell's "cannot execute" status.
-            Ok(child) => {
-                let output = child.wait_with_output().await.unwrap();
-                let stderr = String::from_utf8_lossy(&output.stderr);
-                assert_eq!(output.status.code(), Some(127), "{stderr}");
-                assert!(
-                    stderr.contains("cannot execute the tool (errno 13)"),
-                    "{stderr}"
-                );
-                assert!(output.stdout.is_empty());
-            }
-            // Without one the sidecar's own fork execs, and the spawn fails.
-            Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied),
-        }
+        // In a PID namespace the tool process execs by itself, and hands its errno back to
+        // the spawn, which fails as it does without one.
+        let err = spawn_tool(&tool).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
         let missing = ToolCommand {
             program: "no-such-tool-anywhere",
             ..tool.clone()
