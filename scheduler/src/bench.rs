@@ -712,11 +712,16 @@ async fn drain_through_sidecars(
     for _ in 0..sizes.runs.min(3) {
         sql::truncate_jobs(pool).await?;
         // Load the backlog in one transaction, so the sidecars start on all of it at once.
-        sql::insert_jobs_plain_repeated(pool, &bench.specs[0], sizes.drain_jobs as i64).await?;
-        // On the server's clock, from just after the backlog's commit to the last job's
-        // finish: the poll's period then bounds no precision, and a slow poll keeps the
-        // harness off the two cores it measures (a 2 ms poll cost a tenth of a core).
-        let started = sql::server_clock(pool).await?;
+        let xid =
+            sql::insert_jobs_plain_repeated(pool, &bench.specs[0], sizes.drain_jobs as i64).await?;
+        // On the server's clock, from the backlog's commit to the last completion's (commit
+        // timestamps; where those are off, from just after the commit to the last
+        // `finished_at`): the poll's period then bounds no precision, and a slow poll keeps
+        // the harness off the two cores it measures (a 2 ms poll cost a tenth of a core).
+        let started = match sql::commit_timestamp(pool, &xid).await? {
+            Some(at) => at,
+            None => sql::server_clock(pool).await?,
+        };
         wait_drained_every(
             pool,
             sizes.drain_jobs as i64,

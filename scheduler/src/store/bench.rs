@@ -87,14 +87,21 @@ pub async fn insert_finished_jobs(pool: &PgPool, count: i64) -> Result<()> {
     Ok(())
 }
 
-/// `count` copies of one spec in one statement (a backlog loaded in one transaction).
-pub async fn insert_jobs_plain_repeated(pool: &PgPool, spec: &Value, count: i64) -> Result<()> {
-    sqlx::query("INSERT INTO sluice.jobs (spec) SELECT $1 FROM generate_series(1, $2)")
-        .bind(spec)
-        .bind(count)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// Inserts `count` copies of `spec` with the plain INSERT, in one statement (one commit);
+/// returns the transaction id, for its commit timestamp.
+pub async fn insert_jobs_plain_repeated(pool: &PgPool, spec: &Value, count: i64) -> Result<String> {
+    let (xid,): (String,) = sqlx::query_as(
+        "WITH inserted AS (
+             INSERT INTO sluice.jobs (spec) SELECT $1 FROM generate_series(1, $2)
+             RETURNING xmin
+         )
+         SELECT xmin::text FROM inserted LIMIT 1",
+    )
+    .bind(spec)
+    .bind(count)
+    .fetch_one(pool)
+    .await?;
+    Ok(xid)
 }
 
 /// Whether any job is still available or running (both are small partial-index lookups).
@@ -116,15 +123,18 @@ pub async fn server_clock(pool: &PgPool) -> Result<DateTime<Utc>> {
     Ok(now)
 }
 
-/// When the last finished job finished (an index scan of the finished jobs).
+/// When the last finished job's completion committed (its commit timestamp; where
+/// `track_commit_timestamp` is off, its `finished_at`, the completing statement's start).
 pub async fn last_finished_at(pool: &PgPool) -> Result<DateTime<Utc>> {
-    let (at,): (Option<DateTime<Utc>>,) = sqlx::query_as(
-        "SELECT max(finished_at) FROM sluice.jobs
-         WHERE state IN ('succeeded', 'failed', 'cancelled')",
+    let last: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT xmin::text, finished_at FROM sluice.jobs
+         WHERE state IN ('succeeded', 'failed', 'cancelled')
+         ORDER BY finished_at DESC LIMIT 1",
     )
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
-    at.ok_or_else(|| Error::Internal("no job has finished".into()))
+    let (xid, finished_at) = last.ok_or_else(|| Error::Internal("no job has finished".into()))?;
+    Ok(commit_timestamp(pool, &xid).await?.unwrap_or(finished_at))
 }
 
 /// Succeeded jobs and recorded attempts, to check that a drain ran every job exactly once.
