@@ -32,3 +32,19 @@ ALTER TABLE sluice.job_attempts ALTER COLUMN finished_at SET NOT NULL;
 ALTER TABLE sluice.job_attempts ALTER COLUMN outcome SET NOT NULL;
 -- Rows are inserted once and never updated: no room to leave for HOT updates.
 ALTER TABLE sluice.job_attempts SET (fillfactor = 100);
+
+-- Attempt rows are history now: nothing updates them. A scheduler from before this migration
+-- still would (its completion, cancel, timeout and reclaim statements end the live row with an
+-- UPDATE that would now match nothing and so lose the attempt's record): make those statements
+-- fail whole instead, so the runner's retry reaches an upgraded replica. Stop or upgrade every
+-- replica before this migration runs; the reaper of an old one fails the same way.
+CREATE FUNCTION sluice.job_attempts_are_history() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'sluice: job_attempts rows are written once, when an attempt ends (migration 0003); this scheduler predates it and must be upgraded'
+        USING ERRCODE = 'object_not_in_prerequisite_state';
+END;
+$$;
+
+CREATE TRIGGER job_attempts_are_history BEFORE UPDATE ON sluice.job_attempts
+    FOR EACH STATEMENT EXECUTE FUNCTION sluice.job_attempts_are_history();

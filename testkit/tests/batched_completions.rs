@@ -270,10 +270,12 @@ async fn real_sidecars_drain_a_burst_exactly_once_with_batched_completions() {
     );
     assert_eq!(
         db.count(
-            "SELECT count(*) FROM sluice.job_attempts WHERE outcome IS NULL OR finished_at IS NULL"
+            "SELECT count(*) FROM sluice.job_attempts a JOIN sluice.jobs j ON j.id = a.job_id
+             WHERE a.outcome <> j.state::text OR a.attempt <> j.attempt
+                OR a.finished_at < a.started_at OR a.runner_id IS DISTINCT FROM j.runner_id"
         )
         .await,
         0,
-        "every attempt was recorded as ended"
+        "every attempt was recorded as ended, with its job's outcome and runner"
     );
 }

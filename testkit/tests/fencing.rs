@@ -55,6 +55,11 @@ async fn a_stale_complete_after_the_lease_was_reclaimed_is_refused_and_changes_n
     assert_eq!(job["state"], "running");
     assert_eq!(job["attempt"], 2);
     assert_eq!(job["attempts"][0]["outcome"], "lease_expired");
+    // The running attempt is listed too (from the job row), without an outcome yet.
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(2), "{job}");
+    assert_eq!(job["attempts"][1]["attempt"], 2);
+    assert!(job["attempts"][1]["outcome"].is_null(), "{job}");
+    assert!(job["attempts"][1]["finished_at"].is_null(), "{job}");
 
     let (status, body) = second.complete(&retaken, json!({"from": "live"})).await;
     assert_eq!(
@@ -232,4 +237,46 @@ async fn a_re_registered_pod_loses_the_leases_of_its_previous_instance() {
     let retaken = after.claim(1, 3000).await;
     assert_eq!(retaken.len(), 1);
     assert_eq!((retaken[0].job_id.0, retaken[0].attempt.0), (id, 2));
+}
+
+#[tokio::test]
+async fn a_scheduler_from_before_migration_0003_cannot_end_attempts_silently() {
+    // Such a scheduler ended an attempt by updating its live attempt row, which no longer
+    // exists: its statement must fail whole (the job row untouched) rather than lose the
+    // attempt's record, so that the runner's retry reaches an upgraded replica.
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let id = scheduler
+        .api()
+        .enqueue(json!({"spec": {"kind": "noop"}}))
+        .await;
+    let runner = FakeRunner::register(&scheduler, "old-world").await;
+    let task = runner.claim(1, 5000).await.remove(0);
+    let old_completion = sqlx::query(
+        "WITH done AS (
+             UPDATE sluice.jobs SET state = 'succeeded', finished_at = now()
+             WHERE id = $1 AND state = 'running' RETURNING id, attempt
+         )
+         UPDATE sluice.job_attempts a SET outcome = 'succeeded', finished_at = now()
+         FROM done WHERE a.job_id = done.id AND a.attempt = done.attempt AND a.outcome IS NULL",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await;
+    let err = old_completion.expect_err("the pre-0003 completion must be refused");
+    assert!(err.to_string().contains("must be upgraded"), "{err}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.jobs WHERE state = 'running'")
+            .await,
+        1,
+        "the job is still running"
+    );
+    // The current protocol completes it, and records the attempt once.
+    let (status, body) = runner.complete(&task, json!({})).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("succeeded")));
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.job_attempts WHERE outcome = 'succeeded'")
+            .await,
+        1
+    );
 }
