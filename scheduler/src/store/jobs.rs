@@ -430,9 +430,13 @@ pub async fn renew_leases_if_held(
     leases: &[LeaseRef],
     lease: Duration,
 ) -> Result<Vec<LeaseEnd>> {
-    let ids: Vec<i64> = leases.iter().map(|l| l.job_id.0).collect();
-    let attempts: Vec<i32> = leases.iter().map(|l| l.attempt.0).collect();
-    let tokens: Vec<Uuid> = leases.iter().map(|l| l.lease_token.0).collect();
+    // In job order, as completions lock them, so a heartbeat and a completion batch of one
+    // runner take their row locks in the same order (no deadlock between them).
+    let mut order: Vec<usize> = (0..leases.len()).collect();
+    order.sort_by_key(|&i| leases[i].job_id.0);
+    let ids: Vec<i64> = order.iter().map(|&i| leases[i].job_id.0).collect();
+    let attempts: Vec<i32> = order.iter().map(|&i| leases[i].attempt.0).collect();
+    let tokens: Vec<Uuid> = order.iter().map(|&i| leases[i].lease_token.0).collect();
     let rows: Vec<(i64, Option<bool>, Option<String>)> = sqlx::query_as(
         "WITH listed AS (
              SELECT * FROM unnest($2::bigint[], $3::int[], $4::uuid[])
@@ -464,17 +468,17 @@ pub async fn renew_leases_if_held(
     .bind(lease.as_millis() as i64)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(_, renewed, outcome)| match (renewed, outcome.as_deref()) {
-                (Some(true), _) => LeaseEnd::Renewed,
-                (_, Some("cancelled")) => LeaseEnd::Cancelled,
-                (_, Some("timed_out")) => LeaseEnd::TimedOut,
-                _ => LeaseEnd::Lost,
-            },
-        )
-        .collect())
+    // Rows come back in the sorted order: put each answer at its lease's place.
+    let mut ends = vec![LeaseEnd::Lost; leases.len()];
+    for (&at, (_, renewed, outcome)) in order.iter().zip(rows) {
+        ends[at] = match (renewed, outcome.as_deref()) {
+            (Some(true), _) => LeaseEnd::Renewed,
+            (_, Some("cancelled")) => LeaseEnd::Cancelled,
+            (_, Some("timed_out")) => LeaseEnd::TimedOut,
+            _ => LeaseEnd::Lost,
+        };
+    }
+    Ok(ends)
 }
 
 /// A runner's report that an attempt ended.
@@ -544,21 +548,22 @@ pub async fn complete_and_claim(
         };
         return Ok((Vec::new(), claimed));
     }
-    let ids: Vec<i64> = completions.iter().map(|c| c.job.0).collect();
-    let attempts: Vec<i32> = completions.iter().map(|c| c.attempt.0).collect();
-    let tokens: Vec<Uuid> = completions.iter().map(|c| c.lease_token.0).collect();
-    let outcomes: Vec<&str> = completions
-        .iter()
-        .map(|c| outcome_name(c.outcome))
-        .collect();
-    let outputs: Vec<&Value> = completions.iter().map(|c| c.output).collect();
-    let errors: Vec<Option<&Value>> = completions.iter().map(|c| c.error.as_ref()).collect();
-    let retryable: Vec<bool> = completions.iter().map(|c| c.retryable).collect();
-    let backoffs: Vec<i64> = completions
+    // In job order, as renewals lock them (see renew_leases_if_held); results are matched
+    // by job below.
+    let mut sorted: Vec<&Completion> = completions.iter().collect();
+    sorted.sort_by_key(|c| c.job.0);
+    let ids: Vec<i64> = sorted.iter().map(|c| c.job.0).collect();
+    let attempts: Vec<i32> = sorted.iter().map(|c| c.attempt.0).collect();
+    let tokens: Vec<Uuid> = sorted.iter().map(|c| c.lease_token.0).collect();
+    let outcomes: Vec<&str> = sorted.iter().map(|c| outcome_name(c.outcome)).collect();
+    let outputs: Vec<&Value> = sorted.iter().map(|c| c.output).collect();
+    let errors: Vec<Option<&Value>> = sorted.iter().map(|c| c.error.as_ref()).collect();
+    let retryable: Vec<bool> = sorted.iter().map(|c| c.retryable).collect();
+    let backoffs: Vec<i64> = sorted
         .iter()
         .map(|c| c.retry_backoff.as_millis() as i64)
         .collect();
-    let final_seqs: Vec<Option<i64>> = completions.iter().map(|c| c.final_seq).collect();
+    let final_seqs: Vec<Option<i64>> = sorted.iter().map(|c| c.final_seq).collect();
     type Row = (
         bool,
         i64,
