@@ -618,8 +618,15 @@ fn proc_fd_path(fd: i32, out: &mut [u8; 32]) -> usize {
     }
     let prefix = b"/proc/self/fd/";
     out[..prefix.len()].copy_from_slice(prefix);
+    let count = write_decimal(fd as u32, &mut out[prefix.len()..]);
+    out[prefix.len() + count] = 0;
+    prefix.len() + count
+}
+
+/// Writes `n` in decimal at the start of `out` without allocating; the number of digits.
+/// `out` must hold 10 bytes.
+fn write_decimal(mut n: u32, out: &mut [u8]) -> usize {
     let mut digits = [0u8; 10];
-    let mut n = fd as u32;
     let mut count = 0;
     loop {
         digits[count] = b'0' + (n % 10) as u8;
@@ -630,10 +637,9 @@ fn proc_fd_path(fd: i32, out: &mut [u8; 32]) -> usize {
         }
     }
     for i in 0..count {
-        out[prefix.len() + i] = digits[count - 1 - i];
+        out[i] = digits[count - 1 - i];
     }
-    out[prefix.len() + count] = 0;
-    prefix.len() + count
+    count
 }
 
 /// Termination signals the keeper ignores (it must outlive them to report the tool's exit)
@@ -834,20 +840,7 @@ fn fail_to_start(setup: &ToolSetup, what: &std::ffi::CStr, errno: Option<i32>) -
         let text = b" (errno ";
         line[at..at + text.len()].copy_from_slice(text);
         at += text.len();
-        let mut digits = [0u8; 10];
-        let (mut n, mut count) = (errno.unsigned_abs(), 0);
-        loop {
-            digits[count] = b'0' + (n % 10) as u8;
-            count += 1;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for i in 0..count {
-            line[at] = digits[count - 1 - i];
-            at += 1;
-        }
+        at += write_decimal(errno.unsigned_abs(), &mut line[at..]);
         line[at] = b')';
         at += 1;
     }
