@@ -280,3 +280,76 @@ async fn a_scheduler_from_before_migration_0003_cannot_end_attempts_silently() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_heartbeat_of_many_leases_answers_each_at_its_place() {
+    // A long list takes the statement's other plan path, and is bound in job order: each
+    // answer must still reach the lease it belongs to, whatever order the runner listed.
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    for _ in 0..60 {
+        api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    }
+    let runner = FakeRunner::register(&scheduler, "busy-pod").await;
+    let mut tasks = runner.claim(60, 5000).await;
+    assert_eq!(tasks.len(), 60);
+    // Not in job order.
+    tasks.reverse();
+    tasks.swap(3, 40);
+    let cancelled: HashSet<i64> = tasks[..3].iter().map(|t| t.job_id.0).collect();
+    for id in &cancelled {
+        let (status, body) = api
+            .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let completed: HashSet<i64> = tasks[10..13].iter().map(|t| t.job_id.0).collect();
+    for task in &tasks[10..13] {
+        let (status, _) = runner.complete(task, json!({})).await;
+        assert_eq!(status, 200);
+    }
+    let before: (String,) = sqlx::query_as(
+        "SELECT max(lease_expires_at)::text FROM sluice.jobs WHERE state = 'running'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let leases: Vec<_> = tasks.iter().map(|t| t.lease()).collect();
+    let (status, body) = runner
+        .post(
+            &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+            &json!({ "running": leases }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut orders: Vec<(i64, String)> = body["cancel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["job_id"].as_i64().unwrap(),
+                o["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    orders.sort();
+    let mut expected: Vec<(i64, String)> = cancelled
+        .iter()
+        .map(|id| (*id, "cancelled".to_string()))
+        .chain(completed.iter().map(|id| (*id, "lease_lost".to_string())))
+        .collect();
+    expected.sort();
+    assert_eq!(orders, expected);
+    // The 54 others were renewed.
+    let renewed = sqlx::query_as::<_, (i64,)>(
+        "SELECT count(*) FROM sluice.jobs
+         WHERE state = 'running' AND lease_expires_at > $1::timestamptz",
+    )
+    .bind(before.0)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(renewed.0, 54);
+}

@@ -452,15 +452,17 @@ pub async fn renew_leases_if_held(
                AND j.state = 'running'
              RETURNING j.id AS job_id, j.attempt
          )
-         SELECT l.ord,
-                EXISTS (SELECT 1 FROM renewed r
-                        WHERE r.job_id = l.job_id AND r.attempt = l.attempt),
-                (SELECT a.outcome FROM sluice.job_attempts a
-                 WHERE a.job_id = l.job_id AND a.attempt = l.attempt
-                   AND a.lease_token = l.lease_token AND a.runner_id = $1)
+         -- Joins, not a subquery per listed lease (which scanned `renewed` once per row).
+         SELECT l.ord, r.job_id IS NOT NULL, a.outcome
          FROM listed l
+         LEFT JOIN renewed r ON r.job_id = l.job_id AND r.attempt = l.attempt
+         LEFT JOIN sluice.job_attempts a
+           ON a.job_id = l.job_id AND a.attempt = l.attempt
+          AND a.lease_token = l.lease_token AND a.runner_id = $1
          ORDER BY l.ord",
     )
+    // As for completion batches: a generic plan would join a long list quadratically.
+    .persistent(leases.len() < CUSTOM_PLAN_FROM)
     .bind(runner.0)
     .bind(&ids)
     .bind(&attempts)
@@ -530,6 +532,10 @@ pub async fn complete_many_if_leased(
     )
 }
 
+/// Completion batches from this size on are planned for their size on every execution (see
+/// [`complete_and_claim`]).
+const CUSTOM_PLAN_FROM: usize = 32;
+
 /// Applies `completions` (as [`complete_if_leased`]) and leases up to `max` more jobs (as
 /// [`claim_available`]) in one statement: a runner refilling the slots it just freed pays one
 /// round trip and one commit for both. With `max` 0 it only completes.
@@ -574,7 +580,13 @@ pub async fn complete_and_claim(
         Option<i64>,
         Option<String>,
     );
+    // A cached generic plan, which Postgres adopts after a few executions on a connection,
+    // joins the completions to this runner's running jobs with a nested loop over the
+    // unnested arrays (it assumes 10 elements): quadratic, 95 ms instead of 9 ms for 500. A
+    // large batch therefore goes as an unnamed statement, planned for its real size each time
+    // (about 0.7 ms of planning); a small one keeps the prepared statement and no planning.
     let rows: Vec<Row> = sqlx::query_as(complete_and_claim_sql!())
+        .persistent(completions.len() < CUSTOM_PLAN_FROM)
         .bind(runner.0)
         .bind(max)
         .bind(lease.as_millis() as i64)
