@@ -30,6 +30,9 @@ pub enum CallError {
     /// The sidecar is shutting down; the retry loop gave up.
     #[error("shutting down")]
     Shutdown,
+    /// Every try failed with a retryable error until the retry budget ran out.
+    #[error("gave up after {seconds} s: {last}")]
+    GaveUp { seconds: u64, last: Box<CallError> },
 }
 
 impl CallError {
@@ -38,7 +41,7 @@ impl CallError {
         match self {
             CallError::Status { status, .. } => *status >= 500 || *status == 429,
             CallError::Transport(_) => true,
-            CallError::Decode(_) | CallError::Shutdown => false,
+            CallError::Decode(_) | CallError::Shutdown | CallError::GaveUp { .. } => false,
         }
     }
 
@@ -91,7 +94,9 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
-                .pool_idle_timeout(Duration::from_secs(60))
+                // Below the scheduler's idle timeout for runner connections (30 s), so an
+                // idle pooled connection is dropped here before the server closes it.
+                .pool_idle_timeout(Duration::from_secs(20))
                 .build()
                 .expect("a plain HTTP client always builds"),
         }
@@ -136,26 +141,39 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| CallError::Decode(e.to_string()))
     }
 
-    /// POSTs until it succeeds or fails for good, backing off between tries; gives up when
-    /// `stop` turns true.
+    /// POSTs until it succeeds or fails for good, backing off between tries. Only what a
+    /// retry can fix is retried (no answer, 5xx, 429), and only for `budget`: then the call
+    /// fails with [`CallError::GaveUp`], so that a request the scheduler can never apply ends
+    /// its attempt with a clear error instead of holding a slot forever. A 4xx is never
+    /// retried. Gives up at once when `stop` turns true.
     pub async fn post_retrying<B: Serialize + ?Sized, R: DeserializeOwned>(
         &self,
         path: &str,
         token: &Secret,
         body: &B,
         timeout: Duration,
+        budget: Duration,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<R, CallError> {
+        let started = tokio::time::Instant::now();
         let mut backoff = Backoff::default();
         loop {
             match self.post(path, token, body, timeout).await {
                 Err(err) if err.is_retryable() => {
-                    tracing::warn!(path, error = %err, "retrying");
                     if *stop.borrow() {
                         return Err(CallError::Shutdown);
                     }
+                    let pause = backoff.pause();
+                    if started.elapsed() + pause > budget {
+                        tracing::warn!(path, error = %err, "giving up");
+                        return Err(CallError::GaveUp {
+                            seconds: started.elapsed().as_secs(),
+                            last: Box::new(err),
+                        });
+                    }
+                    tracing::warn!(path, error = %err, "retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.pause()) => {}
+                        _ = tokio::time::sleep(pause) => {}
                         _ = stop.changed() => {}
                     }
                 }

@@ -60,13 +60,33 @@ pub struct Args {
     /// CPU seconds per tool process (RLIMIT_CPU); none by default.
     #[arg(long, env = "SLUICE_RUNNER_LIMIT_CPU_SECONDS")]
     pub limit_cpu_seconds: Option<u64>,
-    /// Address space per tool process (RLIMIT_AS); none by default (runtimes that reserve
-    /// large virtual ranges break under a small one).
-    #[arg(long, env = "SLUICE_RUNNER_LIMIT_MEMORY_BYTES")]
-    pub limit_memory_bytes: Option<u64>,
-    /// The user tools run as when the sidecar runs as root.
+    /// Heap and private memory per tool process (RLIMIT_DATA); 0 for none. Runtimes that
+    /// reserve large virtual ranges still start under it.
+    #[arg(long, env = "SLUICE_RUNNER_LIMIT_MEMORY_BYTES", default_value_t = 4 << 30)]
+    pub limit_memory_bytes: u64,
+    /// Address space per tool process (RLIMIT_AS), which also bounds shared mappings; none
+    /// by default (runtimes that reserve large virtual ranges break under a small one).
+    #[arg(long, env = "SLUICE_RUNNER_LIMIT_ADDRESS_SPACE_BYTES")]
+    pub limit_address_space_bytes: Option<u64>,
+    /// The user `--bench-spawn` runs its tools as when the sidecar runs as root (tasks run as
+    /// their slot's uid, see SLUICE_RUNNER_TOOL_UIDS).
     #[arg(long, env = "SLUICE_RUNNER_TOOL_USER", default_value = "nobody")]
     pub tool_user: String,
+    /// The uids slots run their tools as when the sidecar runs as root, `first-last`: one per
+    /// slot, never shared with another slot or another runner on this host.
+    #[arg(long, env = "SLUICE_RUNNER_TOOL_UIDS", default_value = "200000-299999")]
+    pub tool_uids: String,
+    /// Where runners on one host lock the uids they use (must be the same for all of them).
+    #[arg(
+        long,
+        env = "SLUICE_RUNNER_UID_LOCK_DIR",
+        default_value = "/run/sluice-runner/uids"
+    )]
+    pub uid_lock_dir: PathBuf,
+    /// The network of a tool whose spec names none: `full` (the runner's) or `none` (a
+    /// namespace of its own with only loopback).
+    #[arg(long, env = "SLUICE_RUNNER_NETWORK", default_value = "full", value_parser = ["full", "none"])]
+    pub network: String,
     /// File tools resolve paths with the component walk even where the kernel has openat2
     /// (the path gVisor takes; for tests).
     #[arg(long, env = "SLUICE_RUNNER_FORCE_PATH_WALK", default_value_t = false)]
@@ -109,8 +129,10 @@ pub struct Config {
     pub claim_wait: Duration,
     /// The runner's default limits; a job's own can only lower them.
     pub limits: sluice_protocol::Limits,
-    /// Tools run as this user (resolved at start; `None` when the sidecar is not root).
-    pub tool_user: Option<crate::process::ToolUser>,
+    /// The slots' uids (`None` when the sidecar is not root and cannot switch users).
+    pub tool_uids: Option<crate::slots::UidRange>,
+    /// The network of tools whose spec names none.
+    pub network: sluice_protocol::Network,
     /// Caps and the address allow-list of the confined tools.
     pub tool_policy: crate::tools::Policy,
 }
@@ -206,13 +228,25 @@ impl Config {
             claim_wait: Duration::from_millis(args.claim_wait_ms),
             limits: sluice_protocol::Limits {
                 cpu_seconds: args.limit_cpu_seconds,
-                memory_bytes: args.limit_memory_bytes,
+                memory_bytes: Some(args.limit_memory_bytes).filter(|&bytes| bytes > 0),
+                address_space_bytes: args.limit_address_space_bytes,
                 open_files: Some(args.limit_open_files),
                 processes: Some(args.limit_processes),
                 file_size_bytes: Some(args.limit_file_size_bytes),
             },
-            tool_user: crate::process::ToolUser::resolve(&args.tool_user)
-                .map_err(|e| Error::Config(format!("SLUICE_RUNNER_TOOL_USER: {e}")))?,
+            tool_uids: if nix::unistd::Uid::effective().is_root() {
+                Some(
+                    crate::slots::UidRange::parse(&args.tool_uids, &args.uid_lock_dir)
+                        .map_err(|e| Error::Config(format!("SLUICE_RUNNER_TOOL_UIDS: {e}")))?,
+                )
+            } else {
+                None
+            },
+            network: if args.network == "none" {
+                sluice_protocol::Network::None
+            } else {
+                sluice_protocol::Network::Full
+            },
             tool_policy,
         })
     }

@@ -7,6 +7,7 @@
 //! - [`config`] — flags and environment, validated at start; [`config::Secret`].
 //! - [`client`] — the internal-API HTTP client with retries and back-off.
 //! - [`runner`] — registration, the claim loop, heartbeats, self-fencing, draining.
+//! - [`slots`] — the task slots, each with a uid of its own, locked host-wide.
 //! - [`task`] — one task: dispatch on the spec's kind, event batching, completion.
 //! - [`process`] — forking tools (session, death signal, no-new-privs, rlimits, clean env)
 //!   and killing their process groups.
@@ -21,6 +22,7 @@ pub mod outbox;
 pub mod output;
 pub mod process;
 pub mod runner;
+pub mod slots;
 pub mod task;
 pub mod tools;
 

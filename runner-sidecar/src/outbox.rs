@@ -11,9 +11,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use std::time::Duration;
+
 use sluice_protocol::{
-    error_code, CompleteManyRequest, CompleteManyResponse, CompleteResponse, CompletionResult,
-    JobState, TaskCompletion,
+    bounds, error_code, CompleteManyRequest, CompleteManyResponse, CompleteResponse,
+    CompletionResult, ErrorDetail, JobState, Outcome, TaskCompletion,
 };
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -22,6 +24,8 @@ use crate::config::Secret;
 
 /// Most completions per request (the scheduler's limit).
 pub const MAX_BATCH: usize = 1000;
+/// Most bytes of completions per request, well below the scheduler's body limit.
+pub const MAX_BATCH_BYTES: usize = bounds::MAX_INTERNAL_BODY_BYTES / 2;
 
 /// What became of a completion.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +41,44 @@ pub enum Delivery {
 /// One completion waiting to be sent, and where its answer goes.
 pub struct Pending {
     pub completion: TaskCompletion,
+    /// Its size as JSON, for batches that fit the scheduler's body limit.
+    bytes: usize,
     reply: oneshot::Sender<Delivery>,
+}
+
+/// A completion the scheduler can take: one whose JSON exceeds
+/// [`bounds::MAX_COMPLETION_BYTES`] becomes a failure saying so (retrying would produce the
+/// same result), keeping its `final_seq`.
+fn sendable(completion: TaskCompletion) -> (TaskCompletion, usize) {
+    let bytes = serde_json::to_vec(&completion).map_or(usize::MAX, |v| v.len());
+    if bytes <= bounds::MAX_COMPLETION_BYTES {
+        return (completion, bytes);
+    }
+    let replaced = refused(
+        completion,
+        "result_too_large",
+        format!(
+            "the result is {bytes} bytes as JSON; at most {} are allowed",
+            bounds::MAX_COMPLETION_BYTES
+        ),
+    );
+    let bytes = serde_json::to_vec(&replaced).map_or(0, |v| v.len());
+    (replaced, bytes)
+}
+
+/// `completion` replaced by a failure with `code`: what the scheduler is sent in place of a
+/// result it cannot take (not retried: another attempt would produce the same).
+fn refused(completion: TaskCompletion, code: &str, message: String) -> TaskCompletion {
+    TaskCompletion {
+        outcome: Outcome::Failed,
+        output: serde_json::json!({}),
+        error: Some(ErrorDetail {
+            code: code.into(),
+            message,
+        }),
+        retryable: false,
+        ..completion
+    }
 }
 
 #[derive(Default)]
@@ -69,7 +110,12 @@ impl Outbox {
             let _ = reply.send(Delivery::NotDelivered("the registration ended".into()));
             return answer;
         }
-        inner.pending.push(Pending { completion, reply });
+        let (completion, bytes) = sendable(completion);
+        inner.pending.push(Pending {
+            completion,
+            bytes,
+            reply,
+        });
         if !inner.carrier {
             self.flush.notify_one();
         }
@@ -153,16 +199,17 @@ impl Outbox {
 
     /// Sends pending completions whenever the claim loop cannot carry them, until
     /// `session_end` or `hard_stop` turns true; then answers what is left, and anything
-    /// submitted later, as not delivered.
+    /// submitted later, as not delivered. A request is retried for `budget` at most.
     pub async fn flusher(
         &self,
         client: Client,
         path: String,
         token: Secret,
+        budget: Duration,
         hard_stop: watch::Receiver<bool>,
         session_end: watch::Receiver<bool>,
     ) {
-        self.flush_until(client, path, token, hard_stop, session_end)
+        self.flush_until(client, path, token, budget, hard_stop, session_end)
             .await;
         let left = {
             let mut inner = self.inner.lock().expect("lock");
@@ -181,6 +228,7 @@ impl Outbox {
         client: Client,
         path: String,
         token: Secret,
+        budget: Duration,
         mut hard_stop: watch::Receiver<bool>,
         mut session_end: watch::Receiver<bool>,
     ) {
@@ -196,7 +244,7 @@ impl Outbox {
                 }
                 if self.one_by_one.load(Ordering::Relaxed) {
                     tokio::select! {
-                        _ = send_one_by_one(&client, &token, &mut hard_stop, batch) => {}
+                        _ = send_one_by_one(&client, &token, budget, &mut hard_stop, batch) => {}
                         _ = session_end.changed() => return,
                         _ = stopping.changed() => return,
                     }
@@ -210,7 +258,8 @@ impl Outbox {
                         &path,
                         &token,
                         &request,
-                        std::time::Duration::from_secs(30),
+                        Duration::from_secs(30),
+                        budget,
                         &mut hard_stop,
                     ) => answer,
                     _ = session_end.changed() => {
@@ -231,6 +280,21 @@ impl Outbox {
                         self.one_by_one.store(true, Ordering::Relaxed);
                         self.put_back(batch);
                     }
+                    // The batch as a whole was refused: find out which completion, and send
+                    // the others, one by one (a refused one is sent again as the failure it
+                    // earned).
+                    Err(
+                        err @ CallError::Status {
+                            status: 400..=499, ..
+                        },
+                    ) if !err.is_lease_lost() && !err.is_unauthorized() => {
+                        tracing::warn!(error = %err, "a completion batch was refused; sending its completions one by one");
+                        tokio::select! {
+                            _ = send_one_by_one(&client, &token, budget, &mut hard_stop, batch) => {}
+                            _ = session_end.changed() => return,
+                            _ = stopping.changed() => return,
+                        }
+                    }
                     Err(err) => fail(batch, &err),
                 }
             }
@@ -243,41 +307,64 @@ impl Outbox {
     }
 }
 
-/// The pre-batching protocol: one `POST /internal/tasks/:id/complete` per completion.
+/// The pre-batching protocol: one `POST /internal/tasks/:id/complete` per completion. A
+/// completion the scheduler refuses (a 4xx other than a lost lease) is replaced by a failure
+/// naming the refusal and sent once more, so the attempt still ends with a reason.
 async fn send_one_by_one(
     client: &Client,
     token: &Secret,
+    budget: Duration,
     hard_stop: &mut watch::Receiver<bool>,
     batch: Vec<Pending>,
 ) {
     for pending in batch {
-        let c = &pending.completion;
-        let request = c.request();
-        let answer: Result<CompleteResponse, CallError> = client
-            .post_retrying(
-                &format!("/internal/tasks/{}/complete", c.job_id),
-                token,
-                &request,
-                std::time::Duration::from_secs(30),
-                hard_stop,
-            )
-            .await;
-        let delivery = match answer {
-            Ok(response) => Delivery::Applied(response.state),
-            Err(err) if err.is_lease_lost() => Delivery::LeaseLost,
-            Err(err) => Delivery::NotDelivered(err.to_string()),
+        let mut completion = pending.completion;
+        let mut replaced = false;
+        let delivery = loop {
+            let answer: Result<CompleteResponse, CallError> = client
+                .post_retrying(
+                    &format!("/internal/tasks/{}/complete", completion.job_id),
+                    token,
+                    &completion.request(),
+                    Duration::from_secs(30),
+                    budget,
+                    hard_stop,
+                )
+                .await;
+            match answer {
+                Ok(response) => break Delivery::Applied(response.state),
+                Err(err) if err.is_lease_lost() => break Delivery::LeaseLost,
+                Err(
+                    err @ CallError::Status {
+                        status: 400..=499, ..
+                    },
+                ) if !replaced && !err.is_unauthorized() => {
+                    tracing::warn!(job_id = %completion.job_id, attempt = %completion.attempt, error = %err, "the scheduler refused a completion; reporting the refusal instead");
+                    let message = format!("the scheduler refused the attempt's result: {err}");
+                    completion = refused(completion, "result_refused", message);
+                    replaced = true;
+                }
+                Err(err) => break Delivery::NotDelivered(err.to_string()),
+            }
         };
         let _ = pending.reply.send(delivery);
     }
 }
 
+/// The first completions, at most `max` of them and [`MAX_BATCH_BYTES`] together (at least
+/// one, which alone is within [`bounds::MAX_COMPLETION_BYTES`]).
 fn take_front(pending: &mut Vec<Pending>, max: usize) -> Vec<Pending> {
-    if pending.len() <= max {
-        std::mem::take(pending)
-    } else {
-        let rest = pending.split_off(max);
-        std::mem::replace(pending, rest)
+    let mut bytes = 0;
+    let mut count = 0;
+    for item in pending.iter().take(max) {
+        if count > 0 && bytes + item.bytes > MAX_BATCH_BYTES {
+            break;
+        }
+        bytes += item.bytes;
+        count += 1;
     }
+    let rest = pending.split_off(count);
+    std::mem::replace(pending, rest)
 }
 
 /// Hands each completion its answer from the scheduler's results (matched by job and

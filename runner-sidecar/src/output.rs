@@ -30,14 +30,15 @@ impl Tail {
         self.bytes.extend_from_slice(chunk);
     }
 
-    /// The tail as text; a character cut at the front is dropped, invalid UTF-8 replaced.
+    /// The tail as text; a character cut at the front is dropped, invalid UTF-8 and NUL
+    /// replaced by U+FFFD (the events carry the exact bytes).
     pub fn text(&self) -> String {
         let start = self
             .bytes
             .iter()
             .position(|b| (b & 0xC0) != 0x80)
             .unwrap_or(self.bytes.len());
-        String::from_utf8_lossy(&self.bytes[start..]).into_owned()
+        String::from_utf8_lossy(&self.bytes[start..]).replace('\0', "\u{FFFD}")
     }
 }
 
@@ -87,6 +88,13 @@ mod tests {
         assert_eq!(tail.text(), "orld!");
         tail.push(b"0123456789");
         assert_eq!(tail.text(), "56789");
+    }
+
+    #[test]
+    fn a_tail_replaces_nul_and_invalid_bytes() {
+        let mut tail = Tail::new(16);
+        tail.push(b"a\0b\xffc");
+        assert_eq!(tail.text(), "a\u{FFFD}b\u{FFFD}c");
     }
 
     #[test]

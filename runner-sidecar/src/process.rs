@@ -34,7 +34,7 @@ use std::time::Duration;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use sluice_protocol::Limits;
+use sluice_protocol::{Limits, Network};
 use tokio::process::{Child, Command};
 
 /// Names a job's `env` may not override: the sidecar sets them.
@@ -63,6 +63,11 @@ pub struct ToolCommand<'a> {
     /// the tool user then needs no search right on the binary's directories. `program` is
     /// still the tool's `argv[0]`, and is executed by path where `execveat` is missing.
     pub exec_fd: Option<std::os::fd::RawFd>,
+    /// A descriptor the tool inherits at the same number (a script handed to bash as
+    /// `/proc/self/fd/<n>`); every other descriptor above stderr is closed at the exec.
+    pub pass_fd: Option<std::os::fd::RawFd>,
+    /// `Network::None` gives the tool a network namespace with only loopback.
+    pub network: Network,
 }
 
 /// The tool's exec, built before the fork (the children may not allocate): the program by
@@ -236,8 +241,15 @@ struct ToolSetup {
     /// Where init or the tool write the errno of a failure to start (4 bytes), so that the
     /// sidecar's spawn fails as it would without the namespace chain (see [`StartErrors`]).
     start_errors: std::os::fd::RawFd,
+    /// Where the keeper writes the tool's wait status and resource usage when it has ended
+    /// (see [`ExitReport`]).
+    exit_report: std::os::fd::RawFd,
     exec: PreparedExec,
-    tmp: Option<PrivateTmp>,
+    mounts: Option<PrivateMounts>,
+    /// Run the tool in a network namespace of its own with only loopback.
+    network_none: bool,
+    /// A descriptor the tool inherits (the script); every other one above stderr is closed.
+    pass_fd: Option<std::os::fd::RawFd>,
     user: Option<ToolUser>,
     limits: Vec<(Resource, u64)>,
     init_stack: HelperStack,
@@ -319,6 +331,7 @@ pub fn tighter(runner: &Limits, job: &Limits) -> Limits {
     Limits {
         cpu_seconds: min(runner.cpu_seconds, job.cpu_seconds),
         memory_bytes: min(runner.memory_bytes, job.memory_bytes),
+        address_space_bytes: min(runner.address_space_bytes, job.address_space_bytes),
         open_files: min(runner.open_files, job.open_files),
         processes: min(runner.processes, job.processes),
         file_size_bytes: min(runner.file_size_bytes, job.file_size_bytes),
@@ -329,7 +342,8 @@ fn rlimits(limits: &Limits) -> Vec<(Resource, u64)> {
     let mut out = vec![(Resource::RLIMIT_CORE, 0)];
     let pairs = [
         (Resource::RLIMIT_CPU, limits.cpu_seconds),
-        (Resource::RLIMIT_AS, limits.memory_bytes),
+        (Resource::RLIMIT_DATA, limits.memory_bytes),
+        (Resource::RLIMIT_AS, limits.address_space_bytes),
         (Resource::RLIMIT_NOFILE, limits.open_files),
         (Resource::RLIMIT_NPROC, limits.processes),
         (Resource::RLIMIT_FSIZE, limits.file_size_bytes),
@@ -344,6 +358,8 @@ fn rlimits(limits: &Limits) -> Vec<(Resource, u64)> {
 
 /// The pid of the tool inside its namespace, for init's signal forwarding.
 static TOOL_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// The tool's raw wait status, which init leaves here for the keeper (they share memory).
+static TOOL_STATUS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 extern "C" fn forward_to_tool(signal: nix::libc::c_int) {
     let pid = TOOL_PID.load(std::sync::atomic::Ordering::Relaxed);
@@ -361,18 +377,29 @@ fn exit_now(code: i32) -> ! {
     unsafe { nix::libc::_exit(code) }
 }
 
-/// Closes every descriptor from 3 up in a forked helper that never execs. Above all this
-/// closes std's spawn error pipe (close-on-exec, which never happens here): while a helper
-/// holds it, the sidecar's `spawn` would wait for the whole tool to finish.
-fn close_inherited_descriptors() {
+/// Closes every descriptor from 3 up but `keep` in a forked helper that never execs. Above
+/// all this closes std's spawn error pipe (close-on-exec, which never happens here): while a
+/// helper holds it, the sidecar's `spawn` would wait for the whole tool to finish.
+fn close_inherited_descriptors(keep: i32) {
+    let keep = keep.max(2) as u32;
     // SAFETY: close_range and close are async-signal-safe.
-    let closed = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let closed = unsafe {
+        let below = if keep > 3 {
+            nix::libc::syscall(nix::libc::SYS_close_range, 3u32, keep - 1, 0u32)
+        } else {
+            0
+        };
+        let above = nix::libc::syscall(nix::libc::SYS_close_range, keep + 1, u32::MAX, 0u32);
+        below | above
+    };
     if closed != 0 {
         // No close_range (old kernels, gVisor): close what is open, one by one.
         for_each_descriptor_from_3(|fd| {
-            // SAFETY: as above.
-            unsafe {
-                nix::libc::close(fd);
+            if fd as u32 != keep {
+                // SAFETY: as above.
+                unsafe {
+                    nix::libc::close(fd);
+                }
             }
         });
     }
@@ -493,54 +520,106 @@ fn close_on_exec_above_stderr() {
     }
 }
 
-/// Directories every tool may write that outlive a task unless made private: each tool gets
-/// its own empty tmpfs on them (S-09), gone when its last process exits.
-const SHARED_TMP: [&std::ffi::CStr; 3] = [c"/tmp", c"/var/tmp", c"/dev/shm"];
+/// Directories a tool could write that would outlive its task, or that show it what other
+/// tasks left: each tool gets its own empty tmpfs on them (S-09, S-14), gone when its last
+/// process exits. `(path, mode, size)`: `None` as the size means RLIMIT_FSIZE's.
+const PRIVATE_DIRS: [(&std::ffi::CStr, u32, Option<u64>); 4] = [
+    (c"/tmp", 0o1777, None),
+    (c"/var/tmp", 0o1777, None),
+    // Docker's default for /dev/shm: it is memory, not disk.
+    (c"/dev/shm", 0o1777, Some(64 << 20)),
+    // Root's, as on a booted system, with a private /run/lock; /var/run is a link to it.
+    (c"/run", 0o755, Some(16 << 20)),
+];
 
-/// What [`private_tmp`] needs, computed before the fork.
-struct PrivateTmp {
-    /// The workspace, absolute.
-    workspace: std::ffi::CString,
-    /// The workspace and its ancestors beneath the shared directory holding it, shortest
-    /// first: recreated in the fresh tmpfs so the workspace can be bound back at its path.
+/// What must be bound back into a private directory at the same path: the workspace when it
+/// lives beneath one, and `/etc/resolv.conf`'s target when a resolver keeps it under `/run`.
+struct BindBack {
+    /// The path, absolute.
+    path: std::ffi::CString,
+    /// Its ancestors beneath the private directory, shortest first, recreated in the tmpfs.
     ancestors: Vec<std::ffi::CString>,
-    /// Which of [`SHARED_TMP`] holds the workspace, if one does.
-    holder: Option<usize>,
-    options: std::ffi::CString,
+    /// Which of [`PRIVATE_DIRS`] holds it.
+    holder: usize,
+    /// A directory (the workspace) or a file.
+    is_dir: bool,
 }
 
-impl PrivateTmp {
-    fn new(workspace: &Path, size_bytes: u64) -> Option<PrivateTmp> {
+impl BindBack {
+    fn new(path: &Path, is_dir: bool) -> Option<BindBack> {
+        use std::os::unix::ffi::OsStrExt;
+        for (holder, (dir, _, _)) in PRIVATE_DIRS.iter().enumerate() {
+            let dir = Path::new(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+            let Ok(rest) = path.strip_prefix(dir) else {
+                continue;
+            };
+            let mut ancestors = Vec::new();
+            let mut at = dir.to_path_buf();
+            let components: Vec<_> = rest.components().collect();
+            for component in &components[..components.len().saturating_sub(1)] {
+                at.push(component);
+                ancestors.push(std::ffi::CString::new(at.as_os_str().as_bytes()).ok()?);
+            }
+            return Some(BindBack {
+                path: std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?,
+                ancestors,
+                holder,
+                is_dir,
+            });
+        }
+        None
+    }
+}
+
+/// What [`private_mounts`] needs, computed before the fork.
+struct PrivateMounts {
+    /// The workspace, absolute (the tool's working directory).
+    workspace: std::ffi::CString,
+    binds: Vec<BindBack>,
+    /// tmpfs options per entry of [`PRIVATE_DIRS`].
+    options: Vec<std::ffi::CString>,
+}
+
+impl PrivateMounts {
+    fn new(workspace: &Path, size_bytes: u64) -> Option<PrivateMounts> {
         use std::os::unix::ffi::OsStrExt;
         let workspace = std::path::absolute(workspace).ok()?;
-        let mut holder = None;
-        let mut ancestors = Vec::new();
-        for (index, shared) in SHARED_TMP.iter().enumerate() {
-            let shared = Path::new(std::ffi::OsStr::from_bytes(shared.to_bytes()));
-            if let Ok(rest) = workspace.strip_prefix(shared) {
-                holder = Some(index);
-                let mut path = shared.to_path_buf();
-                for component in rest.components() {
-                    path.push(component);
-                    ancestors.push(std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?);
-                }
+        let mut binds = Vec::new();
+        if let Some(bind) = BindBack::new(&workspace, true) {
+            binds.push(bind);
+        }
+        // systemd-resolved and friends keep the resolver configuration under /run: a
+        // private /run must still resolve names.
+        if let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf") {
+            if resolv.starts_with("/run") {
+                binds.extend(BindBack::new(&resolv, false));
             }
         }
-        Some(PrivateTmp {
+        let options = PRIVATE_DIRS
+            .iter()
+            .map(|(_, mode, size)| {
+                std::ffi::CString::new(format!(
+                    "mode={mode:o},size={}",
+                    size.unwrap_or(size_bytes).min(size_bytes.max(1 << 20))
+                ))
+                .ok()
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(PrivateMounts {
             workspace: std::ffi::CString::new(workspace.as_os_str().as_bytes()).ok()?,
-            ancestors,
-            holder,
-            options: std::ffi::CString::new(format!("mode=1777,size={size_bytes}")).ok()?,
+            binds,
+            options,
         })
     }
 }
 
-/// In the tool process, before the uid drop: a mount namespace of its own with an empty tmpfs
-/// on `/tmp`, `/var/tmp` and `/dev/shm`, so nothing a tool leaves there reaches the next task
-/// on the runner. When the workspace lives under one of them it is bound back at its path.
-/// Best effort, like the PID namespace: without the right to unshare (or where a mount
-/// fails) the tool keeps the shared directories. Async-signal-safe calls only.
-fn private_tmp(plan: &PrivateTmp) {
+/// In the tool process, before the uid drop: a mount namespace of its own with an empty
+/// tmpfs on each of [`PRIVATE_DIRS`] (what was bound back where it must be), and — in its own
+/// PID namespace — a fresh `/proc` that shows only the tool's processes. Best effort, like
+/// the PID namespace: without the right to unshare (or where a mount fails, as under gVisor's
+/// 2022 release) the tool keeps the shared directories, and the per-slot uid still keeps
+/// tasks apart. Async-signal-safe calls only.
+fn private_mounts(plan: &PrivateMounts, in_pid_namespace: bool) {
     use nix::libc;
     // SAFETY: raw syscalls on NUL-terminated strings computed before the fork.
     unsafe {
@@ -557,22 +636,32 @@ fn private_tmp(plan: &PrivateTmp) {
         {
             return;
         }
-        // The workspace by descriptor, to bind it back after its parent is covered.
-        let workspace = libc::open(
-            plan.workspace.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        );
-        let mut source = [0u8; 32];
-        let source_len = proc_fd_path(workspace, &mut source);
-        for (index, dir) in SHARED_TMP.iter().enumerate() {
+        // What is bound back, by descriptor, opened before its parent is covered.
+        const MAX_BINDS: usize = 4;
+        let mut sources = [-1i32; MAX_BINDS];
+        let mut source_paths = [[0u8; 32]; MAX_BINDS];
+        for (index, bind) in plan.binds.iter().take(MAX_BINDS).enumerate() {
+            let flags =
+                libc::O_PATH | libc::O_CLOEXEC | if bind.is_dir { libc::O_DIRECTORY } else { 0 };
+            sources[index] = libc::open(bind.path.as_ptr(), flags);
+            proc_fd_path(sources[index], &mut source_paths[index]);
+        }
+        for (holder, (dir, mode, _)) in PRIVATE_DIRS.iter().enumerate() {
             let mut stat: libc::stat = std::mem::zeroed();
-            if libc::stat(dir.as_ptr(), &mut stat) != 0
+            if libc::lstat(dir.as_ptr(), &mut stat) != 0
                 || stat.st_mode & libc::S_IFMT != libc::S_IFDIR
             {
                 continue;
             }
-            let holds_workspace = plan.holder == Some(index);
-            if holds_workspace && (workspace < 0 || source_len == 0) {
+            // The workspace must come back, or the tool could not run: skip the directory
+            // holding it when its descriptor is missing.
+            let workspace_lost = plan
+                .binds
+                .iter()
+                .take(MAX_BINDS)
+                .enumerate()
+                .any(|(i, b)| b.holder == holder && b.is_dir && sources[i] < 0);
+            if workspace_lost {
                 continue;
             }
             if libc::mount(
@@ -580,33 +669,90 @@ fn private_tmp(plan: &PrivateTmp) {
                 dir.as_ptr(),
                 c"tmpfs".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV,
-                plan.options.as_ptr().cast(),
+                plan.options[holder].as_ptr().cast(),
             ) != 0
             {
                 continue;
             }
-            if holds_workspace {
-                for ancestor in &plan.ancestors {
+            if *mode == 0o755 {
+                // /run: a private, writable /run/lock like a booted system's.
+                libc::mkdir(c"/run/lock".as_ptr(), 0o1777);
+                libc::chmod(c"/run/lock".as_ptr(), 0o1777);
+            }
+            for (index, bind) in plan.binds.iter().take(MAX_BINDS).enumerate() {
+                if bind.holder != holder || sources[index] < 0 {
+                    continue;
+                }
+                for ancestor in &bind.ancestors {
                     libc::mkdir(ancestor.as_ptr(), 0o755);
                 }
+                if bind.is_dir {
+                    libc::mkdir(bind.path.as_ptr(), 0o700);
+                } else {
+                    let file = libc::open(
+                        bind.path.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if file >= 0 {
+                        libc::close(file);
+                    }
+                }
                 let bound = libc::mount(
-                    source.as_ptr().cast(),
-                    plan.workspace.as_ptr(),
+                    source_paths[index].as_ptr().cast(),
+                    bind.path.as_ptr(),
                     std::ptr::null(),
                     libc::MS_BIND | libc::MS_REC,
                     std::ptr::null(),
                 ) == 0;
-                if !bound {
+                if !bound && bind.is_dir {
                     // Without its workspace the tool could not run: give the directory back.
                     libc::umount2(dir.as_ptr(), libc::MNT_DETACH);
-                    continue;
+                    break;
                 }
-                // The working directory now resolves through the bound path.
-                libc::chdir(plan.workspace.as_ptr());
             }
         }
-        if workspace >= 0 {
-            libc::close(workspace);
+        // The working directory now resolves through the bound path.
+        libc::chdir(plan.workspace.as_ptr());
+        for source in sources {
+            if source >= 0 {
+                libc::close(source);
+            }
+        }
+        if in_pid_namespace {
+            fresh_proc();
+        }
+    }
+}
+
+/// Mounts a `/proc` of the tool's own PID namespace over the sidecar's, so that the tool sees
+/// its own processes only: not the host's, not other tasks' (S-14). Undone where the new
+/// mount is unusable (gVisor's 2022 release answers EINVAL on reading it). Async-signal-safe.
+fn fresh_proc() {
+    use nix::libc;
+    // SAFETY: raw syscalls on static strings.
+    unsafe {
+        if libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return;
+        }
+        let probe = libc::open(
+            c"/proc/self/stat".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        let mut byte = [0u8; 1];
+        let usable = probe >= 0 && libc::read(probe, byte.as_mut_ptr().cast(), 1) == 1;
+        if probe >= 0 {
+            libc::close(probe);
+        }
+        if !usable {
+            libc::umount2(c"/proc".as_ptr(), libc::MNT_DETACH);
         }
     }
 }
@@ -677,17 +823,33 @@ fn keep_tool_in_pid_namespace(setup: &ToolSetup) -> std::io::Result<()> {
         if init < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // Init has exited (it never execs): report its status, which is the tool's.
-        close_inherited_descriptors();
+        // Init has exited (it never execs): report its status, which is the tool's, and what
+        // the tool and everything it started used.
+        close_inherited_descriptors(setup.exit_report);
         let mut status = 0;
+        let mut usage: libc::rusage = std::mem::zeroed();
         loop {
-            if libc::waitpid(init, &mut status, 0) == init {
+            if libc::wait4(init, &mut status, 0, &mut usage) == init {
                 break;
             }
             if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 exit_now(127);
             }
         }
+        let micros = |t: libc::timeval| t.tv_sec * 1_000_000 + t.tv_usec;
+        let report: [i64; 4] = [
+            i64::from(TOOL_STATUS.load(std::sync::atomic::Ordering::Relaxed)),
+            usage.ru_maxrss,
+            micros(usage.ru_utime),
+            micros(usage.ru_stime),
+        ];
+        // The sidecar may have stopped listening (a dropped tool): no SIGPIPE for that.
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        libc::write(
+            setup.exit_report,
+            report.as_ptr().cast(),
+            std::mem::size_of_val(&report),
+        );
         exit_now(exit_code(status))
     }
 }
@@ -726,7 +888,7 @@ extern "C" fn init_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
         }
         // The tool has exec'd (or failed and exited): this memory is init's alone now.
         TOOL_PID.store(tool, std::sync::atomic::Ordering::Relaxed);
-        close_inherited_descriptors();
+        close_inherited_descriptors(setup_ref.exit_report);
         for sig in GROUP_SIGNALS {
             // SAFETY: the handler only calls kill(2).
             libc::signal(sig, forward_to_tool as *const () as libc::sighandler_t);
@@ -735,6 +897,8 @@ extern "C" fn init_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
         loop {
             let pid = libc::waitpid(-1, &mut status, 0);
             if pid == tool {
+                // For the keeper's report: the raw status tells a signal from an exit code.
+                TOOL_STATUS.store(status, std::sync::atomic::Ordering::Relaxed);
                 exit_now(exit_code(status));
             }
             // An orphan of the tool, reaped (or EINTR); keep waiting for the tool itself.
@@ -754,7 +918,7 @@ extern "C" fn tool_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
         for sig in GROUP_SIGNALS {
             libc::signal(sig, libc::SIG_DFL);
         }
-        if let Err(err) = confine_tool(setup) {
+        if let Err(err) = confine_tool(setup, true) {
             fail_to_start(setup, c"cannot confine the tool", err.raw_os_error());
         }
         let err = setup.exec.exec();
@@ -762,11 +926,11 @@ extern "C" fn tool_main(setup: *mut nix::libc::c_void) -> nix::libc::c_int {
     }
 }
 
-/// In the tool process, before its exec: private temp directories, priority, the uid drop,
-/// the death signal, no new privileges, close-on-exec and the lowered rlimits.
-/// Async-signal-safe: raw syscalls (the uid drop with no libc bookkeeping, which would try to
-/// reach the keeper's threads).
-fn confine_tool(setup: &ToolSetup) -> std::io::Result<()> {
+/// In the tool process, before its exec: private directories and `/proc`, the network
+/// namespace when asked, priority, the uid drop, the death signal, no new privileges,
+/// close-on-exec and the lowered rlimits. Async-signal-safe: raw syscalls (the uid drop with
+/// no libc bookkeeping, which would try to reach the keeper's threads).
+fn confine_tool(setup: &ToolSetup, in_pid_namespace: bool) -> std::io::Result<()> {
     use nix::libc;
     let check = |result: libc::c_long| {
         if result == 0 {
@@ -775,8 +939,12 @@ fn confine_tool(setup: &ToolSetup) -> std::io::Result<()> {
             Err(std::io::Error::last_os_error())
         }
     };
-    if let Some(tmp) = &setup.tmp {
-        private_tmp(tmp);
+    if let Some(mounts) = &setup.mounts {
+        private_mounts(mounts, in_pid_namespace);
+    }
+    if setup.network_none {
+        // Fails closed: a tool that asked for no network never runs with one.
+        isolate_network()?;
     }
     yield_to_the_sidecar();
     // SAFETY: raw credential and prctl syscalls on this process only.
@@ -806,6 +974,10 @@ fn confine_tool(setup: &ToolSetup) -> std::io::Result<()> {
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
     }
     close_on_exec_above_stderr();
+    if let Some(fd) = setup.pass_fd {
+        // SAFETY: fcntl on a descriptor of this process.
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }.into())?;
+    }
     for &(resource, wanted) in &setup.limits {
         let (soft, hard) = getrlimit(resource)?;
         // Only ever lower: a job cannot raise the runner's limits.
@@ -856,7 +1028,7 @@ fn fail_to_start(setup: &ToolSetup, what: &std::ffi::CStr, errno: Option<i32>) -
 /// Spawns a tool process. Call it from an async task on a runtime *worker* thread, never from
 /// `spawn_blocking`: `PR_SET_PDEATHSIG` fires when the thread that forked the child exits, and
 /// blocking-pool threads exit when idle, which would kill a long tool early (B-13).
-pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
+pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<SpawnedTool> {
     let mut command = Command::new(tool.program);
     command
         .args(&tool.args)
@@ -873,13 +1045,17 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
         .kill_on_drop(true);
     // Computed before the fork: the children may only make async-signal-safe calls.
     let start_errors = StartErrors::new()?;
+    let exit_report = ExitReport::new()?;
     let setup = ToolSetup {
         start_errors: start_errors.write_fd(),
+        exit_report: exit_report.write_fd(),
         exec: PreparedExec::new(tool)?,
-        tmp: PrivateTmp::new(
+        mounts: PrivateMounts::new(
             tool.workspace,
             tool.limits.file_size_bytes.unwrap_or(1 << 30),
         ),
+        network_none: tool.network == Network::None,
+        pass_fd: tool.pass_fd,
         user: tool.user,
         limits: rlimits(&tool.limits),
         init_stack: HelperStack::new()?,
@@ -894,7 +1070,7 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             keep_tool_in_pid_namespace(&setup)?;
             // No PID namespace here: this process is the tool.
-            confine_tool(&setup)?;
+            confine_tool(&setup, false)?;
             Err(setup.exec.exec())
         });
     }
@@ -910,7 +1086,131 @@ pub fn spawn_tool(tool: &ToolCommand<'_>) -> std::io::Result<Child> {
         drop(child);
         return Err(err);
     }
-    Ok(child)
+    Ok(SpawnedTool {
+        child,
+        report: exit_report.sealed(),
+    })
+}
+
+/// A started tool: its process (the keeper, or the tool itself without a PID namespace) and
+/// the report of how it ended.
+#[derive(Debug)]
+pub struct SpawnedTool {
+    pub child: Child,
+    report: ExitReport,
+}
+
+impl SpawnedTool {
+    /// How the tool ended and what it used, once the process has exited: the keeper writes
+    /// it just before. `None` without a PID namespace (the tool is the process itself).
+    pub fn usage(&self) -> Option<ToolUsage> {
+        self.report.read()
+    }
+}
+
+/// What a finished tool used, and how it ended, as its keeper saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolUsage {
+    /// The signal that ended the tool, if one did (its exit status is 128 + n otherwise).
+    pub signal: Option<i32>,
+    /// Peak resident memory of the largest process of the tool's tree, in bytes.
+    pub max_rss_bytes: u64,
+    /// CPU time of the whole tree, user and system, in milliseconds.
+    pub cpu_ms: u64,
+}
+
+/// A close-on-exec pipe on which the keeper reports, as it exits, the tool's wait status and
+/// the resource usage of everything it ran (`wait4` of init, which reaped them all).
+#[derive(Debug)]
+struct ExitReport {
+    read: std::os::fd::OwnedFd,
+    write: Option<std::os::fd::OwnedFd>,
+}
+
+impl ExitReport {
+    fn new() -> std::io::Result<ExitReport> {
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        Ok(ExitReport {
+            read,
+            write: Some(write),
+        })
+    }
+
+    fn write_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.write.as_ref().map_or(-1, |w| w.as_raw_fd())
+    }
+
+    /// Closes the sidecar's write end once the keeper holds its own.
+    fn sealed(mut self) -> ExitReport {
+        drop(self.write.take());
+        self
+    }
+
+    fn read(&self) -> Option<ToolUsage> {
+        use std::os::fd::AsRawFd;
+        let mut report = [0i64; 4];
+        let size = std::mem::size_of_val(&report);
+        // SAFETY: a read into a stack buffer from a descriptor this value owns.
+        let n = unsafe { nix::libc::read(self.read.as_raw_fd(), report.as_mut_ptr().cast(), size) };
+        if n != size as isize {
+            return None;
+        }
+        let status = report[0] as i32;
+        Some(ToolUsage {
+            signal: nix::libc::WIFSIGNALED(status).then(|| nix::libc::WTERMSIG(status)),
+            max_rss_bytes: (report[1].max(0) as u64).saturating_mul(1024),
+            cpu_ms: (report[2].max(0) as u64 + report[3].max(0) as u64) / 1000,
+        })
+    }
+}
+
+/// In the tool process, before the uid drop: a network namespace of its own, with only the
+/// loopback interface (brought up), so the tool reaches nothing outside itself — not
+/// Postgres, not the scheduler, not a metadata address. Async-signal-safe.
+fn isolate_network() -> std::io::Result<()> {
+    use nix::libc;
+    // SAFETY: unshare, socket, ioctl and close on this process's own objects; `request` is
+    // a zeroed ifreq on the stack.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if socket < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut request: libc::ifreq = std::mem::zeroed();
+        request.ifr_name[0] = b'l' as libc::c_char;
+        request.ifr_name[1] = b'o' as libc::c_char;
+        let mut result = libc::ioctl(socket, libc::SIOCGIFFLAGS, &mut request);
+        if result == 0 {
+            request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            result = libc::ioctl(socket, libc::SIOCSIFFLAGS, &request);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(socket);
+        if result != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process may give tools a network namespace of their own (`network: none`):
+/// probed once, in a short-lived thread (namespaces are per thread, so the sidecar's own
+/// network stays as it is).
+pub fn can_isolate_network() -> bool {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| {
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread, which ends right after.
+            unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) == 0 }
+        })
+        .join()
+        .unwrap_or(false)
+    })
 }
 
 /// A close-on-exec pipe on which init or the tool report a failure to start. std's spawn
@@ -1029,12 +1329,14 @@ pub async fn measure_spawn(
         user,
         stdin: false,
         exec_fd: None,
+        pass_fd: None,
+        network: Network::Full,
     };
     let mut to_exec = Vec::with_capacity(count);
     let mut to_exit = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
         let started = std::time::Instant::now();
-        let mut child = spawn_tool(&tool)?;
+        let mut child = spawn_tool(&tool)?.child;
         to_exec.push(started.elapsed().as_micros() as u64);
         let status = child.wait().await?;
         to_exit.push(started.elapsed().as_micros() as u64);
@@ -1179,6 +1481,8 @@ mod tests {
             user: None,
             stdin: false,
             exec_fd: None,
+            pass_fd: None,
+            network: Network::Full,
         };
         // In a PID namespace the tool process execs by itself, and hands its errno back to
         // the spawn, which fails as it does without one.
@@ -1224,8 +1528,10 @@ mod tests {
             user: None,
             stdin: false,
             exec_fd: None,
+            pass_fd: None,
+            network: Network::Full,
         };
-        let child = spawn_tool(&tool).unwrap();
+        let child = spawn_tool(&tool).unwrap().child;
         let pid = child.id().unwrap() as i32;
         // Every process of the tool sits in the session led by the process the sidecar forked.
         let mut tool_pids = Vec::new();
@@ -1282,8 +1588,10 @@ mod tests {
             user: None,
             stdin: false,
             exec_fd: None,
+            pass_fd: None,
+            network: Network::Full,
         };
-        let mut child = spawn_tool(&tool).unwrap();
+        let mut child = spawn_tool(&tool).unwrap().child;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while processes_with(&marker).len() < 3 {
             assert!(
@@ -1354,8 +1662,10 @@ mod tests {
             user: None,
             stdin: false,
             exec_fd: None,
+            pass_fd: None,
+            network: Network::Full,
         };
-        let child = spawn_tool(&tool).unwrap();
+        let child = spawn_tool(&tool).unwrap().child;
         let output = child.wait_with_output().await.unwrap();
         assert_eq!(output.status.code(), Some(0));
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -1401,8 +1711,15 @@ mod tests {
             user,
             stdin: false,
             exec_fd: None,
+            pass_fd: None,
+            network: Network::Full,
         };
-        let output = spawn_tool(&tool).unwrap().wait_with_output().await.unwrap();
+        let output = spawn_tool(&tool)
+            .unwrap()
+            .child
+            .wait_with_output()
+            .await
+            .unwrap();
         let text = String::from_utf8_lossy(&output.stdout);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -1453,8 +1770,15 @@ mod tests {
             user: Some(user),
             stdin: false,
             exec_fd: None,
+            pass_fd: None,
+            network: Network::Full,
         };
-        let output = spawn_tool(&tool).unwrap().wait_with_output().await.unwrap();
+        let output = spawn_tool(&tool)
+            .unwrap()
+            .child
+            .wait_with_output()
+            .await
+            .unwrap();
         let text = String::from_utf8_lossy(&output.stdout);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], user.uid.to_string(), "{text}");

@@ -8,15 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_protocol::{
-    ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef, RegisterRequest,
+    Attempt, ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef, RegisterRequest,
     RegisterResponse, RunnerId,
 };
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::client::{Backoff, CallError, Client};
 use crate::config::{Config, Secret};
 use crate::outbox::{self, Outbox};
+use crate::slots::Slots;
 use crate::task::{self, StopReason, TaskContext};
 use crate::Result;
 
@@ -28,7 +29,10 @@ struct Running {
     renewed_at: Instant,
 }
 
-type RunningTasks = Arc<Mutex<HashMap<JobId, Running>>>;
+/// The running attempts, by `(job, attempt)`: never by job alone, or a retried job's new
+/// attempt landing here while the old one's tool still dies would overwrite or remove the
+/// old one's entry, and with it its cancel orders, its heartbeats and its fence.
+type RunningTasks = Arc<Mutex<HashMap<(JobId, Attempt), Running>>>;
 
 /// The claim request, borrowing the completions it carries (`ClaimRequest` on the wire).
 #[derive(serde::Serialize)]
@@ -45,6 +49,15 @@ struct Session {
     token: Secret,
     heartbeat: Duration,
     lease: Duration,
+}
+
+impl Session {
+    /// How long an event batch or a completion is retried while the scheduler answers with
+    /// errors a retry may fix (no answer, 5xx, 429): as long as a database outage is ridden
+    /// through. Past it the attempt ends with a clear error and frees its slot.
+    fn delivery_budget(&self) -> Duration {
+        self.lease * OUTAGE_RIDE_THROUGH_LEASES
+    }
 }
 
 /// How long a database outage reported by the scheduler (503 to heartbeats) is ridden
@@ -78,12 +91,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         });
     }
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.workdir).map_err(|e| {
-        crate::Error::Config(format!(
-            "SLUICE_RUNNER_WORKDIR {}: {e}",
-            config.workdir.display()
-        ))
-    })?;
+    prepare_workdir(&config)?;
+    // The slots and their uids live as long as the process: no other runner on this host
+    // gets those uids meanwhile.
+    let slots =
+        Slots::new(config.slots, config.tool_uids.as_ref()).map_err(crate::Error::Config)?;
     let client = Client::new(&config.api_url);
     let running: RunningTasks = Arc::default();
     let (hard_stop_tx, hard_stop) = watch::channel(false);
@@ -111,7 +123,6 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             drain_tx,
             session_end.clone(),
         ));
-        let slots = Arc::new(Semaphore::new(config.slots as usize));
         // Tasks spawned but not polled yet (see the gathering of free slots below).
         let unpolled = Arc::new(Unpolled::default());
         let outbox = Arc::new(Outbox::default());
@@ -122,9 +133,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             let token = session.token.clone();
             let hard_stop = hard_stop.clone();
             let session_end = session_end.clone();
+            let budget = session.delivery_budget();
             async move {
                 outbox
-                    .flusher(client, path, token, hard_stop, session_end)
+                    .flusher(client, path, token, budget, hard_stop, session_end)
                     .await
             }
         });
@@ -134,6 +146,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             token: session.token.clone(),
             hard_stop: hard_stop.clone(),
             outbox: outbox.clone(),
+            delivery_budget: session.delivery_budget(),
         };
 
         loop {
@@ -152,7 +165,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             // after queueing its completion, so the claim for that slot carries it.
             outbox.await_carrier();
             let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                slot = slots.acquire() => slot,
                 _ = shutdown.changed() => continue,
                 _ = lost_rx.changed() => continue,
                 _ = drain_rx.changed() => continue,
@@ -165,8 +178,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             unpolled.all_polled(GATHER_LIMIT).await;
             tokio::task::yield_now().await;
             let mut permits = vec![first];
-            while let Ok(permit) = slots.clone().try_acquire_owned() {
-                permits.push(permit);
+            while let Some(slot) = slots.try_acquire() {
+                permits.push(slot);
             }
             let carried = outbox.carry(outbox.carry_limit());
             let request = ClaimBody {
@@ -206,7 +219,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         let (stop_tx, _) = watch::channel(None);
                         let stop = Arc::new(stop_tx);
                         running.lock().expect("lock").insert(
-                            task.job_id,
+                            (task.job_id, task.attempt),
                             Running {
                                 lease: task.lease(),
                                 stop: stop.clone(),
@@ -217,15 +230,17 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         let running = running.clone();
                         let unpolled = Unpolled::spawned(&unpolled);
                         tasks.spawn(first_poll_counted(unpolled, async move {
-                            let job_id = task.job_id;
-                            let completing = task::run(ctx, task, stop).await;
+                            let key = (task.job_id, task.attempt);
+                            let slot = permit.slot();
+                            let completing = task::run(ctx, task, stop, slot).await;
                             // The tool has ended: the slot is free. The lease is kept (in
-                            // the heartbeat) until the completion is delivered.
+                            // the heartbeat) until the completion is delivered; the next
+                            // heartbeat without it tells the scheduler the tool is gone.
                             drop(permit);
                             if let Some(completing) = completing {
                                 completing.delivered().await;
                             }
-                            running.lock().expect("lock").remove(&job_id);
+                            running.lock().expect("lock").remove(&key);
                         }));
                     }
                 }
@@ -269,6 +284,24 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let _ = hard_stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     tracing::info!("sluice-runner stopped");
+    Ok(())
+}
+
+/// Creates the workdir, mode 0711 when the tools run as other users: each slot's user can
+/// reach its own workspace (0700, its own) by name, and list nothing.
+fn prepare_workdir(config: &Config) -> crate::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: std::io::Error| {
+        crate::Error::Config(format!(
+            "SLUICE_RUNNER_WORKDIR {}: {e}",
+            config.workdir.display()
+        ))
+    };
+    std::fs::create_dir_all(&config.workdir).map_err(fail)?;
+    if config.tool_uids.is_some() {
+        std::fs::set_permissions(&config.workdir, std::fs::Permissions::from_mode(0o711))
+            .map_err(fail)?;
+    }
     Ok(())
 }
 
@@ -510,22 +543,23 @@ async fn heartbeats(
             Ok(response) => {
                 let mut tasks = running.lock().expect("lock");
                 for order in &response.cancel {
-                    if let Some(task) = tasks.get(&order.job_id) {
-                        if task.lease.attempt == order.attempt {
-                            let reason = match order.reason.as_str() {
-                                "cancelled" => StopReason::Cancelled,
-                                "timed_out" => StopReason::TimedOut,
-                                _ => StopReason::LeaseLost,
-                            };
-                            tracing::info!(job_id = %order.job_id, attempt = %order.attempt, reason = %order.reason, "stopping task on the scheduler's order");
-                            task.stop.send_replace(Some(reason));
-                        }
+                    if let Some(task) = tasks.get(&(order.job_id, order.attempt)) {
+                        let reason = match order.reason.as_str() {
+                            "cancelled" => StopReason::Cancelled,
+                            "timed_out" => StopReason::TimedOut,
+                            _ => StopReason::LeaseLost,
+                        };
+                        tracing::info!(job_id = %order.job_id, attempt = %order.attempt, reason = %order.reason, "stopping task on the scheduler's order");
+                        task.stop.send_replace(Some(reason));
                     }
                 }
                 for lease in &leases {
-                    let cancelled = response.cancel.iter().any(|o| o.job_id == lease.job_id);
-                    if let Some(task) = tasks.get_mut(&lease.job_id) {
-                        if !cancelled && task.lease.attempt == lease.attempt {
+                    let cancelled = response
+                        .cancel
+                        .iter()
+                        .any(|o| o.job_id == lease.job_id && o.attempt == lease.attempt);
+                    if let Some(task) = tasks.get_mut(&(lease.job_id, lease.attempt)) {
+                        if !cancelled {
                             task.renewed_at = task.renewed_at.max(sent_at);
                         }
                     }

@@ -1,14 +1,22 @@
 //! Running one claimed task: dispatch on the spec's kind, fork the tool, stream its output in
 //! ordered batches, and report the completion — or abandon the attempt when its lease is gone.
+//!
+//! Output is bytes. A chunk that is UTF-8 without NUL goes as `{"text"}`; anything else (NUL,
+//! invalid UTF-8, binary) as `{"text", "base64", "binary": true}`, where `base64` holds the
+//! exact bytes and `text` a display form with U+FFFD for what is not text. Decoding `base64`
+//! where present and taking `text` elsewhere gives back the output byte for byte. Every result
+//! and event is scrubbed of NUL characters (Postgres stores none) before it is sent.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use serde_json::{json, Value};
 use sluice_protocol::{
-    event_kind, parse_spec, BashSpec, ErrorDetail, Event, JobSpec, Outcome, StreamRequest,
-    StreamResponse, Task, TaskCompletion, ToolName, ToolSpec,
+    bounds, event_kind, parse_spec, BashSpec, ErrorDetail, Event, JobSpec, Network, Outcome,
+    StreamRequest, StreamResponse, Task, TaskCompletion, ToolName, ToolSpec,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -17,7 +25,8 @@ use crate::client::{CallError, Client};
 use crate::config::{Config, Secret};
 use crate::outbox::{Delivery, Outbox};
 use crate::output::{Budget, Tail};
-use crate::process::{self, ToolCommand};
+use crate::process::{self, ToolCommand, ToolUsage};
+use crate::slots::Slot;
 use crate::tools;
 
 /// Why a running task is being stopped from outside.
@@ -31,6 +40,20 @@ pub enum StopReason {
     TimedOut,
     /// The sidecar is shutting down and the drain deadline passed.
     Shutdown,
+    /// The scheduler refused the attempt's events, or could not take them within the
+    /// delivery budget: the attempt ends with that error instead of running unheard.
+    StreamFailed,
+}
+
+impl StopReason {
+    /// Stops after which the attempt is abandoned: the scheduler has moved on, and nothing
+    /// this attempt sends would be accepted.
+    fn abandons(self) -> bool {
+        matches!(
+            self,
+            StopReason::LeaseLost | StopReason::Cancelled | StopReason::TimedOut
+        )
+    }
 }
 
 /// What a task needs from the runner around it.
@@ -43,6 +66,9 @@ pub struct TaskContext {
     pub hard_stop: watch::Receiver<bool>,
     /// Where finished attempts' completions go.
     pub outbox: Arc<Outbox>,
+    /// How long event batches are retried while the scheduler answers with errors a retry
+    /// may fix.
+    pub delivery_budget: Duration,
 }
 
 /// Bytes of stdout and of stderr kept for the result.
@@ -55,15 +81,18 @@ const BATCH_BYTES: usize = 64 * 1024;
 const BATCH_DELAY: Duration = Duration::from_millis(20);
 /// How long to keep reading pipes after the tool exited (an escaped child may hold them).
 const PIPE_DRAIN: Duration = Duration::from_secs(1);
+/// A failed tool that used this share of its memory limit ran out of memory.
+const MEMORY_LIMIT_SHARE: f64 = 0.9;
 
 /// Runs a task until its tool has ended and queues its completion in the outbox. `stop`
-/// carries a reason when the task must stop early. The slot is free once this returns; the
-/// returned [`Completing`] waits for the scheduler's answer. `None` when the attempt was
-/// abandoned.
+/// carries a reason when the task must stop early; the tools run as `slot`'s user. The slot
+/// is free once this returns; the returned [`Completing`] waits for the scheduler's answer.
+/// `None` when the attempt was abandoned.
 pub async fn run(
     ctx: TaskContext,
     task: Task,
     stop: Arc<watch::Sender<Option<StopReason>>>,
+    slot: Slot,
 ) -> Option<Completing> {
     let started = Instant::now();
     let report = match parse_spec(&task.spec) {
@@ -78,26 +107,17 @@ pub async fn run(
             output: json!({}),
             error: None,
             retryable: true,
-            final_seq: None,
+            final_seq: 0,
         }),
-        Ok(JobSpec::Bash(spec)) => run_bash(&ctx, &task, &spec, &stop).await,
-        Ok(JobSpec::Tool(spec)) => run_tool(&ctx, &task, &spec, &stop).await,
+        Ok(JobSpec::Bash(spec)) => run_bash(&ctx, &task, &spec, &stop, slot).await,
+        Ok(JobSpec::Tool(spec)) => run_tool(&ctx, &task, &spec, &stop, slot).await,
         Ok(other) => Some(unsupported(other.kind())),
     };
     let Some(report) = report else {
         tracing::info!(job_id = %task.job_id, attempt = %task.attempt, "attempt abandoned");
         return None;
     };
-    let answer = ctx.outbox.submit(TaskCompletion {
-        job_id: task.job_id,
-        attempt: task.attempt,
-        lease_token: task.lease_token,
-        outcome: report.outcome,
-        output: report.output,
-        error: report.error,
-        retryable: report.retryable,
-        final_seq: report.final_seq,
-    });
+    let answer = ctx.outbox.submit(report.completion(&task));
     Some(Completing {
         task,
         started,
@@ -153,7 +173,9 @@ struct Report {
     output: Value,
     error: Option<ErrorDetail>,
     retryable: bool,
-    final_seq: Option<i64>,
+    /// The attempt's last event `seq` that reached the scheduler (0: none); later events
+    /// of the attempt are refused.
+    final_seq: i64,
 }
 
 impl Report {
@@ -166,7 +188,27 @@ impl Report {
                 message,
             }),
             retryable,
-            final_seq: None,
+            final_seq: 0,
+        }
+    }
+
+    /// The completion to send, with every NUL character replaced (Postgres stores none).
+    fn completion(self, task: &Task) -> TaskCompletion {
+        let mut output = self.output;
+        bounds::scrub_nul(&mut output);
+        let error = self.error.map(|e| ErrorDetail {
+            code: e.code.replace('\0', "\u{FFFD}"),
+            message: e.message.replace('\0', "\u{FFFD}"),
+        });
+        TaskCompletion {
+            job_id: task.job_id,
+            attempt: task.attempt,
+            lease_token: task.lease_token,
+            outcome: self.outcome,
+            output,
+            error,
+            retryable: self.retryable,
+            final_seq: Some(self.final_seq),
         }
     }
 }
@@ -178,8 +220,10 @@ struct EventSender {
 }
 
 impl EventSender {
-    /// Queues an event; `false` when the stream was refused (the lease is gone).
-    async fn send(&mut self, kind: &str, data: Value) -> bool {
+    /// Queues an event; `false` when the stream has ended (refused, or given up on: the
+    /// sender has set the task's stop reason).
+    async fn send(&mut self, kind: &str, mut data: Value) -> bool {
+        bounds::scrub_nul(&mut data);
         let event = Event {
             seq: self.next_seq,
             kind: kind.to_string(),
@@ -190,18 +234,30 @@ impl EventSender {
     }
 }
 
+/// How an attempt's stream ended.
+struct Streamed {
+    /// The last `seq` the scheduler stored (0: none).
+    last_seq: i64,
+    /// Why it ended early, if it did.
+    error: Option<CallError>,
+}
+
 async fn post_batches(
     ctx: TaskContext,
     task: Task,
     mut rx: mpsc::Receiver<Event>,
     stop: Arc<watch::Sender<Option<StopReason>>>,
-) -> Result<Option<i64>, CallError> {
-    let mut last_seq = None;
+) -> Streamed {
+    let mut last_seq = 0;
     let mut hard_stop = ctx.hard_stop.clone();
+    let mut stopped = stop.subscribe();
     let path = format!("/internal/tasks/{}/stream", task.job_id);
     loop {
         let Some(first) = rx.recv().await else {
-            return Ok(last_seq);
+            return Streamed {
+                last_seq,
+                error: None,
+            };
         };
         let mut bytes = event_size(&first);
         let mut batch = vec![first];
@@ -227,34 +283,128 @@ async fn post_batches(
             lease_token: task.lease_token,
             events: batch,
         };
-        let result: Result<StreamResponse, CallError> = ctx
-            .client
-            .post_retrying(
-                &path,
-                &ctx.token,
-                &request,
-                Duration::from_secs(30),
-                &mut hard_stop,
-            )
-            .await;
+        let post = ctx.client.post_retrying::<_, StreamResponse>(
+            &path,
+            &ctx.token,
+            &request,
+            Duration::from_secs(30),
+            ctx.delivery_budget,
+            &mut hard_stop,
+        );
+        // An abandoned attempt stops sending at once: nothing of it would be accepted.
+        let result = tokio::select! {
+            result = post => result,
+            _ = stopped.wait_for(|r| r.is_some_and(StopReason::abandons)) => Err(CallError::Shutdown),
+        };
         if let Err(err) = result {
-            if err.is_lease_lost() {
-                stop.send_replace(Some(StopReason::LeaseLost));
-            }
-            return Err(err);
+            let reason = if err.is_lease_lost() {
+                StopReason::LeaseLost
+            } else {
+                StopReason::StreamFailed
+            };
+            stop.send_if_modified(|current| {
+                let unset = current.is_none();
+                if unset {
+                    *current = Some(reason);
+                }
+                unset
+            });
+            return Streamed {
+                last_seq,
+                error: Some(err),
+            };
         }
-        last_seq = request.events.last().map(|e| e.seq);
+        last_seq = request.events.last().map_or(last_seq, |e| e.seq);
         if closed {
-            return Ok(last_seq);
+            return Streamed {
+                last_seq,
+                error: None,
+            };
         }
     }
 }
 
 fn event_size(event: &Event) -> usize {
-    match event.data.get("text").and_then(Value::as_str) {
-        Some(text) => text.len() + 32,
-        None => 64,
+    let field = |name: &str| {
+        event
+            .data
+            .get(name)
+            .and_then(Value::as_str)
+            .map_or(0, str::len)
+    };
+    field("text") + field("base64") + 64
+}
+
+/// The failure a stream that ended early earns the attempt.
+fn stream_failure(err: &CallError) -> (&'static str, String, bool) {
+    match err {
+        CallError::Status { status, .. } if *status < 500 && *status != 429 => (
+            "events_refused",
+            format!("the scheduler refused the attempt's events: {err}"),
+            false,
+        ),
+        _ => (
+            "events_undeliverable",
+            format!("the attempt's events could not be delivered: {err}"),
+            true,
+        ),
     }
+}
+
+/// Turns a pipe's bytes into event data: `{"text"}` while they are UTF-8 without NUL, else
+/// `{"text", "base64", "binary": true}` (see the module doc). A character split between two
+/// reads is held back until the next one, so text never turns binary by a chunk boundary.
+#[derive(Default)]
+struct OutputStream {
+    carry: Vec<u8>,
+    /// Something the stream carried was not text.
+    binary: bool,
+}
+
+impl OutputStream {
+    /// The data of the next event, or `None` when there is nothing to send yet. `at_end`
+    /// flushes what was held back.
+    fn event(&mut self, chunk: &[u8], at_end: bool) -> Option<Value> {
+        let mut bytes = std::mem::take(&mut self.carry);
+        bytes.extend_from_slice(chunk);
+        if !at_end {
+            let keep = incomplete_tail(&bytes);
+            self.carry = bytes.split_off(bytes.len() - keep);
+        }
+        if bytes.is_empty() {
+            return None;
+        }
+        match std::str::from_utf8(&bytes) {
+            Ok(text) if !text.contains('\0') => Some(json!({ "text": text })),
+            _ => {
+                self.binary = true;
+                let text = String::from_utf8_lossy(&bytes).replace('\0', "\u{FFFD}");
+                Some(json!({
+                    "text": text,
+                    "base64": base64::engine::general_purpose::STANDARD.encode(&bytes),
+                    "binary": true,
+                }))
+            }
+        }
+    }
+}
+
+/// How many bytes at the end of `bytes` start a UTF-8 character that is not complete yet.
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let byte = bytes[bytes.len() - back];
+        if byte & 0xC0 == 0x80 {
+            continue;
+        }
+        let needs = match byte {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return 0,
+        };
+        return if needs > back { back } else { 0 };
+    }
+    0
 }
 
 fn workspace_of(config: &Config, task: &Task) -> PathBuf {
@@ -263,15 +413,19 @@ fn workspace_of(config: &Config, task: &Task) -> PathBuf {
         .join(format!("{}-{}", task.job_id, task.attempt))
 }
 
-/// A fresh, empty workspace for the attempt, owned by the tool user: the tool's own
-/// workspace, and nothing else of the sidecar's, is writable for it.
-fn prepare_workspace(config: &Config, task: &Task) -> Result<PathBuf, Report> {
+/// A fresh, empty workspace for the attempt, mode 0700 and owned by the slot's user: the
+/// tool's own workspace, and nothing else of the sidecar's or another slot's, is reachable
+/// for it.
+fn prepare_workspace(config: &Config, task: &Task, slot: Slot) -> Result<PathBuf, Report> {
+    use std::os::unix::fs::PermissionsExt;
     let workspace = workspace_of(config, task);
     let _ = std::fs::remove_dir_all(&workspace);
-    let prepared = std::fs::create_dir_all(&workspace).and_then(|()| match config.tool_user {
-        Some(user) => std::os::unix::fs::chown(&workspace, Some(user.uid), Some(user.gid)),
-        None => Ok(()),
-    });
+    let prepared = std::fs::create_dir_all(&workspace)
+        .and_then(|()| std::fs::set_permissions(&workspace, std::fs::Permissions::from_mode(0o700)))
+        .and_then(|()| match slot.user {
+            Some(user) => std::os::unix::fs::chown(&workspace, Some(user.uid), Some(user.gid)),
+            None => Ok(()),
+        });
     match prepared {
         Ok(()) => Ok(workspace),
         Err(err) => Err(Report::failed(
@@ -283,12 +437,40 @@ fn prepare_workspace(config: &Config, task: &Task) -> Result<PathBuf, Report> {
     }
 }
 
+/// The network a tool gets, or the failure of a job that asked for none where this runner
+/// cannot give it one (fails closed: never a network when none was asked for).
+fn network_for(config: &Config, asked: Option<Network>) -> Result<Network, Report> {
+    let network = asked.unwrap_or(config.network);
+    if network == Network::None && !process::can_isolate_network() {
+        return Err(Report::failed(
+            json!({}),
+            "network_unavailable",
+            "the job asked for network \"none\", but this runner cannot create network namespaces (it must run as root or in gVisor)".into(),
+            false,
+        ));
+    }
+    Ok(network)
+}
+
+/// The wall timeout of a tool: the tightest of the spec's, the job's and the runner's
+/// default, never beyond [`bounds::MAX_TIMEOUT_MS`] (so no deadline can overflow a clock).
+fn timeout_of(config: &Config, task: &Task, spec_ms: Option<u64>) -> Duration {
+    [spec_ms, task.timeout_ms]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(Duration::from_millis)
+        .unwrap_or(config.default_timeout)
+        .min(Duration::from_millis(bounds::MAX_TIMEOUT_MS))
+}
+
 /// Runs a `tool` spec: `bash` through the streaming path, the others in a confined child.
 async fn run_tool(
     ctx: &TaskContext,
     task: &Task,
     spec: &ToolSpec,
     stop: &Arc<watch::Sender<Option<StopReason>>>,
+    slot: Slot,
 ) -> Option<Report> {
     if let Err(err) = tools::check_input(spec.tool, &spec.input) {
         return Some(Report::failed(json!({}), &err.code, err.message, false));
@@ -306,11 +488,16 @@ async fn run_tool(
             env: Default::default(),
             timeout_ms: input.timeout_ms,
             limits: None,
+            network: spec.network,
         };
-        return run_bash(ctx, task, &bash, stop).await;
+        return run_bash(ctx, task, &bash, stop, slot).await;
     }
     let config = &ctx.config;
-    let workspace = match prepare_workspace(config, task) {
+    let network = match network_for(config, spec.network) {
+        Ok(network) => network,
+        Err(report) => return Some(report),
+    };
+    let workspace = match prepare_workspace(config, task, slot) {
         Ok(workspace) => workspace,
         Err(report) => return Some(report),
     };
@@ -321,10 +508,7 @@ async fn run_tool(
     events
         .send(event_kind::STARTED, json!({ "tool": name }))
         .await;
-    let timeout = task
-        .timeout_ms
-        .map(Duration::from_millis)
-        .unwrap_or(config.default_timeout);
+    let timeout = timeout_of(config, task, None);
     let mut stop_rx = stop.subscribe();
     let ended = tools::exec::call(
         tools::exec::Call {
@@ -339,7 +523,8 @@ async fn run_tool(
                 &Default::default(),
             ),
             limits: config.limits.clone(),
-            user: config.tool_user,
+            user: slot.user,
+            network,
             timeout,
             kill_grace: config.kill_grace,
         },
@@ -353,6 +538,7 @@ async fn run_tool(
             "the runner shut down before the tool finished",
         )
         .retryable()),
+        tools::exec::Ended::Stopped(StopReason::StreamFailed) => Ok(json!({})),
         tools::exec::Ended::Stopped(_) => return None,
         tools::exec::Ended::Answered(answer) => answer,
     };
@@ -363,26 +549,54 @@ async fn run_tool(
         )
         .await;
     drop(events);
-    let final_seq = match batches.await.unwrap_or(Err(CallError::Shutdown)) {
-        Ok(seq) => seq,
-        Err(err) if err.is_lease_lost() => return None,
-        Err(_) => None,
-    };
-    if stop.borrow().is_some_and(|r| r != StopReason::Shutdown) {
+    let streamed = batches.await.unwrap_or(Streamed {
+        last_seq: 0,
+        error: Some(CallError::Shutdown),
+    });
+    if stop.borrow().is_some_and(StopReason::abandons) {
         return None;
     }
-    let mut report = match answer {
-        Ok(output) => Report {
+    let mut report = match (&streamed.error, answer) {
+        (Some(err), _) if !matches!(err, CallError::Shutdown) => {
+            let (code, message, retryable) = stream_failure(err);
+            Report::failed(json!({}), code, message, retryable)
+        }
+        (_, Ok(output)) => Report {
             outcome: Outcome::Succeeded,
             output,
             error: None,
             retryable: true,
-            final_seq: None,
+            final_seq: 0,
         },
-        Err(err) => Report::failed(json!({}), &err.code, err.message, err.retryable),
+        (_, Err(err)) => Report::failed(json!({}), &err.code, err.message, err.retryable),
     };
-    report.final_seq = final_seq;
+    report.final_seq = streamed.last_seq;
     Some(report)
+}
+
+/// The script as a sealed memory file, handed to bash as `/proc/self/fd/<n>` instead of in
+/// argv: a script of any size up to the spec's cap runs (argv stops at 128 KiB per string),
+/// and other users cannot read it in `/proc/<pid>/cmdline`.
+fn script_file(script: &str) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(
+        "sluice-script",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, script.as_bytes())?;
+    let fd = OwnedFd::from(file);
+    fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(fd)
 }
 
 /// Runs a bash spec. `None` means the attempt was abandoned (lease gone, cancelled, timed out
@@ -392,26 +606,48 @@ async fn run_bash(
     task: &Task,
     spec: &BashSpec,
     stop: &Arc<watch::Sender<Option<StopReason>>>,
+    slot: Slot,
 ) -> Option<Report> {
     let config = &ctx.config;
     let started = Instant::now();
-    let workspace = match prepare_workspace(config, task) {
+    let network = match network_for(config, spec.network) {
+        Ok(network) => network,
+        Err(report) => return Some(report),
+    };
+    let script = match script_file(&spec.script) {
+        Ok(script) => script,
+        Err(err) => {
+            return Some(Report::failed(
+                json!({}),
+                "spawn_failed",
+                format!("cannot hand the script to bash: {err}"),
+                true,
+            ))
+        }
+    };
+    let workspace = match prepare_workspace(config, task, slot) {
         Ok(workspace) => workspace,
         Err(report) => return Some(report),
     };
     let env = process::tool_env(&workspace, task.job_id.0, task.attempt.0, &spec.env);
+    let limits = process::tighter(&config.limits, &spec.limits.clone().unwrap_or_default());
     let tool = ToolCommand {
         program: process::shell(),
-        args: vec!["-c".into(), spec.script.clone()],
+        args: vec![format!("/proc/self/fd/{}", script.as_raw_fd())],
         workspace: &workspace,
         env,
-        limits: process::tighter(&config.limits, &spec.limits.clone().unwrap_or_default()),
-        user: config.tool_user,
+        limits: limits.clone(),
+        user: slot.user,
         stdin: false,
         exec_fd: None,
+        pass_fd: Some(script.as_raw_fd()),
+        network,
     };
-    let mut child = match process::spawn_tool(&tool) {
-        Ok(child) => child,
+    let spawned = process::spawn_tool(&tool);
+    // The tool holds its own copy now.
+    drop(script);
+    let mut spawned = match spawned {
+        Ok(spawned) => spawned,
         Err(err) => {
             let _ = std::fs::remove_dir_all(&workspace);
             return Some(Report::failed(
@@ -422,13 +658,9 @@ async fn run_bash(
             ));
         }
     };
+    let child = &mut spawned.child;
     let pid = child.id();
-    let timeout = [spec.timeout_ms, task.timeout_ms]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(Duration::from_millis)
-        .unwrap_or(config.default_timeout);
+    let timeout = timeout_of(config, task, spec.timeout_ms);
 
     let (tx, rx) = mpsc::channel(1024);
     let batches = tokio::spawn(post_batches(ctx.clone(), task.clone(), rx, stop.clone()));
@@ -444,6 +676,8 @@ async fn run_bash(
     let mut budget = Budget::new(config.max_output_bytes);
     let mut stdout_tail = Tail::new(TAIL_BYTES);
     let mut stderr_tail = Tail::new(TAIL_BYTES);
+    let mut out_stream = OutputStream::default();
+    let mut err_stream = OutputStream::default();
     let mut truncated = false;
     let mut stop_rx = stop.subscribe();
     let mut stopped: Option<StopReason> = None;
@@ -458,36 +692,34 @@ async fn run_bash(
         }
         let drain_deadline = pipes_deadline.unwrap_or(deadline);
         tokio::select! {
-            read = read_some(&mut stdout, &mut out_buf) => {
-                let n = read;
+            n = read_some(&mut stdout, &mut out_buf) => {
                 if n == 0 {
                     stdout = None;
-                } else {
-                    stdout_tail.push(&out_buf[..n]);
-                    let kept = budget.take(n);
-                    if kept > 0 && !events.send(event_kind::STDOUT, json!({"text": String::from_utf8_lossy(&out_buf[..kept])})).await {
-                        stop.send_replace(Some(StopReason::LeaseLost));
-                    }
-                    if kept < n && !truncated {
-                        truncated = true;
-                        events.send(event_kind::TRUNCATED, json!({"stream": "stdout", "limit_bytes": budget.limit()})).await;
-                    }
+                }
+                stdout_tail.push(&out_buf[..n]);
+                let kept = budget.take(n);
+                let cut = kept < n;
+                if let Some(data) = out_stream.event(&out_buf[..kept], n == 0 || cut) {
+                    events.send(event_kind::STDOUT, data).await;
+                }
+                if cut && !truncated {
+                    truncated = true;
+                    events.send(event_kind::TRUNCATED, json!({"stream": "stdout", "limit_bytes": budget.limit()})).await;
                 }
             }
-            read = read_some(&mut stderr, &mut err_buf) => {
-                let n = read;
+            n = read_some(&mut stderr, &mut err_buf) => {
                 if n == 0 {
                     stderr = None;
-                } else {
-                    stderr_tail.push(&err_buf[..n]);
-                    let kept = budget.take(n);
-                    if kept > 0 && !events.send(event_kind::STDERR, json!({"text": String::from_utf8_lossy(&err_buf[..kept])})).await {
-                        stop.send_replace(Some(StopReason::LeaseLost));
-                    }
-                    if kept < n && !truncated {
-                        truncated = true;
-                        events.send(event_kind::TRUNCATED, json!({"stream": "stderr", "limit_bytes": budget.limit()})).await;
-                    }
+                }
+                stderr_tail.push(&err_buf[..n]);
+                let kept = budget.take(n);
+                let cut = kept < n;
+                if let Some(data) = err_stream.event(&err_buf[..kept], n == 0 || cut) {
+                    events.send(event_kind::STDERR, data).await;
+                }
+                if cut && !truncated {
+                    truncated = true;
+                    events.send(event_kind::TRUNCATED, json!({"stream": "stderr", "limit_bytes": budget.limit()})).await;
                 }
             }
             exit = child.wait(), if status.is_none() => {
@@ -502,13 +734,13 @@ async fn run_bash(
                 let reason = *stop_rx.borrow();
                 if let Some(reason) = reason {
                     stopped = Some(reason);
-                    process::stop(&mut child, config.kill_grace).await;
+                    process::stop(child, config.kill_grace).await;
                 }
             }
             _ = tokio::time::sleep_until(drain_deadline), if status.is_none() || pipes_deadline.is_some() => {
                 if status.is_none() {
                     timed_out = true;
-                    process::stop(&mut child, config.kill_grace).await;
+                    process::stop(child, config.kill_grace).await;
                 } else {
                     // An escaped process still holds the pipes: stop waiting for them.
                     stdout = None;
@@ -524,13 +756,8 @@ async fn run_bash(
         Some(Ok(status)) => Some(status),
         _ => None,
     };
-    use std::os::unix::process::ExitStatusExt;
-    let exit_code = status.and_then(|s| s.code());
-    let signal = status.and_then(|s| s.signal()).map(|n| {
-        nix::sys::signal::Signal::try_from(n)
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_else(|_| n.to_string())
-    });
+    let usage = spawned.usage();
+    let (exit_code, signal) = exit_of(status, usage);
     events
         .send(
             event_kind::EXITED,
@@ -538,22 +765,17 @@ async fn run_bash(
         )
         .await;
     drop(events);
-    let streamed = batches.await.unwrap_or(Err(CallError::Shutdown));
+    let streamed = batches.await.unwrap_or(Streamed {
+        last_seq: 0,
+        error: Some(CallError::Shutdown),
+    });
     let _ = std::fs::remove_dir_all(&workspace);
 
-    let current = *stop.borrow();
-    let externally_stopped = stopped.or(current);
-    match externally_stopped {
-        Some(StopReason::LeaseLost | StopReason::Cancelled | StopReason::TimedOut) => return None,
-        Some(StopReason::Shutdown) | None => {}
+    let externally_stopped = stopped.or(*stop.borrow());
+    if externally_stopped.is_some_and(StopReason::abandons) {
+        return None;
     }
-    let final_seq = match streamed {
-        Ok(seq) => seq,
-        Err(err) if err.is_lease_lost() => return None,
-        // The events could not be delivered before shutdown; still report the result.
-        Err(_) => None,
-    };
-    let output = json!({
+    let mut output = json!({
         "exit_code": exit_code,
         "signal": signal,
         "stdout_tail": stdout_tail.text(),
@@ -561,46 +783,123 @@ async fn run_bash(
         "truncated": truncated,
         "duration_ms": started.elapsed().as_millis() as u64,
     });
-    let mut report = if stopped == Some(StopReason::Shutdown) {
-        Report::failed(
+    if out_stream.binary || err_stream.binary {
+        output["binary"] = json!(true);
+    }
+    if let Some(usage) = usage {
+        output["max_rss_bytes"] = json!(usage.max_rss_bytes);
+        output["cpu_ms"] = json!(usage.cpu_ms);
+    }
+    let mut report = match &streamed.error {
+        // The events could not all be stored: the attempt ends with that, not as if it had
+        // been heard (a shutdown still reports the tool's own end below).
+        Some(err) if !matches!(err, CallError::Shutdown) => {
+            let (code, message, retryable) = stream_failure(err);
+            Report::failed(output, code, message, retryable)
+        }
+        _ if stopped == Some(StopReason::Shutdown) => Report::failed(
             output,
             "runner_shutdown",
             "the runner shut down before the tool finished".into(),
             true,
-        )
-    } else if timed_out {
-        Report::failed(
+        ),
+        _ if timed_out => Report::failed(
             output,
             "timed_out",
             format!("the tool ran longer than {} ms", timeout.as_millis()),
             false,
-        )
-    } else if exit_code == Some(0) {
-        Report {
+        ),
+        _ if exit_code == Some(0) => Report {
             outcome: Outcome::Succeeded,
             output,
             error: None,
             retryable: true,
-            final_seq: None,
+            final_seq: 0,
+        },
+        _ => {
+            let (code, message, retryable) =
+                failure_of(exit_code, signal.as_deref(), usage, &limits);
+            Report::failed(output, code, message, retryable)
         }
-    } else if let Some(code) = exit_code {
-        Report::failed(
-            output,
-            "exit_code",
-            format!("the script exited with {code}"),
-            true,
-        )
-    } else {
-        let name = signal.clone().unwrap_or_else(|| "unknown".into());
-        Report::failed(
-            output,
-            "signal",
-            format!("the script was killed by {name}"),
-            true,
-        )
     };
-    report.final_seq = final_seq;
+    report.final_seq = streamed.last_seq;
     Some(report)
+}
+
+/// The exit code and signal name of a finished tool: from its keeper's report where there
+/// is one (which tells a signal from an exit status of 128 + n), else from the process.
+fn exit_of(
+    status: Option<std::process::ExitStatus>,
+    usage: Option<ToolUsage>,
+) -> (Option<i32>, Option<String>) {
+    use std::os::unix::process::ExitStatusExt;
+    let name = |n: i32| {
+        nix::sys::signal::Signal::try_from(n)
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|_| n.to_string())
+    };
+    if let Some(signal) = usage.and_then(|u| u.signal) {
+        return (None, Some(name(signal)));
+    }
+    let code = status.and_then(|s| s.code());
+    let signal = status.and_then(|s| s.signal()).map(name);
+    (code, signal)
+}
+
+/// The error of a tool that failed on its own: a resource limit it ran into where that is
+/// clear (not retried: another attempt runs into it again), else its exit code or signal.
+fn failure_of(
+    exit_code: Option<i32>,
+    signal: Option<&str>,
+    usage: Option<ToolUsage>,
+    limits: &sluice_protocol::Limits,
+) -> (&'static str, String, bool) {
+    const SIGXCPU: i32 = 128 + 24;
+    const SIGXFSZ: i32 = 128 + 25;
+    if signal == Some("SIGXCPU") || (signal.is_none() && exit_code == Some(SIGXCPU)) {
+        return (
+            "cpu_limit",
+            format!(
+                "the tool used up its CPU time limit of {} s",
+                limits.cpu_seconds.unwrap_or_default()
+            ),
+            false,
+        );
+    }
+    if signal == Some("SIGXFSZ") || (signal.is_none() && exit_code == Some(SIGXFSZ)) {
+        return (
+            "file_size_limit",
+            format!(
+                "the tool wrote past its file size limit of {} bytes",
+                limits.file_size_bytes.unwrap_or_default()
+            ),
+            false,
+        );
+    }
+    if let (Some(usage), Some(limit)) = (usage, limits.memory_bytes) {
+        if usage.max_rss_bytes as f64 >= limit as f64 * MEMORY_LIMIT_SHARE {
+            return (
+                "memory_limit",
+                format!(
+                    "the tool ran out of memory: it used {} MiB of its {} MiB limit",
+                    usage.max_rss_bytes >> 20,
+                    limit >> 20
+                ),
+                false,
+            );
+        }
+    }
+    match (exit_code, signal) {
+        (Some(code), _) => ("exit_code", format!("the script exited with {code}"), true),
+        (None, name) => (
+            "signal",
+            format!(
+                "the script was killed by {}",
+                name.unwrap_or("an unknown signal")
+            ),
+            true,
+        ),
+    }
 }
 
 /// Reads from a pipe if it is still open; pends forever once it is closed.
@@ -608,5 +907,80 @@ async fn read_some(pipe: &mut Option<impl tokio::io::AsyncRead + Unpin>, buf: &m
     match pipe {
         Some(pipe) => pipe.read(buf).await.unwrap_or(0),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reassemble(events: &[Value]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            match e.get("base64").and_then(Value::as_str) {
+                Some(b64) => out.extend(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .unwrap(),
+                ),
+                None => out.extend(e["text"].as_str().unwrap().as_bytes()),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn output_round_trips_byte_for_byte_and_text_stays_text() {
+        let bytes: Vec<u8> = "héllo wörld €\n".bytes().chain([0u8, 0xff, b'x']).collect();
+        // Cut at every position, so characters split between reads.
+        for cut in 0..bytes.len() {
+            let mut stream = OutputStream::default();
+            let mut events = Vec::new();
+            events.extend(stream.event(&bytes[..cut], false));
+            events.extend(stream.event(&bytes[cut..], false));
+            events.extend(stream.event(&[], true));
+            assert_eq!(reassemble(&events), bytes, "cut at {cut}");
+            for e in &events {
+                assert_eq!(bounds::nul_path(e), None, "{e}");
+            }
+            assert!(stream.binary);
+        }
+        let mut stream = OutputStream::default();
+        let text = "€uro".as_bytes();
+        let first = stream.event(&text[..2], false);
+        assert_eq!(first, None, "half a character waits for the rest");
+        let second = stream.event(&text[2..], false).unwrap();
+        assert_eq!(second, json!({"text": "€uro"}));
+        assert!(!stream.binary);
+    }
+
+    #[test]
+    fn a_resource_limit_is_named_when_it_is_clear() {
+        let limits = sluice_protocol::Limits {
+            memory_bytes: Some(100 << 20),
+            cpu_seconds: Some(1),
+            ..Default::default()
+        };
+        let usage = |mib: u64| {
+            Some(ToolUsage {
+                signal: None,
+                max_rss_bytes: mib << 20,
+                cpu_ms: 0,
+            })
+        };
+        assert_eq!(
+            failure_of(Some(1), None, usage(95), &limits).0,
+            "memory_limit"
+        );
+        assert_eq!(failure_of(Some(1), None, usage(10), &limits).0, "exit_code");
+        assert_eq!(
+            failure_of(None, Some("SIGXCPU"), None, &limits).0,
+            "cpu_limit"
+        );
+        assert_eq!(
+            failure_of(Some(153), None, None, &limits).0,
+            "file_size_limit"
+        );
+        assert_eq!(failure_of(None, Some("SIGKILL"), None, &limits).0, "signal");
     }
 }

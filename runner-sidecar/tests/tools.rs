@@ -431,6 +431,7 @@ async fn call(
             env: sluice_runner::process::tool_env(ws, 1, 1, &Default::default()),
             limits,
             user: tool_user(),
+            network: sluice_protocol::Network::Full,
             timeout: Duration::from_secs(20),
             kill_grace: Duration::from_millis(200),
         },

@@ -21,15 +21,19 @@ pub enum Error {
     /// The body is not JSON at all.
     #[error("malformed JSON: {0}")]
     Malformed(String),
-    /// The request is JSON but a field is wrong.
+    /// The request is JSON but a field is wrong; `field` names it (a path such as
+    /// `jobs[3].spec.env.FOO` where it is nested).
     #[error("invalid {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid { field: String, reason: String },
     /// The job spec is not one the runners can run.
     #[error("{0}")]
     InvalidSpec(String),
-    /// The body exceeds the size limit.
-    #[error("request body is larger than {limit_bytes} bytes")]
-    TooLarge { limit_bytes: usize },
+    /// The body, or a part of it (`what`: "request body", "spec"), exceeds its size limit.
+    #[error("{what} is larger than {limit_bytes} bytes")]
+    TooLarge {
+        what: &'static str,
+        limit_bytes: usize,
+    },
     /// The request conflicts with stored state (other than a lost lease).
     #[error("{0}")]
     Conflict(String),
@@ -67,10 +71,31 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Invalid`].
-    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Invalid {
-            field,
+            field: field.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// [`Error::Invalid`] for the first NUL character in `value` (Postgres stores NUL neither
+    /// in `text` nor in `jsonb`), if it holds one.
+    pub fn if_nul(field: &str, value: &serde_json::Value) -> Result<(), Error> {
+        match sluice_protocol::bounds::nul_path(value) {
+            Some(path) => Err(Error::invalid(
+                sluice_protocol::bounds::field_path(field, &path),
+                "must not contain NUL characters",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Error::Invalid`] if the string `value` holds a NUL character.
+    pub fn if_nul_str(field: &str, value: &str) -> Result<(), Error> {
+        if value.contains('\0') {
+            Err(Error::invalid(field, "must not contain NUL characters"))
+        } else {
+            Ok(())
         }
     }
 }
@@ -96,6 +121,14 @@ impl From<sqlx::Error> for Error {
                 // The server is shutting down or restarting, or the connection was cut.
                 Some(code) if code.starts_with("57P") || code.starts_with("08") => {
                     Error::Unavailable(db.message().to_string())
+                }
+                // A deadlock or serialization failure rolled the statement back whole: the
+                // same request may well succeed, so it is a 503 (retried), never a 500.
+                Some("40P01" | "40001") => Error::Unavailable(db.message().to_string()),
+                // Data exceptions (a NUL byte, a timestamp or number out of range) come from
+                // the values a request carried: the request cannot be applied as it is.
+                Some(code) if code.starts_with("22") => {
+                    Error::invalid("request", db.message().to_string())
                 }
                 _ => Error::Internal(err.to_string()),
             },

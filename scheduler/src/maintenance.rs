@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
 use crate::store::jobs;
@@ -23,8 +23,9 @@ use crate::Result;
 const BATCH: i64 = 1000;
 
 /// What one pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PassReport {
+    /// This replica held the leadership for at least one step.
     pub led: bool,
     pub extended: u64,
     pub requeued: u64,
@@ -32,52 +33,133 @@ pub struct PassReport {
     pub timed_out: u64,
     pub promoted: u64,
     pub pruned: u64,
+    /// The steps that failed this pass (each is logged; the others ran regardless).
+    pub failed_steps: Vec<&'static str>,
+    /// A step failed because Postgres was unreachable.
+    pub unavailable: bool,
+}
+
+impl PassReport {
+    /// Keeps a step's outcome: its count (`None` when another replica led it), or its error,
+    /// which is logged with the step's name and does not stop the others.
+    fn record(&mut self, step: &'static str, outcome: Result<Option<u64>>) -> u64 {
+        match outcome {
+            Ok(Some(count)) => {
+                self.led = true;
+                count
+            }
+            Ok(None) => 0,
+            Err(err) => {
+                tracing::warn!(step, error = %err, "maintenance step failed; the others still ran");
+                self.unavailable |= matches!(err, crate::Error::Unavailable(_));
+                self.failed_steps.push(step);
+                0
+            }
+        }
+    }
+
+    /// Some step touched a full batch: run the next pass at once.
+    fn full(&self) -> bool {
+        let batch = BATCH as u64;
+        self.requeued + self.failed >= batch
+            || self.timed_out >= batch
+            || self.promoted >= batch
+            || self.pruned >= batch
+    }
+}
+
+/// A transaction holding the maintenance leadership, or `None` when another replica has it.
+async fn lead(pool: &PgPool) -> Result<Option<Transaction<'static, Postgres>>> {
+    let mut tx = pool.begin().await?;
+    if jobs::try_lead_maintenance(&mut tx).await? {
+        Ok(Some(tx))
+    } else {
+        Ok(None)
+    }
 }
 
 /// Runs one maintenance pass, if no other replica is running one. `after_outage` extends
 /// the leases that expired while the database was away instead of reclaiming them.
 ///
 /// Each step is its own short transaction that takes the leadership lock again, so the pass
-/// never holds row locks of one step while it works on the next.
+/// never holds row locks of one step while it works on the next, and a step that fails (a
+/// statement error, a row no statement can handle) is logged and retried on the next pass
+/// while the other steps still run: one bad row in one queue never stops reclaims,
+/// promotions, timeouts or pruning for all of them.
 pub async fn run_pass(
     pool: &PgPool,
     wake: &Wake,
     lease: Duration,
     after_outage: bool,
-) -> Result<PassReport> {
+) -> PassReport {
     let mut report = PassReport::default();
 
-    let mut tx = pool.begin().await?;
-    if !jobs::try_lead_maintenance(&mut tx).await? {
-        return Ok(report);
-    }
-    report.led = true;
-    if after_outage {
-        report.extended = jobs::extend_expired_leases(&mut tx, lease).await?;
-    }
-    let reclaimed = jobs::reclaim_expired(&mut tx, BATCH).await?;
-    report.requeued = reclaimed.requeued;
-    report.failed = reclaimed.failed;
-    if reclaimed.requeued > 0 {
-        jobs::notify_available(&mut tx).await?;
-    }
-    tx.commit().await?;
-
-    let mut tx = pool.begin().await?;
-    if jobs::try_lead_maintenance(&mut tx).await? {
-        report.timed_out = jobs::fail_overdue(&mut tx, BATCH).await?;
-        report.promoted = jobs::promote_due(&mut tx, BATCH).await?;
-        if report.promoted > 0 {
+    let reclaimed = async {
+        let Some(mut tx) = lead(pool).await? else {
+            return Ok(None);
+        };
+        let extended = if after_outage {
+            jobs::extend_expired_leases(&mut tx, lease).await?
+        } else {
+            0
+        };
+        let reclaimed = jobs::reclaim_expired(&mut tx, BATCH).await?;
+        if reclaimed.requeued > 0 {
             jobs::notify_available(&mut tx).await?;
         }
+        tx.commit().await?;
+        Ok(Some((extended, reclaimed)))
     }
-    tx.commit().await?;
+    .await;
+    match reclaimed {
+        Ok(Some((extended, reclaimed))) => {
+            report.led = true;
+            report.extended = extended;
+            report.requeued = reclaimed.requeued;
+            report.failed = reclaimed.failed;
+        }
+        Ok(None) => {}
+        Err(err) => {
+            report.record("reclaim", Err(err));
+        }
+    }
 
-    let mut tx = pool.begin().await?;
-    if jobs::try_lead_maintenance(&mut tx).await? {
-        report.pruned = jobs::prune_finished(&mut tx, BATCH).await?;
+    let timed_out = async {
+        let Some(mut tx) = lead(pool).await? else {
+            return Ok(None);
+        };
+        let count = jobs::fail_overdue(&mut tx, BATCH).await?;
+        tx.commit().await?;
+        Ok(Some(count))
     }
-    tx.commit().await?;
+    .await;
+    report.timed_out = report.record("timeouts", timed_out);
+
+    let promoted = async {
+        let Some(mut tx) = lead(pool).await? else {
+            return Ok(None);
+        };
+        let count = jobs::promote_due(&mut tx, BATCH).await?;
+        if count > 0 {
+            jobs::notify_available(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(count))
+    }
+    .await;
+    report.promoted = report.record("promote", promoted);
+
+    let pruned = async {
+        let Some(mut tx) = lead(pool).await? else {
+            return Ok(None);
+        };
+        let count = jobs::prune_finished(&mut tx, BATCH).await?;
+        jobs::forget_past_stops(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Some(count))
+    }
+    .await;
+    report.pruned = report.record("prune", pruned);
 
     if report.requeued > 0 || report.promoted > 0 {
         wake.notify();
@@ -101,7 +183,7 @@ pub async fn run_pass(
             "failed jobs past their timeout"
         );
     }
-    Ok(report)
+    report
 }
 
 /// Runs passes every `interval` until `shutdown` fires. A full batch runs the next pass at
@@ -127,24 +209,16 @@ pub async fn run(
             capped_queues.store(capped, std::sync::atomic::Ordering::Relaxed);
         }
         loop {
-            match run_pass(&pool, &wake, lease, after_outage).await {
-                Ok(report) => {
-                    if report.led {
-                        after_outage = false;
-                    }
-                    let full = report.requeued + report.failed >= BATCH as u64
-                        || report.timed_out >= BATCH as u64
-                        || report.promoted >= BATCH as u64
-                        || report.pruned >= BATCH as u64;
-                    if !full {
-                        break;
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "maintenance pass failed");
-                    after_outage |= matches!(err, crate::Error::Unavailable(_));
-                    break;
-                }
+            let report = run_pass(&pool, &wake, lease, after_outage).await;
+            // The outage extension is done once a reclaim step ran as leader after the
+            // database came back (or repeated while it stays away).
+            if report.unavailable {
+                after_outage = true;
+            } else if report.led && !report.failed_steps.contains(&"reclaim") {
+                after_outage = false;
+            }
+            if !report.full() || !report.failed_steps.is_empty() {
+                break;
             }
             if *shutdown.borrow() {
                 return;

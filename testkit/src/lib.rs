@@ -337,26 +337,36 @@ impl TempDir {
     }
 
     /// A new directory every user may write in (sticky, like /tmp): for ledgers that tools,
-    /// which run as an unprivileged user under a root sidecar, append to.
+    /// which run as unprivileged per-slot users under a root sidecar, append to. Create the
+    /// files they share with [`TempDir::shared_file`].
     pub fn shared(label: &str) -> TempDir {
-        // Tools get a private /tmp, /var/tmp and /dev/shm (when the sidecar may create mount
-        // namespaces, i.e. as root), so a directory both the test and its tools see lives
-        // elsewhere: under /run when root.
-        let base = Path::new("/run");
-        let dir = if nix::unistd::Uid::effective().is_root() && base.is_dir() {
-            let path = base.join(format!(
-                "sluice-test-{label}-{}",
-                uuid::Uuid::new_v4().simple()
-            ));
-            std::fs::create_dir_all(&path).expect("create shared dir");
-            TempDir(path)
-        } else {
-            TempDir::new(label)
-        };
+        // Tools get a private /tmp, /var/tmp, /dev/shm and /run (when the sidecar may create
+        // mount namespaces, i.e. as root), so a directory both the test and its tools see
+        // lives elsewhere: under /var/lib when root.
+        let base = Path::new("/var/lib/sluice-testkit");
+        let dir =
+            if nix::unistd::Uid::effective().is_root() && std::fs::create_dir_all(base).is_ok() {
+                let path = base.join(format!("{label}-{}", uuid::Uuid::new_v4().simple()));
+                std::fs::create_dir_all(&path).expect("create shared dir");
+                TempDir(path)
+            } else {
+                TempDir::new(label)
+            };
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
             .expect("chmod shared temp dir");
         dir
+    }
+
+    /// An empty file in this directory that every user may append to (tools of different
+    /// slots run as different users).
+    pub fn shared_file(&self, name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.0.join(name);
+        std::fs::File::create(&path).expect("create shared file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod shared file");
+        path
     }
 
     pub fn path(&self) -> &Path {

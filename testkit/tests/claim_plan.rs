@@ -14,8 +14,10 @@ async fn the_claim_is_an_index_scan_with_a_million_finished_jobs() {
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO sluice.jobs (spec, state, attempt, started_at, finished_at)
-         SELECT '{\"kind\":\"noop\"}', 'succeeded', 1, now(), now()
+        // With triggers off (replica role), the queue's defaults are not filled in.
+        "INSERT INTO sluice.jobs (spec, state, attempt, started_at, finished_at, priority,
+                                  max_attempts)
+         SELECT '{\"kind\":\"noop\"}', 'succeeded', 1, now(), now(), 0, 3
          FROM generate_series(1, 1000000)",
     )
     .execute(&mut *conn)

@@ -119,7 +119,7 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
     let scheduler = Scheduler::start(&db, FAULT_TIMINGS).await;
     let api = scheduler.api();
     let scratch = TempDir::shared("f01-ledger");
-    let ledger = scratch.path().join("ledger");
+    let ledger = scratch.shared_file("ledger");
     let marker = format!("F01_MARKER=f01-{}", Uuid::new_v4().simple());
     let (marker_name, marker_value) = marker.split_once('=').unwrap();
 

@@ -33,7 +33,7 @@ async fn partition_scenario(mode: ProxyMode) {
     let api = scheduler.api();
     let proxy = FaultProxy::start(&scheduler.internal_url).await;
     let scratch = TempDir::shared("partition");
-    let ledger = scratch.path().join("ledger");
+    let ledger = scratch.shared_file("ledger");
     let _cut_off = Runner::start(&scheduler, "cut-off", 1, &[("SLUICE_API_URL", &proxy.url)]).await;
     let script = r#"echo "start $ATTEMPT $(date +%s%N)" >> "$LEDGER"; for i in $(seq 40); do echo "tick $ATTEMPT $(date +%s%N)" >> "$LEDGER"; sleep 0.05; done; echo ok"#;
     let id = api

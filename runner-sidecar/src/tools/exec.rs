@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sluice_protocol::{Limits, ToolName};
+use sluice_protocol::{Limits, Network, ToolName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -118,6 +118,7 @@ pub struct Call<'a> {
     pub env: std::collections::BTreeMap<String, String>,
     pub limits: Limits,
     pub user: Option<ToolUser>,
+    pub network: Network,
     pub timeout: Duration,
     pub kill_grace: Duration,
 }
@@ -158,9 +159,11 @@ pub async fn call(call: Call<'_>, stop: &mut watch::Receiver<Option<StopReason>>
         user: call.user,
         stdin: true,
         exec_fd: Some(file.as_raw_fd()),
+        pass_fd: None,
+        network: call.network,
     };
-    let mut child = match process::spawn_tool(&command) {
-        Ok(child) => child,
+    let mut spawned = match process::spawn_tool(&command) {
+        Ok(spawned) => spawned,
         Err(err) => {
             return Ended::Answered(Err(ToolError::new(
                 "spawn_failed",
@@ -169,6 +172,7 @@ pub async fn call(call: Call<'_>, stop: &mut watch::Receiver<Option<StopReason>>
             .retryable()))
         }
     };
+    let child = &mut spawned.child;
     let mut stdin = child.stdin.take();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -199,12 +203,12 @@ pub async fn call(call: Call<'_>, stop: &mut watch::Receiver<Option<StopReason>>
         (_, out, err) = io => Some((out, err)),
         _ = tokio::time::sleep(call.timeout) => None,
         reason = wait_stop(stop) => {
-            process::stop(&mut child, call.kill_grace).await;
+            process::stop(child, call.kill_grace).await;
             return Ended::Stopped(reason);
         }
     };
     let Some((out, err)) = outcome else {
-        process::stop(&mut child, call.kill_grace).await;
+        process::stop(child, call.kill_grace).await;
         return Ended::Answered(Err(ToolError::new(
             "timed_out",
             format!("the tool ran longer than {} ms", call.timeout.as_millis()),
@@ -213,7 +217,7 @@ pub async fn call(call: Call<'_>, stop: &mut watch::Receiver<Option<StopReason>>
     let status = match tokio::time::timeout(call.kill_grace, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            process::stop(&mut child, Duration::ZERO).await;
+            process::stop(child, Duration::ZERO).await;
             child.wait().await
         }
     };

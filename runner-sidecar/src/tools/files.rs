@@ -52,8 +52,13 @@ pub fn read_file(
         .map_err(|e| ToolError::new(code::IO, format!("reading {:?}: {e}", input.path)))?;
     let end = input.offset.saturating_add(bytes.len() as u64);
     let truncated = end < size;
+    // Text is UTF-8 without NUL (which no JSON string stored in Postgres may hold).
     let (content, encoding) = match String::from_utf8(bytes) {
-        Ok(text) => (text, "utf8"),
+        Ok(text) if !text.contains('\0') => (text, "utf8"),
+        Ok(text) => (
+            base64::engine::general_purpose::STANDARD.encode(text.as_bytes()),
+            "base64",
+        ),
         Err(err) => (
             base64::engine::general_purpose::STANDARD.encode(err.as_bytes()),
             "base64",

@@ -11,7 +11,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 use sluice_protocol::{
-    CancelOrder, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
+    bounds, CancelOrder, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
     CompleteRequest, CompleteResponse, CompletionResult, ErrorDetail, HeartbeatRequest,
     HeartbeatResponse, JobId, RegisterRequest, RegisterResponse, RunnerId, StreamRequest,
     StreamResponse, Task, TaskCompletion,
@@ -30,6 +30,10 @@ pub const MAX_CLAIM: u32 = 1000;
 pub const MAX_COMPLETIONS: usize = 1000;
 /// Most events one stream POST may carry.
 pub const MAX_EVENTS_PER_POST: usize = 10_000;
+/// Most leases one heartbeat may list.
+pub const MAX_HEARTBEAT_LEASES: usize = 10_000;
+/// Most labels a runner may register with.
+pub const MAX_LABELS: usize = 64;
 
 /// The internal router (`/internal/*`).
 pub fn router(state: AppState) -> Router {
@@ -118,6 +122,25 @@ async fn register(
     if request.pod_name.is_empty() || request.pod_name.len() > 253 {
         return Err(Error::invalid("pod_name", "must be 1-253 bytes").into());
     }
+    Error::if_nul_str("pod_name", &request.pod_name)?;
+    Error::if_nul_str("version", &request.version)?;
+    if request.version.len() > 128 {
+        return Err(Error::invalid("version", "must be at most 128 bytes").into());
+    }
+    if request.labels.len() > MAX_LABELS {
+        return Err(Error::invalid("labels", format!("at most {MAX_LABELS} labels")).into());
+    }
+    for (key, value) in &request.labels {
+        if key.is_empty() || key.len() > 253 || value.len() > 255 {
+            return Err(Error::invalid(
+                "labels",
+                "keys must be 1-253 bytes and values at most 255",
+            )
+            .into());
+        }
+        Error::if_nul_str("labels", key)?;
+        Error::if_nul_str(&format!("labels.{key}"), value)?;
+    }
     if request.slots == 0 || request.slots > 10_000 {
         return Err(Error::invalid("slots", "must be between 1 and 10000").into());
     }
@@ -154,6 +177,13 @@ async fn heartbeat(
     JsonBody(request): JsonBody<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
     check_pod(&runner, &pod)?;
+    if request.running.len() > MAX_HEARTBEAT_LEASES {
+        return Err(Error::invalid(
+            "running",
+            format!("at most {MAX_HEARTBEAT_LEASES} leases per heartbeat"),
+        )
+        .into());
+    }
     let ends = jobs::renew_leases_if_held(
         &state.pool,
         runner.id,
@@ -284,8 +314,24 @@ async fn stream(
         )
         .into());
     }
-    if let Some(bad) = request.events.iter().find(|e| e.seq < 1) {
-        return Err(Error::invalid("events", format!("seq must be >= 1, got {}", bad.seq)).into());
+    for (index, event) in request.events.iter().enumerate() {
+        let field = format!("events[{index}]");
+        if event.seq < 1 {
+            return Err(Error::invalid(
+                format!("{field}.seq"),
+                format!("must be >= 1, got {}", event.seq),
+            )
+            .into());
+        }
+        if event.kind.is_empty() || event.kind.len() > bounds::MAX_EVENT_KIND_BYTES {
+            return Err(Error::invalid(
+                format!("{field}.kind"),
+                format!("must be 1-{} bytes", bounds::MAX_EVENT_KIND_BYTES),
+            )
+            .into());
+        }
+        Error::if_nul_str(&format!("{field}.kind"), &event.kind)?;
+        Error::if_nul(&format!("{field}.data"), &event.data)?;
     }
     let stored = events::append_if_leased(
         &state.pool,
@@ -306,6 +352,12 @@ async fn complete(
     JsonBody(request): JsonBody<CompleteRequest>,
 ) -> ApiResult<Json<CompleteResponse>> {
     let job = parse_job_id(&id)?;
+    check_completion(
+        &request.output,
+        request.error.as_ref(),
+        request.final_seq,
+        "",
+    )?;
     let item = TaskCompletion {
         job_id: job,
         attempt: request.attempt,
@@ -342,7 +394,7 @@ async fn complete_many(
     Ok(Json(CompleteManyResponse { completed }))
 }
 
-/// A batch of completions names each job once, and not too many.
+/// A batch of completions names each attempt once, and not too many, and each can be stored.
 fn check_completions(items: &[TaskCompletion]) -> Result<(), Error> {
     if items.len() > MAX_COMPLETIONS {
         return Err(Error::invalid(
@@ -351,11 +403,42 @@ fn check_completions(items: &[TaskCompletion]) -> Result<(), Error> {
         ));
     }
     let mut seen = std::collections::HashSet::with_capacity(items.len());
-    if let Some(twice) = items.iter().find(|c| !seen.insert(c.job_id)) {
+    if let Some(twice) = items.iter().find(|c| !seen.insert((c.job_id, c.attempt))) {
         return Err(Error::invalid(
             "completions",
-            format!("job {} appears more than once", twice.job_id),
+            format!(
+                "attempt {} of job {} appears more than once",
+                twice.attempt, twice.job_id
+            ),
         ));
+    }
+    for (index, c) in items.iter().enumerate() {
+        check_completion(
+            &c.output,
+            c.error.as_ref(),
+            c.final_seq,
+            &format!("completions[{index}]"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A completion the store can apply: no NUL anywhere (Postgres refuses it), no negative
+/// `final_seq`. `field` prefixes the names in the message.
+fn check_completion(
+    output: &serde_json::Value,
+    error: Option<&ErrorDetail>,
+    final_seq: Option<i64>,
+    field: &str,
+) -> Result<(), Error> {
+    let name = |part: &str| bounds::field_path(field, part);
+    if final_seq.is_some_and(|seq| seq < 0) {
+        return Err(Error::invalid(name("final_seq"), "must be >= 0"));
+    }
+    Error::if_nul(&name("output"), output)?;
+    if let Some(error) = error {
+        Error::if_nul_str(&name("error.code"), &error.code)?;
+        Error::if_nul_str(&name("error.message"), &error.message)?;
     }
     Ok(())
 }
@@ -383,7 +466,8 @@ fn completion_of(runner: RunnerId, c: &TaskCompletion) -> jobs::Completion<'_> {
     }
 }
 
-/// The per-completion answers; a lost lease is an answer, any other error fails the request.
+/// The per-completion answers; a lost lease or a conflicting replay is an answer, any other
+/// error fails the request.
 fn completion_results(
     runner: RunnerId,
     items: &[TaskCompletion],
@@ -398,11 +482,11 @@ fn completion_results(
                     tracing::debug!(job_id = %item.job_id, attempt = %item.attempt, runner_id = %runner, state = %state, "attempt completed");
                     (Some(state), None)
                 }
-                Err(Error::LeaseLost) => (
+                Err(err @ (Error::LeaseLost | Error::Conflict(_))) => (
                     None,
                     Some(ErrorDetail {
-                        code: sluice_protocol::error_code::LEASE_LOST.into(),
-                        message: "the attempt no longer holds its lease".into(),
+                        code: err.code().into(),
+                        message: err.to_string(),
                     }),
                 ),
                 Err(other) => return Err(other),

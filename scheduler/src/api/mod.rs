@@ -128,6 +128,7 @@ where
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 AppError(Error::TooLarge {
+                    what: "request body",
                     limit_bytes: BODY_LIMIT_BYTES,
                 })
             } else {

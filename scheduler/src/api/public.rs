@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluice_protocol::{parse_spec, JobId, JobState};
+use sluice_protocol::{bounds, parse_spec, JobId, JobState};
 
 use super::{bearer_token, ApiResult, AppError, AppState, JsonBody, BODY_LIMIT_BYTES};
 use crate::store::jobs::{self, AttemptView, CancelOutcome, Enqueued, JobView, NewJob};
@@ -106,7 +106,8 @@ fn valid_queue_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
-/// Checks a request and turns it into a [`NewJob`]; every message names the field.
+/// Checks a request and turns it into a [`NewJob`]; every message names the field, and every
+/// number and time is held to its documented range ([`bounds`]).
 pub fn validate(request: EnqueueRequest) -> crate::Result<NewJob> {
     let queue = request.queue.unwrap_or_else(|| "default".to_string());
     if !valid_queue_name(&queue) {
@@ -115,6 +116,13 @@ pub fn validate(request: EnqueueRequest) -> crate::Result<NewJob> {
             "must be 1-128 characters of letters, digits, '_', '.', ':' or '-', starting with a letter or digit",
         ));
     }
+    let spec_bytes = serde_json::to_vec(&request.spec).map_or(0, |v| v.len());
+    if spec_bytes > bounds::MAX_SPEC_BYTES {
+        return Err(Error::TooLarge {
+            what: "spec",
+            limit_bytes: bounds::MAX_SPEC_BYTES,
+        });
+    }
     parse_spec(&request.spec).map_err(|e| Error::InvalidSpec(e.0))?;
     if request.run_at.is_some() && request.delay_ms.is_some() {
         return Err(Error::invalid(
@@ -122,25 +130,62 @@ pub fn validate(request: EnqueueRequest) -> crate::Result<NewJob> {
             "give run_at or delay_ms, not both",
         ));
     }
+    if let Some(priority) = request.priority {
+        if !(bounds::MIN_PRIORITY..=bounds::MAX_PRIORITY).contains(&priority) {
+            return Err(Error::invalid(
+                "priority",
+                format!(
+                    "must be between {} and {}",
+                    bounds::MIN_PRIORITY,
+                    bounds::MAX_PRIORITY
+                ),
+            ));
+        }
+    }
     if let Some(max_attempts) = request.max_attempts {
-        if !(1..=1000).contains(&max_attempts) {
-            return Err(Error::invalid("max_attempts", "must be between 1 and 1000"));
+        if !(bounds::MIN_ATTEMPTS..=bounds::MAX_ATTEMPTS).contains(&max_attempts) {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!(
+                    "must be between {} and {}",
+                    bounds::MIN_ATTEMPTS,
+                    bounds::MAX_ATTEMPTS
+                ),
+            ));
         }
     }
     let timeout_ms = match request.timeout_ms {
-        Some(0) => return Err(Error::invalid("timeout_ms", "must be positive")),
-        Some(ms) => Some(i64::try_from(ms).map_err(|_| Error::invalid("timeout_ms", "too large"))?),
+        Some(ms) if !(1..=bounds::MAX_TIMEOUT_MS).contains(&ms) => {
+            return Err(Error::invalid(
+                "timeout_ms",
+                format!("must be between 1 and {} (30 days)", bounds::MAX_TIMEOUT_MS),
+            ))
+        }
+        Some(ms) => Some(ms as i64),
         None => None,
     };
     if let Some(delay_ms) = request.delay_ms {
-        if delay_ms > 366 * 24 * 3_600_000 {
-            return Err(Error::invalid("delay_ms", "must be at most one year"));
+        if delay_ms > bounds::MAX_DELAY_MS {
+            return Err(Error::invalid(
+                "delay_ms",
+                format!("must be between 0 and {} (366 days)", bounds::MAX_DELAY_MS),
+            ));
+        }
+    }
+    if let Some(run_at) = request.run_at {
+        let latest = Utc::now() + chrono::Duration::milliseconds(bounds::MAX_DELAY_MS as i64);
+        if run_at < DateTime::<Utc>::UNIX_EPOCH || run_at > latest {
+            return Err(Error::invalid(
+                "run_at",
+                "must be between 1970-01-01T00:00:00Z and 366 days from now",
+            ));
         }
     }
     if let Some(key) = &request.idempotency_key {
-        if key.is_empty() || key.len() > 255 {
+        if key.is_empty() || key.len() > bounds::MAX_IDEMPOTENCY_KEY_BYTES {
             return Err(Error::invalid("idempotency_key", "must be 1-255 bytes"));
         }
+        Error::if_nul_str("idempotency_key", key)?;
     }
     Ok(NewJob {
         queue,
@@ -196,7 +241,7 @@ async fn enqueue_batch(
         let job = validate(request).map_err(|err| match err {
             Error::InvalidSpec(message) => Error::InvalidSpec(format!("jobs[{index}]: {message}")),
             Error::Invalid { field, reason } => {
-                Error::invalid(field, format!("jobs[{index}]: {reason}"))
+                Error::invalid(format!("jobs[{index}].{field}"), reason)
             }
             other => other,
         })?;
@@ -255,11 +300,12 @@ async fn retry_job(
     let id = job_id(&id)?;
     match jobs::retry_if_finished_unsuccessfully(&state.pool, id).await? {
         None => Err(Error::NotFound("job").into()),
-        Some(JobState::Failed | JobState::Cancelled) => {
-            Ok(Json(json!({"id": id, "state": JobState::Available})))
-        }
-        Some(other) => Err(Error::Conflict(format!(
-            "job {id} is {other}; only failed or cancelled jobs can be retried"
+        Some(jobs::Retried {
+            before: JobState::Failed | JobState::Cancelled,
+            after,
+        }) => Ok(Json(json!({"id": id, "state": after}))),
+        Some(jobs::Retried { before, .. }) => Err(Error::Conflict(format!(
+            "job {id} is {before}; only failed or cancelled jobs can be retried"
         ))
         .into()),
     }

@@ -10,8 +10,10 @@ use sqlx::PgPool;
 use crate::{Error, Result};
 
 /// Stores the events of one attempt if the runner holds (or held, and completed) that
-/// attempt's lease. Events of a completed attempt are accepted only up to its `final_seq`.
-/// Returns how many were new. Errors with [`Error::LeaseLost`] for anyone else.
+/// attempt's lease. Events of a completed attempt are accepted only up to its `final_seq`; a
+/// completion without one closed the stream. Returns how many were new (events past the end
+/// are left out); errors with [`Error::LeaseLost`] for anyone else, and when every event of
+/// the batch lies past the end of a completed attempt's stream.
 pub async fn append_if_leased(
     pool: &PgPool,
     runner: RunnerId,
@@ -23,26 +25,30 @@ pub async fn append_if_leased(
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
-    let (leased, stored): (i64, i64) = sqlx::query_as(
+    let (leased, accepted, stored): (i64, i64, i64) = sqlx::query_as(
         "WITH lease AS (
              -- The running attempt (on the job row) or a completed one (in its history).
-             SELECT NULL::bigint AS final_seq FROM sluice.jobs j
+             SELECT true AS running, NULL::bigint AS final_seq FROM sluice.jobs j
              WHERE j.id = $1 AND j.attempt = $2 AND j.lease_token = $3 AND j.runner_id = $4
                AND j.state = 'running'
              UNION ALL
-             SELECT a.final_seq FROM sluice.job_attempts a
+             SELECT false, a.final_seq FROM sluice.job_attempts a
              WHERE a.job_id = $1 AND a.attempt = $2 AND a.lease_token = $3 AND a.runner_id = $4
                AND a.outcome IN ('succeeded', 'failed')
+         ), accepted AS (
+             -- A completed attempt's stream ends at its final_seq (none: it is closed).
+             SELECT e.seq, e.kind, e.data
+             FROM unnest($5::bigint[], $6::text[], $7::jsonb[]) AS e(seq, kind, data), lease
+             WHERE lease.running OR e.seq <= lease.final_seq
          ), stored AS (
              INSERT INTO sluice.job_events (job_id, attempt, seq, kind, data)
-             SELECT $1, $2, e.seq, e.kind, e.data
-             FROM unnest($5::bigint[], $6::text[], $7::jsonb[]) AS e(seq, kind, data), lease
-             WHERE lease.final_seq IS NULL OR e.seq <= lease.final_seq
-             ORDER BY e.seq
+             SELECT $1, $2, seq, kind, data FROM accepted
+             ORDER BY seq
              ON CONFLICT DO NOTHING
              RETURNING 1
          )
-         SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM stored)",
+         SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM accepted),
+                (SELECT count(*) FROM stored)",
     )
     .bind(job.0)
     .bind(attempt.0)
@@ -53,7 +59,9 @@ pub async fn append_if_leased(
     .bind(&data)
     .fetch_one(pool)
     .await?;
-    if leased == 0 {
+    // A batch with nothing left to store for a finished attempt is refused like a stale
+    // one; one that still held events up to final_seq is answered with what was stored.
+    if leased == 0 || (accepted == 0 && !events.is_empty()) {
         return Err(Error::LeaseLost);
     }
     Ok(stored as u64)

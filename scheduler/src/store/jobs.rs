@@ -227,17 +227,17 @@ macro_rules! claim_sql {
 }
 
 /// The completion CTEs, `input` to `recorded`: apply each completion whose attempt still
-/// holds its lease, and record the finished attempt. Binds: $1 runner, $4.. $12 the
-/// completions' columns as arrays. The caller's statement continues with `, <next CTE>` or
+/// holds its lease, and record the finished attempt with its body's hash. Binds: $1 runner,
+/// $4.. $13 the completions' columns as arrays. The caller's statement continues with `, <next CTE>` or
 /// its final `SELECT`.
 macro_rules! completion_ctes {
     () => {
         "WITH input AS (
              SELECT * FROM unnest($4::bigint[], $5::int[], $6::uuid[], $7::text[],
                                   $8::jsonb[], $9::jsonb[], $10::bool[], $11::bigint[],
-                                  $12::bigint[])
+                                  $12::bigint[], $13::bytea[])
                  AS i(job_id, attempt, lease_token, outcome, output, error,
-                      retryable, backoff_ms, final_seq)
+                      retryable, backoff_ms, final_seq, completion_hash)
          ), done AS (
              -- The lease guard is in this UPDATE's own WHERE, so a row that another
              -- statement changed meanwhile is re-checked on its new version before it is
@@ -262,12 +262,13 @@ macro_rules! completion_ctes {
              WHERE j.id = i.job_id AND j.attempt = i.attempt AND j.lease_token = i.lease_token
                AND j.runner_id = $1 AND j.state = 'running'
              RETURNING j.id, j.attempt, j.state, j.lease_token, j.started_at, i.outcome,
-                       i.error, i.final_seq
+                       i.error, i.final_seq, i.completion_hash
          ), recorded AS (
              INSERT INTO sluice.job_attempts
                  (job_id, attempt, runner_id, lease_token, started_at, finished_at, outcome,
-                  error, final_seq)
-             SELECT id, attempt, $1, lease_token, started_at, now(), outcome, error, final_seq
+                  error, final_seq, completion_hash)
+             SELECT id, attempt, $1, lease_token, started_at, now(), outcome, error, final_seq,
+                    completion_hash
              FROM done
          )"
     };
@@ -424,6 +425,10 @@ pub async fn explain_claim(pool: &PgPool) -> Result<Vec<String>> {
 /// in one statement. Returns, per listed lease in order, whether it was renewed and if not why.
 /// A renewal rewrites only `lease_expires_at`, which is in no index: a HOT update where the
 /// page has room.
+///
+/// The same statement keeps the stops of this runner's attempts (`sluice.attempt_stops`): a
+/// stopped attempt it still lists has heard its order; one it no longer lists after that is
+/// gone, and a retry of its job waiting for that may start.
 pub async fn renew_leases_if_held(
     pool: &PgPool,
     runner: RunnerId,
@@ -451,6 +456,26 @@ pub async fn renew_leases_if_held(
                AND j.lease_token = l.lease_token AND j.runner_id = $1
                AND j.state = 'running'
              RETURNING j.id AS job_id, j.attempt
+         ), heard AS (
+             -- Stopped attempts this runner still lists: it hears the order in this answer.
+             UPDATE sluice.attempt_stops s SET ordered = true
+             FROM listed l
+             WHERE s.runner_id = $1 AND s.job_id = l.job_id AND s.attempt = l.attempt
+               AND NOT s.ordered
+         ), confirmed AS (
+             -- Stopped attempts it no longer lists after hearing the order: their tools are
+             -- gone (a runner lists an attempt until its tool is dead).
+             DELETE FROM sluice.attempt_stops s
+             WHERE s.runner_id = $1 AND s.ordered
+               AND NOT EXISTS (SELECT 1 FROM listed l
+                               WHERE l.job_id = s.job_id AND l.attempt = s.attempt)
+             RETURNING s.job_id, s.attempt
+         ), released AS (
+             -- A retry that waited for one of them may start now.
+             UPDATE sluice.jobs j SET state = 'available', run_at = now()
+             FROM confirmed c
+             WHERE j.id = c.job_id AND j.attempt = c.attempt AND j.state = 'scheduled'
+             RETURNING pg_notify('sluice_jobs', '')
          )
          -- Joins, not a subquery per listed lease (which scanned `renewed` once per row).
          SELECT l.ord, r.job_id IS NOT NULL, a.outcome
@@ -497,6 +522,22 @@ pub struct Completion<'a> {
     pub final_seq: Option<i64>,
     /// When the attempt failed and may be retried, how long to wait first.
     pub retry_backoff: Duration,
+}
+
+impl Completion<'_> {
+    /// SHA-256 of the completion's body (outcome, output, error, retryable, final_seq) as
+    /// canonical JSON: what tells a replay from a different completion of the same attempt.
+    pub fn body_hash(&self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let body = serde_json::json!({
+            "outcome": outcome_name(self.outcome),
+            "output": self.output,
+            "error": self.error,
+            "retryable": self.retryable,
+            "final_seq": self.final_seq,
+        });
+        Sha256::digest(serde_json::to_vec(&body).unwrap_or_default()).to_vec()
+    }
 }
 
 fn outcome_name(outcome: Outcome) -> &'static str {
@@ -555,9 +596,9 @@ pub async fn complete_and_claim(
         return Ok((Vec::new(), claimed));
     }
     // In job order, as renewals lock them (see renew_leases_if_held); results are matched
-    // by job below.
+    // by (job, attempt) below.
     let mut sorted: Vec<&Completion> = completions.iter().collect();
-    sorted.sort_by_key(|c| c.job.0);
+    sorted.sort_by_key(|c| (c.job.0, c.attempt.0));
     let ids: Vec<i64> = sorted.iter().map(|c| c.job.0).collect();
     let attempts: Vec<i32> = sorted.iter().map(|c| c.attempt.0).collect();
     let tokens: Vec<Uuid> = sorted.iter().map(|c| c.lease_token.0).collect();
@@ -570,6 +611,7 @@ pub async fn complete_and_claim(
         .map(|c| c.retry_backoff.as_millis() as i64)
         .collect();
     let final_seqs: Vec<Option<i64>> = sorted.iter().map(|c| c.final_seq).collect();
+    let hashes: Vec<Vec<u8>> = sorted.iter().map(|c| c.body_hash()).collect();
     type Row = (
         bool,
         i64,
@@ -599,13 +641,17 @@ pub async fn complete_and_claim(
         .bind(&retryable)
         .bind(&backoffs)
         .bind(&final_seqs)
+        .bind(&hashes)
         .fetch_all(pool)
         .await?;
-    let mut states: HashMap<i64, JobState> = HashMap::with_capacity(completions.len());
+    let mut states: HashMap<(i64, i32), JobState> = HashMap::with_capacity(completions.len());
     let mut claimed = Vec::new();
     for (done, id, attempt, token, queue, spec, timeout_ms, state) in rows {
         if done {
-            states.insert(id, parse_state(state.as_deref().unwrap_or_default())?);
+            states.insert(
+                (id, attempt),
+                parse_state(state.as_deref().unwrap_or_default())?,
+            );
         } else {
             claimed.push(claimed_job((
                 id,
@@ -617,15 +663,19 @@ pub async fn complete_and_claim(
             )));
         }
     }
+    let key = |c: &Completion| (c.job.0, c.attempt.0);
     let missed: Vec<&Completion> = completions
         .iter()
-        .filter(|c| !states.contains_key(&c.job.0))
+        .filter(|c| !states.contains_key(&key(c)))
         .collect();
     // Not applied: either repeats of completions that were, or stale attempts.
-    let mut replays: HashMap<i64, (Option<String>, String)> = HashMap::new();
+    /// How an attempt this runner completed ended: outcome, body hash, the job's state now.
+    type Recorded = (String, Option<Vec<u8>>, String);
+    let mut replays: HashMap<(i64, i32), Recorded> = HashMap::new();
     if !missed.is_empty() {
-        let rows: Vec<(i64, Option<String>, String)> = sqlx::query_as(
-            "SELECT a.job_id, a.outcome, j.state::text
+        type Row = (i64, i32, String, Option<Vec<u8>>, String);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT a.job_id, a.attempt, a.outcome, a.completion_hash, j.state::text
              FROM unnest($2::bigint[], $3::int[], $4::uuid[]) AS i(job_id, attempt, lease_token)
              JOIN sluice.job_attempts a
                ON a.job_id = i.job_id AND a.attempt = i.attempt
@@ -638,18 +688,36 @@ pub async fn complete_and_claim(
         .bind(missed.iter().map(|c| c.lease_token.0).collect::<Vec<_>>())
         .fetch_all(pool)
         .await?;
-        replays.extend(rows.into_iter().map(|(id, o, s)| (id, (o, s))));
+        replays.extend(
+            rows.into_iter()
+                .map(|(id, attempt, o, h, s)| ((id, attempt), (o, h, s))),
+        );
     }
     let completed = completions
         .iter()
         .map(|c| {
-            if let Some(state) = states.get(&c.job.0) {
+            if let Some(state) = states.get(&key(c)) {
                 return Ok(*state);
             }
-            match replays.get(&c.job.0) {
-                Some((Some(recorded), state)) if recorded == outcome_name(c.outcome) => {
-                    parse_state(state)
+            match replays.get(&key(c)) {
+                // The attempt ended by this runner's completion: a repeat of that completion
+                // is answered like the first one, a different body is a conflict (F-13).
+                Some((outcome, hash, state)) if outcome == "succeeded" || outcome == "failed" => {
+                    let same = match hash {
+                        Some(hash) => *hash == c.body_hash(),
+                        // Recorded before migration 0004: the outcome is all there is.
+                        None => outcome == outcome_name(c.outcome),
+                    };
+                    if same {
+                        parse_state(state)
+                    } else {
+                        Err(Error::Conflict(format!(
+                            "attempt {} of job {} was already completed with a different result",
+                            c.attempt, c.job
+                        )))
+                    }
                 }
+                // Ended otherwise (cancelled, timed out, reclaimed) or never this runner's.
                 _ => Err(Error::LeaseLost),
             }
         })
@@ -758,9 +826,14 @@ pub async fn extend_expired_leases(conn: &mut PgConnection, lease: Duration) -> 
 pub async fn fail_overdue(conn: &mut PgConnection, limit: i64) -> Result<u64> {
     let (count,): (i64,) = sqlx::query_as(
         "WITH overdue AS (
-             SELECT id, attempt FROM sluice.jobs
+             SELECT id, attempt, lease_expires_at FROM sluice.jobs
              WHERE state = 'running' AND timeout_ms IS NOT NULL
-               AND started_at + timeout_ms * interval '1 millisecond' < now()
+               -- CASE orders the tests: a timeout beyond the documented range (a row from
+               -- before migration 0004) must never reach the interval arithmetic, whose
+               -- overflow would fail every pass.
+               AND CASE WHEN timeout_ms <= $2
+                        THEN started_at + timeout_ms * interval '1 millisecond' < now()
+                        ELSE false END
              LIMIT $1
              FOR UPDATE SKIP LOCKED
          ), failed AS (
@@ -780,10 +853,18 @@ pub async fn fail_overdue(conn: &mut PgConnection, limit: i64) -> Result<u64> {
                   error)
              SELECT id, attempt, runner_id, lease_token, started_at, now(), 'timed_out', error
              FROM failed
+         ), stopped AS (
+             -- A retry waits until the runner has killed the tool (see attempt_stops).
+             INSERT INTO sluice.attempt_stops (job_id, attempt, runner_id, stop_by)
+             SELECT f.id, f.attempt, f.runner_id, o.lease_expires_at
+             FROM failed f JOIN overdue o ON o.id = f.id
+             WHERE f.runner_id IS NOT NULL
+             ON CONFLICT DO NOTHING
          )
          SELECT count(*) FROM failed",
     )
     .bind(limit)
+    .bind(sluice_protocol::bounds::MAX_TIMEOUT_MS as i64)
     .fetch_one(conn)
     .await?;
     Ok(count as u64)
@@ -804,7 +885,7 @@ pub enum CancelOutcome {
 pub async fn cancel(pool: &PgPool, id: JobId) -> Result<Option<CancelOutcome>> {
     let row: Option<(String, bool)> = sqlx::query_as(
         "WITH target AS (
-             SELECT id, attempt, state, runner_id, lease_token, started_at
+             SELECT id, attempt, state, runner_id, lease_token, started_at, lease_expires_at
              FROM sluice.jobs WHERE id = $1 FOR UPDATE
          ), cancelled AS (
              UPDATE sluice.jobs j
@@ -822,6 +903,13 @@ pub async fn cancel(pool: &PgPool, id: JobId) -> Result<Option<CancelOutcome>> {
              SELECT t.id, t.attempt, t.runner_id, t.lease_token, t.started_at, now(), 'cancelled'
              FROM target t JOIN cancelled c ON c.id = t.id
              WHERE t.state = 'running'
+         ), stopped AS (
+             -- A retry waits until the runner has killed the tool (see attempt_stops).
+             INSERT INTO sluice.attempt_stops (job_id, attempt, runner_id, stop_by)
+             SELECT t.id, t.attempt, t.runner_id, t.lease_expires_at
+             FROM target t JOIN cancelled c ON c.id = t.id
+             WHERE t.state = 'running'
+             ON CONFLICT DO NOTHING
          )
          SELECT t.state::text, EXISTS (SELECT 1 FROM cancelled) FROM target t",
     )
@@ -835,20 +923,34 @@ pub async fn cancel(pool: &PgPool, id: JobId) -> Result<Option<CancelOutcome>> {
     }
 }
 
-/// Re-runs a `failed` or `cancelled` job: it becomes `available` now with at least one more
-/// attempt allowed. Returns the state before, or `None` when there is no such job. Only those
-/// two states are changed; a caller that sees another state answers with a conflict.
-pub async fn retry_if_finished_unsuccessfully(
-    pool: &PgPool,
-    id: JobId,
-) -> Result<Option<JobState>> {
-    let row: Option<(String, bool)> = sqlx::query_as(
+/// What [`retry_if_finished_unsuccessfully`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retried {
+    /// The job's state before.
+    pub before: JobState,
+    /// Its state now: `available`, or `scheduled` while the stopped last attempt may still be
+    /// running (see `sluice.attempt_stops`); unchanged when it was not retried.
+    pub after: JobState,
+}
+
+/// Re-runs a `failed` or `cancelled` job with at least one more attempt allowed: it becomes
+/// `available` now, or `scheduled` until its last attempt, if that was stopped while running,
+/// is confirmed gone (or its lease would have run out) — so two attempts of one job never run
+/// at once. `None` when there is no such job. Only those two states are changed; a caller
+/// that sees another state answers with a conflict.
+pub async fn retry_if_finished_unsuccessfully(pool: &PgPool, id: JobId) -> Result<Option<Retried>> {
+    let row: Option<(String, Option<String>)> = sqlx::query_as(
         "WITH target AS (
-             SELECT id, state FROM sluice.jobs WHERE id = $1 FOR UPDATE
+             SELECT id, state, attempt FROM sluice.jobs WHERE id = $1 FOR UPDATE
+         ), stopping AS (
+             SELECT max(s.stop_by) AS stop_by
+             FROM sluice.attempt_stops s JOIN target t ON s.job_id = t.id
+             WHERE s.stop_by > now()
          ), retried AS (
              UPDATE sluice.jobs j
-             SET state = 'available',
-                 run_at = now(),
+             SET state = CASE WHEN (SELECT stop_by FROM stopping) IS NULL THEN 'available'
+                              ELSE 'scheduled' END::sluice.job_state,
+                 run_at = greatest(now(), (SELECT stop_by FROM stopping)),
                  max_attempts = greatest(j.max_attempts, j.attempt + 1),
                  finished_at = NULL,
                  result = NULL,
@@ -857,14 +959,30 @@ pub async fn retry_if_finished_unsuccessfully(
                  runner_id = NULL
              FROM target t
              WHERE j.id = t.id AND t.state IN ('failed', 'cancelled')
-             RETURNING pg_notify('sluice_jobs', j.queue)
+             RETURNING j.state, pg_notify('sluice_jobs', j.queue)
          )
-         SELECT t.state::text, EXISTS (SELECT 1 FROM retried) FROM target t",
+         SELECT t.state::text, (SELECT state::text FROM retried) FROM target t",
     )
     .bind(id.0)
     .fetch_optional(pool)
     .await?;
-    row.map(|(state, _)| parse_state(&state)).transpose()
+    row.map(|(before, after)| {
+        let before = parse_state(&before)?;
+        let after = match after {
+            Some(after) => parse_state(&after)?,
+            None => before,
+        };
+        Ok(Retried { before, after })
+    })
+    .transpose()
+}
+
+/// Forgets the stops whose attempts' leases have run out (no retry waits for those any more).
+pub async fn forget_past_stops(conn: &mut PgConnection) -> Result<u64> {
+    let result = sqlx::query("DELETE FROM sluice.attempt_stops WHERE stop_by < now()")
+        .execute(conn)
+        .await?;
+    Ok(result.rows_affected())
 }
 
 /// Deletes up to `limit` finished jobs (with their attempts and events) older than their
