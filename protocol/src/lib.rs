@@ -714,6 +714,8 @@ pub mod error_code {
     pub const INVALID: &str = "invalid_request";
     pub const INVALID_SPEC: &str = "invalid_spec";
     pub const TOO_LARGE: &str = "payload_too_large";
+    /// The client did not send its request in time (408).
+    pub const TIMEOUT: &str = "request_timeout";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
     pub const CONFLICT: &str = "conflict";

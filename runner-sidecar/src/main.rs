@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    raise_descriptor_limit();
     let args = <sluice_runner::config::Args as clap::Parser>::parse();
     if let Some(count) = args.bench_spawn {
         return bench_spawn(count, args);
@@ -121,6 +122,17 @@ fn bench_spawn(count: usize, args: sluice_runner::config::Args) -> ExitCode {
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Lifts the soft descriptor limit to the hard one: streams, pipes and connections of many
+/// slots at once. Tools get their own (lower) limit.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
 }

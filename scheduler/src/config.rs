@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::api::listener::{connection_budget, raise_descriptor_limit, ListenerLimits};
 use crate::lifecycle::LeaseTimings;
 use crate::secret::Secret;
 
@@ -26,11 +27,16 @@ pub struct ServeConfig {
     pub max_connections: u32,
     /// Apply migrations at start.
     pub migrate: bool,
+    /// Connection cap and header/idle timeout of the public listener.
+    pub public_limits: ListenerLimits,
+    /// The same for the internal listener: counted apart, so runners keep their room.
+    pub internal_limits: ListenerLimits,
 }
 
 impl ServeConfig {
     /// A config with the defaults for everything but the database and the secrets.
     pub fn new(database_url: Secret, api_token: Secret, runner_secret: Secret) -> Self {
+        let (public, internal) = connection_budget(raise_descriptor_limit());
         ServeConfig {
             database_url,
             listen: "127.0.0.1:7070".parse().expect("static address"),
@@ -42,6 +48,14 @@ impl ServeConfig {
             claim_poll_interval: Duration::from_secs(1),
             max_connections: 16,
             migrate: true,
+            public_limits: ListenerLimits {
+                max_connections: public,
+                header_timeout: Duration::from_secs(10),
+            },
+            internal_limits: ListenerLimits {
+                max_connections: internal,
+                header_timeout: Duration::from_secs(30),
+            },
         }
     }
 }

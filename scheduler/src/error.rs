@@ -34,6 +34,9 @@ pub enum Error {
         what: &'static str,
         limit_bytes: usize,
     },
+    /// The client took too long to send its request.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
     /// The request conflicts with stored state (other than a lost lease).
     #[error("{0}")]
     Conflict(String),
@@ -64,6 +67,7 @@ impl Error {
             Error::Invalid { .. } => error_code::INVALID,
             Error::InvalidSpec(_) => error_code::INVALID_SPEC,
             Error::TooLarge { .. } => error_code::TOO_LARGE,
+            Error::Timeout(_) => error_code::TIMEOUT,
             Error::Conflict(_) => error_code::CONFLICT,
             Error::Unavailable(_) => error_code::UNAVAILABLE,
             Error::Setup(_) | Error::Internal(_) => error_code::INTERNAL,

@@ -70,8 +70,14 @@ struct TimingArgs {
 
 impl TimingArgs {
     fn timings(&self) -> anyhow::Result<LeaseTimings> {
-        if self.heartbeat_ms == 0 || self.reaper_interval_ms == 0 {
-            anyhow::bail!("SLUICE_HEARTBEAT_MS and SLUICE_REAPER_INTERVAL_MS must be positive");
+        const DAY_MS: u64 = 24 * 3_600_000;
+        if !(1..=DAY_MS).contains(&self.heartbeat_ms)
+            || !(1..=DAY_MS).contains(&self.reaper_interval_ms)
+            || self.lease_ms > DAY_MS
+        {
+            anyhow::bail!(
+                "SLUICE_HEARTBEAT_MS, SLUICE_LEASE_MS and SLUICE_REAPER_INTERVAL_MS must be between 1 and 86400000"
+            );
         }
         if self.lease_ms < 2 * self.heartbeat_ms {
             anyhow::bail!(
@@ -109,6 +115,17 @@ struct ServeArgs {
     /// Database connections in the pool.
     #[arg(long, env = "SLUICE_DB_MAX_CONNECTIONS", default_value_t = 16)]
     max_connections: u32,
+    /// Client connections open at once on the public listener; by default two thirds of
+    /// the descriptors left after a reserve, at most 10,000.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
+    max_client_connections: Option<usize>,
+    /// The same for the internal (runner) listener; by default one third, at most 10,000.
+    #[arg(long, env = "SLUICE_INTERNAL_MAX_CONNECTIONS")]
+    internal_max_connections: Option<usize>,
+    /// Time a public client has to send a request's headers, and that an idle kept-alive
+    /// connection stays open.
+    #[arg(long, env = "SLUICE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
     /// Do not apply migrations at start.
     #[arg(long)]
     no_migrate: bool,
@@ -255,6 +272,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.timings = args.timings.timings()?;
     config.max_connections = args.max_connections;
     config.migrate = !args.no_migrate;
+    if let Some(max) = args.max_client_connections {
+        anyhow::ensure!(max > 0, "SLUICE_MAX_CONNECTIONS must be positive");
+        config.public_limits.max_connections = max;
+    }
+    if let Some(max) = args.internal_max_connections {
+        anyhow::ensure!(max > 0, "SLUICE_INTERNAL_MAX_CONNECTIONS must be positive");
+        config.internal_limits.max_connections = max;
+    }
+    anyhow::ensure!(
+        (100..=3_600_000).contains(&args.header_timeout_ms),
+        "SLUICE_HEADER_TIMEOUT_MS must be between 100 and 3600000"
+    );
+    config.public_limits.header_timeout = Duration::from_millis(args.header_timeout_ms);
     let server = sluice::server::Server::start(config).await?;
     // One line on stdout that scripts (and the testkit) can wait for.
     println!(

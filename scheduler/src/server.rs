@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::api::{self, AppState};
+use crate::api::{self, listener, AppState};
 use crate::config::ServeConfig;
 use crate::wake::{self, Wake};
 use crate::{maintenance, store, Error, Result};
@@ -81,12 +81,19 @@ impl Server {
             capped_queues,
             shutdown_rx.clone(),
         ));
-        tasks.spawn(serve(
+        let (public_limits, internal_limits) = (state.config.public_limits, state.config.internal_limits);
+        tasks.spawn(listener::serve(
             public,
             api::public::router(state.clone()),
+            public_limits,
             shutdown_rx.clone(),
         ));
-        tasks.spawn(serve(internal, api::internal::router(state), shutdown_rx));
+        tasks.spawn(listener::serve(
+            internal,
+            api::internal::router(state),
+            internal_limits,
+            shutdown_rx,
+        ));
         tracing::info!(%api_addr, %internal_addr, "scheduler listening");
         Ok(Server {
             api_addr,
@@ -100,20 +107,5 @@ impl Server {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
-    }
-}
-
-async fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await;
-    if let Err(err) = result {
-        tracing::error!(error = %err, "listener failed");
     }
 }

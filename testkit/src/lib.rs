@@ -450,6 +450,11 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts a scheduler on free ports against `db` and waits until it listens.
     pub async fn start(db: &TestDb, timings: Timings) -> Scheduler {
+        Scheduler::start_with(db, timings, &[]).await
+    }
+
+    /// [`Scheduler::start`] with `extra_env` on top of the test settings.
+    pub async fn start_with(db: &TestDb, timings: Timings, extra_env: &[(&str, &str)]) -> Scheduler {
         let logs = TempDir::new("scheduler");
         let log = logs.path().join("scheduler.log");
         let api_token = format!("test-api-{}", uuid::Uuid::new_v4().simple());
@@ -475,6 +480,9 @@ impl Scheduler {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .kill_on_drop(true);
+        for (name, value) in extra_env {
+            command.env(name, value);
+        }
         die_with_test(&mut command);
         let mut child = command.spawn().expect("start sluice serve");
         let stdout = child.stdout.take().expect("piped stdout");

@@ -18,7 +18,7 @@ use sluice_protocol::{
 };
 use tokio::time::Instant;
 
-use super::{bearer_token, ApiResult, AppError, AppState, JsonBody, BODY_LIMIT_BYTES};
+use super::{bearer_token, ApiResult, AppError, AppState, JsonBody, INTERNAL_BODY_LIMIT_BYTES};
 use crate::lifecycle::retry_backoff;
 use crate::store::runners::{self, RegisterParams, RunnerIdentity};
 use crate::store::{events, jobs};
@@ -50,7 +50,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT_BYTES))
         .with_state(state)
 }
 

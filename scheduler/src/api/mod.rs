@@ -5,8 +5,11 @@
 //!   `/healthz` and `/readyz`.
 //! - [`internal`] — `/internal/*` for runners: registration with the pool's secret, then
 //!   per-runner tokens. Served on its own listener, never on the public one.
+//! - [`listener`] — serving either on a TCP listener: header and idle timeouts, a connection
+//!   cap per listener, the descriptor limit.
 
 pub mod internal;
+pub mod listener;
 pub mod public;
 
 use std::sync::Arc;
@@ -24,8 +27,12 @@ use crate::config::ServeConfig;
 use crate::wake::Wake;
 use crate::Error;
 
-/// Largest request body either listener accepts.
+/// Largest request body the public listener accepts.
 pub const BODY_LIMIT_BYTES: usize = 1 << 20;
+/// Largest request body the internal listener accepts (a batch of completions).
+pub const INTERNAL_BODY_LIMIT_BYTES: usize = sluice_protocol::bounds::MAX_INTERNAL_BODY_BYTES;
+/// How long a client may take to send a request body, once its headers are in.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Shared state of both listeners.
 #[derive(Clone)]
@@ -71,6 +78,7 @@ impl IntoResponse for AppError {
                 StatusCode::BAD_REQUEST
             }
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Setup(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -125,11 +133,20 @@ where
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let limit_bytes = if req.uri().path().starts_with("/internal/") {
+            INTERNAL_BODY_LIMIT_BYTES
+        } else {
+            BODY_LIMIT_BYTES
+        };
+        // A body trickling in byte by byte holds a connection and a task: it gets a deadline.
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| AppError(Error::Timeout("reading the request body")))?;
+        let bytes = read.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 AppError(Error::TooLarge {
                     what: "request body",
-                    limit_bytes: BODY_LIMIT_BYTES,
+                    limit_bytes,
                 })
             } else {
                 AppError(Error::Malformed(rejection.body_text()))
