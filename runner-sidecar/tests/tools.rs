@@ -536,6 +536,29 @@ async fn file_tools_run_confined_as_the_tool_user() {
             (binary["content"].as_str(), binary["encoding"].as_str()),
             (Some("AAEC/w=="), Some("base64"))
         );
+        // Valid UTF-8 holding a NUL is not text either (no stored JSON string may hold it).
+        call(
+            &ws,
+            ToolName::WriteFile,
+            json!({"path": "nul.txt", "content": "YQBi", "encoding": "base64"}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
+        let nul = call(
+            &ws,
+            ToolName::ReadFile,
+            json!({"path": "nul.txt"}),
+            &policy,
+            none(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (nul["content"].as_str(), nul["encoding"].as_str()),
+            (Some("YQBi"), Some("base64"))
+        );
         call(
             &ws,
             ToolName::WriteFile,

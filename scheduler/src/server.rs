@@ -81,7 +81,8 @@ impl Server {
             capped_queues,
             shutdown_rx.clone(),
         ));
-        let (public_limits, internal_limits) = (state.config.public_limits, state.config.internal_limits);
+        let (public_limits, internal_limits) =
+            (state.config.public_limits, state.config.internal_limits);
         tasks.spawn(listener::serve(
             public,
             api::public::router(state.clone()),

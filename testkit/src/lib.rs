@@ -454,7 +454,11 @@ impl Scheduler {
     }
 
     /// [`Scheduler::start`] with `extra_env` on top of the test settings.
-    pub async fn start_with(db: &TestDb, timings: Timings, extra_env: &[(&str, &str)]) -> Scheduler {
+    pub async fn start_with(
+        db: &TestDb,
+        timings: Timings,
+        extra_env: &[(&str, &str)],
+    ) -> Scheduler {
         let logs = TempDir::new("scheduler");
         let log = logs.path().join("scheduler.log");
         let api_token = format!("test-api-{}", uuid::Uuid::new_v4().simple());

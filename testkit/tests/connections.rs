@@ -79,7 +79,10 @@ async fn thousands_of_stalled_connections_leave_health_enqueue_and_claims_workin
             closed += 1;
         }
     }
-    assert_eq!(closed, 50, "stalled connections outlived the header timeout");
+    assert_eq!(
+        closed, 50,
+        "stalled connections outlived the header timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +105,9 @@ async fn a_full_public_listener_refuses_new_connections_but_runners_keep_theirs(
     let mut extra = TcpStream::connect(scheduler.api_url.trim_start_matches("http://"))
         .await
         .unwrap();
-    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
     assert!(
         closed_by_server(&mut extra, Duration::from_secs(5)).await,
         "a connection past the cap was not closed"

@@ -156,15 +156,27 @@ where
     }
 }
 
-/// Parses a body: syntax errors are `Malformed`, shape errors are `Invalid`.
+/// Parses a body: syntax errors are `Malformed`, shape errors are `Invalid` naming the field
+/// (`timeout_ms`, `jobs[3].priority`) whose value does not fit.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> crate::Result<T> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(Error::Malformed("the request body is empty".into()));
     }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Error::invalid("body", e.to_string()),
+    let classify = |field: String, e: serde_json::Error| match e.classify() {
+        serde_json::error::Category::Data => Error::invalid(field, e.to_string()),
         _ => Error::Malformed(e.to_string()),
-    })
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let field = match e.path().to_string() {
+            path if path == "." => "body".to_string(),
+            path => path,
+        };
+        classify(field, e.into_inner())
+    })?;
+    // Trailing characters after the document.
+    deserializer.end().map_err(|e| classify("body".into(), e))?;
+    Ok(value)
 }
 
 /// The bearer token of a request, if it has one.
