@@ -15,6 +15,7 @@ use sluice_protocol::RunnerId;
 use sqlx::PgPool;
 
 use crate::config::ServeConfig;
+use crate::dev::{APP_DATABASE, APP_ROLE};
 use crate::lifecycle::LeaseTimings;
 use crate::postgres::{Cluster, ClusterConfig};
 use crate::secret::Secret;
@@ -120,17 +121,28 @@ pub fn run(config: BenchConfig) -> Result<Vec<Measurement>> {
     std::fs::create_dir_all(&base)
         .map_err(|e| Error::Internal(format!("creating {}: {e}", base.display())))?;
     let mut cluster = None;
+    let mut provision = None;
     let url = match &config.database_url {
         Some(url) => url.clone(),
         None => {
+            let superuser_password = Secret::generate("pgsu_");
             let started = Cluster::start(&ClusterConfig {
                 data_dir: base.join("data"),
                 port: 0,
                 durable: true,
                 // Pickup latency is measured from the INSERT's commit on the server's clock.
                 settings: vec![("track_commit_timestamp".into(), "on".into())],
+                superuser_password,
+                reset_password: false,
             })?;
-            let url = Secret::new(started.url("postgres"));
+            // Measured as `sluice dev` runs it: the scheduler's own role, not the superuser.
+            let password = Secret::generate("pg_");
+            let url = Secret::new(started.role_url(APP_ROLE, &password, APP_DATABASE));
+            provision = Some((
+                Secret::new(started.url("postgres")),
+                Secret::new(started.url(APP_DATABASE)),
+                password,
+            ));
             cluster = Some(started);
             url
         }
@@ -139,6 +151,13 @@ pub fn run(config: BenchConfig) -> Result<Vec<Measurement>> {
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(e.to_string()))?;
+    if let Some((superuser, superuser_in_app_db, password)) = &provision {
+        runtime.block_on(crate::dev::provision_app_database(
+            superuser,
+            superuser_in_app_db,
+            password,
+        ))?;
+    }
     let result = runtime.block_on(measure_all(&config, url, &base));
     runtime.shutdown_timeout(Duration::from_secs(5));
     drop(cluster);

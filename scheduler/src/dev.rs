@@ -56,18 +56,29 @@ pub fn run(config: DevConfig) -> Result<()> {
     let started = Instant::now();
 
     let mut cluster = None;
+    // With a private cluster: the superuser's URL, to set up the scheduler's role.
+    let mut provision = None;
     let database_url = match &config.database_url {
         Some(url) => url.clone(),
         None => {
             let data_dir = postgres::data_dir_for(&dir.join("pg").join("data"))?;
+            let credentials = ClusterCredentials::load_or_create(&dir.join("postgres.env"))?;
             println!("starting Postgres in {}", data_dir.display());
             let started_cluster = Cluster::start(&ClusterConfig {
                 data_dir,
                 port: 0,
                 durable: true,
                 settings: Vec::new(),
+                superuser_password: credentials.superuser.clone(),
+                reset_password: credentials.created,
             })?;
-            let url = Secret::new(started_cluster.url("sluice"));
+            let url =
+                Secret::new(started_cluster.role_url(APP_ROLE, &credentials.app, APP_DATABASE));
+            provision = Some((
+                Secret::new(started_cluster.url("postgres")),
+                Secret::new(started_cluster.url(APP_DATABASE)),
+                credentials.app,
+            ));
             cluster = Some(started_cluster);
             url
         }
@@ -77,13 +88,12 @@ pub fn run(config: DevConfig) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(e.to_string()))?;
-    let outcome = runtime.block_on(serve_dev(
-        &config,
-        &dir,
-        database_url,
-        cluster.is_some(),
-        started,
-    ));
+    let outcome = runtime.block_on(async {
+        if let Some((superuser, superuser_in_app_db, password)) = &provision {
+            provision_app_database(superuser, superuser_in_app_db, password).await?;
+        }
+        serve_dev(&config, &dir, database_url, started).await
+    });
     runtime.shutdown_timeout(Duration::from_secs(5));
     if let Some(mut cluster) = cluster {
         cluster.stop();
@@ -96,12 +106,8 @@ async fn serve_dev(
     config: &DevConfig,
     dir: &Path,
     database_url: Secret,
-    private_cluster: bool,
     started: Instant,
 ) -> Result<()> {
-    if private_cluster {
-        create_database(database_url.expose()).await?;
-    }
     let env_path = dir.join("dev.env");
     let api_token = previous_token(&env_path).unwrap_or_else(|| Secret::generate("sk_"));
     let runner_secret = Secret::generate("srs_");
@@ -166,7 +172,12 @@ async fn serve_dev(
         }
     }
 
-    print_banner(&api_url, &api_token, database_url.expose(), &env_path);
+    print_banner(
+        &api_url,
+        &api_token,
+        &masked_password(database_url.expose()),
+        &env_path,
+    );
 
     let pool = store::pool(
         store::connect_options(database_url.expose())?,
@@ -207,24 +218,86 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-async fn create_database(url: &str) -> Result<()> {
-    let admin = url
-        .rsplit_once('/')
-        .map(|(base, _)| format!("{base}/postgres"))
-        .unwrap_or_default();
-    let pool = store::pool(
-        store::connect_options(&admin)?,
-        &store::PoolConfig::default(),
-    );
-    let exists: Option<(i32,)> =
-        sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = 'sluice'")
-            .fetch_optional(&pool)
-            .await?;
-    if exists.is_none() {
-        sqlx::query("CREATE DATABASE sluice").execute(&pool).await?;
+/// The role the scheduler logs in as, and the database it owns (see [`store::provision`]).
+pub const APP_ROLE: &str = "sluice";
+pub const APP_DATABASE: &str = "sluice";
+
+/// The private cluster's passwords, kept in `.sluice/postgres.env` (mode 0600): the
+/// superuser's (never used by the scheduler) and the scheduler role's.
+struct ClusterCredentials {
+    superuser: Secret,
+    app: Secret,
+    /// Made just now: the cluster may hold another superuser password, set it again.
+    created: bool,
+}
+
+impl ClusterCredentials {
+    fn load_or_create(path: &Path) -> Result<ClusterCredentials> {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|v| Secret::new(v.trim()))
+                .filter(|v| !v.expose().is_empty())
+        };
+        if let (Some(superuser), Some(app)) = (
+            value("SLUICE_PG_SUPERUSER_PASSWORD="),
+            value("SLUICE_PG_PASSWORD="),
+        ) {
+            return Ok(ClusterCredentials {
+                superuser,
+                app,
+                created: false,
+            });
+        }
+        let credentials = ClusterCredentials {
+            superuser: Secret::generate("pgsu_"),
+            app: Secret::generate("pg_"),
+            created: true,
+        };
+        let text = format!(
+            "# The private cluster's passwords (sluice dev); keep this file to yourself.\nSLUICE_PG_SUPERUSER_PASSWORD={}\nSLUICE_PG_PASSWORD={}\n",
+            credentials.superuser.expose(),
+            credentials.app.expose()
+        );
+        write_private_file(path, &text)?;
+        Ok(credentials)
     }
+}
+
+/// The scheduler's role and its database, made (or taken over from an earlier sluice's
+/// superuser-owned one) with the superuser.
+pub async fn provision_app_database(
+    superuser: &Secret,
+    superuser_in_app_db: &Secret,
+    password: &Secret,
+) -> Result<()> {
+    let options = store::connect_options(superuser.expose())?;
+    let pool = store::pool(options, &store::PoolConfig::default());
+    store::provision::ensure_role(&pool, APP_ROLE, password).await?;
+    store::provision::ensure_database(&pool, APP_DATABASE, APP_ROLE).await?;
+    pool.close().await;
+    let options = store::connect_options(superuser_in_app_db.expose())?;
+    let pool = store::pool(options, &store::PoolConfig::default());
+    store::provision::take_schema(&pool, APP_ROLE).await?;
     pool.close().await;
     Ok(())
+}
+
+/// Writes `text` to `path`, readable by its owner only from the first byte on.
+fn write_private_file(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .and_then(|()| file.write_all(text.as_bytes()))
+        .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))
 }
 
 /// Keeps the API token stable across restarts, so a saved `dev.env` stays valid.
@@ -241,10 +314,7 @@ fn write_env_file(path: &Path, database_url: &str, api_url: &str, token: &Secret
         "DATABASE_URL={database_url}\nSLUICE_API_URL={api_url}\nSLUICE_API_TOKEN={}\n",
         token.expose()
     );
-    fs::write(path, text)
-        .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::Internal(e.to_string()))
+    write_private_file(path, &text)
 }
 
 /// `sluice-runner` next to this executable, else on PATH. Started through `cargo run`, which
@@ -355,17 +425,28 @@ pub async fn stop_runners(runners: &mut Vec<Child>) {
     runners.clear();
 }
 
+/// `url` with its password shown as `***` (the whole URL is in `dev.env`).
+fn masked_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 fn print_banner(api_url: &str, token: &Secret, database_url: &str, env_path: &Path) {
     let token = token.expose();
     println!(
         "\nsluice dev is running\n\
          \n  API:      {api_url}\
          \n  token:    {token}\
-         \n  database: {database_url}\
+         \n  database: {database_url} (the password is in the env file)\
          \n  env file: {env} (source it: set -a; . {env}; set +a)\
          \n\
          \n  curl -H \"Authorization: Bearer {token}\" -d '{{\"spec\":{{\"kind\":\"bash\",\"script\":\"echo hi\"}}}}' {api_url}/api/jobs\
-         \n  psql \"{database_url}\" -c \"INSERT INTO sluice.jobs (queue, spec) VALUES ('default', '{{\\\"kind\\\":\\\"bash\\\",\\\"script\\\":\\\"echo hello\\\"}}')\"\
+         \n  psql \"$DATABASE_URL\" -c \"INSERT INTO sluice.jobs (queue, spec) VALUES ('default', '{{\\\"kind\\\":\\\"bash\\\",\\\"script\\\":\\\"echo hello\\\"}}')\"\
          \n\nCtrl-C stops everything.\n",
         env = env_path.display(),
     );

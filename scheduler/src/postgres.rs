@@ -3,6 +3,13 @@
 //!
 //! The postmaster runs as a direct child (not daemonised by `pg_ctl`) with
 //! `PR_SET_PDEATHSIG = SIGINT`, so it shuts down fast when its owner dies, even by `kill -9`.
+//!
+//! The cluster trusts nobody: it listens on 127.0.0.1 only (no socket file), every login
+//! needs a SCRAM password, and the superuser's is set at `initdb` (or reset in single-user
+//! mode for a cluster made before, which also turns its `trust` lines into SCRAM). A tool
+//! running on the same machine cannot log in, let alone as a superuser (S-13); the
+//! scheduler logs in as a role that owns its database and nothing more
+//! ([`crate::store::provision`]).
 //! As root, initdb and the server run as the `postgres` user (Postgres refuses root), and the
 //! data directory must be reachable by that user; [`data_dir_for`] falls back to a temp dir
 //! when the requested one is not.
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 
+use crate::secret::Secret;
 use crate::{Error, Result};
 
 /// Where the server binaries are.
@@ -89,6 +97,11 @@ pub struct ClusterConfig {
     pub durable: bool,
     /// Extra `name=value` server settings.
     pub settings: Vec<(String, String)>,
+    /// The superuser's (`postgres`) password; set at initdb.
+    pub superuser_password: Secret,
+    /// Set the superuser's password again before starting (the caller lost or replaced it);
+    /// a cluster that still trusts local logins is secured this way whatever this says.
+    pub reset_password: bool,
 }
 
 /// A running private cluster. Dropping it stops the server (fast shutdown).
@@ -97,6 +110,7 @@ pub struct Cluster {
     data_dir: PathBuf,
     port: u16,
     log_path: PathBuf,
+    superuser_password: Secret,
 }
 
 /// The user the server runs as when we are root.
@@ -205,11 +219,19 @@ impl Cluster {
             fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
                 .map_err(|e| Error::Internal(e.to_string()))?;
             chown_to(data_dir, &user)?;
+            // The password reaches initdb in a file only its user can read, for an instant.
+            let pwfile = base.join(format!(".pw-{}", std::process::id()));
+            fs::write(&pwfile, config.superuser_password.expose())
+                .and_then(|()| fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o600)))
+                .map_err(|e| Error::Internal(format!("writing {}: {e}", pwfile.display())))?;
+            chown_to(&pwfile, &user)?;
             let mut initdb = Command::new(&binaries.initdb);
             initdb
                 .arg("-D")
                 .arg(data_dir)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8"])
+                .args(["-U", "postgres", "-E", "UTF8"])
+                .args(["--auth-host=scram-sha-256", "--auth-local=scram-sha-256"])
+                .arg(format!("--pwfile={}", pwfile.display()))
                 .args(["--locale=C.UTF-8", "--no-instructions"])
                 .stdin(Stdio::null());
             if !config.durable {
@@ -218,7 +240,9 @@ impl Cluster {
             run_as(&mut initdb, &user);
             let output = initdb
                 .output()
-                .map_err(|e| Error::Internal(format!("running initdb: {e}")))?;
+                .map_err(|e| Error::Internal(format!("running initdb: {e}")));
+            let _ = fs::remove_file(&pwfile);
+            let output = output?;
             if !output.status.success() {
                 let _ = fs::remove_dir_all(data_dir);
                 return Err(Error::Internal(format!(
@@ -228,6 +252,13 @@ impl Cluster {
             }
         }
         stop_stale_server(data_dir);
+        let trusting = trusts_logins(data_dir);
+        if trusting || config.reset_password {
+            set_superuser_password(&binaries, &user, data_dir, &config.superuser_password)?;
+        }
+        if trusting {
+            require_passwords(data_dir)?;
+        }
 
         let port = if config.port == 0 {
             free_port()?
@@ -284,6 +315,7 @@ impl Cluster {
             data_dir: data_dir.clone(),
             port,
             log_path,
+            superuser_password: config.superuser_password.clone(),
         };
         cluster.wait_ready(Duration::from_secs(60))?;
         Ok(cluster)
@@ -340,9 +372,19 @@ impl Cluster {
         &self.data_dir
     }
 
-    /// A connection URL for `database` as the superuser `postgres`.
+    /// A connection URL for `database` as the superuser `postgres` (with its password).
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        self.role_url("postgres", &self.superuser_password, database)
+    }
+
+    /// A connection URL for `database` as `role` with `password` (generated passwords only:
+    /// they need no escaping).
+    pub fn role_url(&self, role: &str, password: &Secret, database: &str) -> String {
+        format!(
+            "postgres://{role}:{}@127.0.0.1:{}/{database}",
+            password.expose(),
+            self.port
+        )
     }
 
     /// Fast shutdown: disconnects clients, writes a checkpoint, waits for the server to exit.
@@ -369,6 +411,98 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether the cluster's `pg_hba.conf` lets anyone log in without a password (clusters made
+/// by sluice before it required passwords).
+fn trusts_logins(data_dir: &Path) -> bool {
+    fs::read_to_string(data_dir.join("pg_hba.conf"))
+        .map(|hba| {
+            hba.lines()
+                .map(|line| line.split('#').next().unwrap_or_default())
+                .any(|line| line.split_whitespace().any(|word| word == "trust"))
+        })
+        .unwrap_or(false)
+}
+
+/// Every `trust` line of `pg_hba.conf` asks for a SCRAM password instead.
+fn require_passwords(data_dir: &Path) -> Result<()> {
+    let path = data_dir.join("pg_hba.conf");
+    let hba = fs::read_to_string(&path)
+        .map_err(|e| Error::Internal(format!("reading {}: {e}", path.display())))?;
+    let secured: String = hba
+        .lines()
+        .map(|line| {
+            let (rule, comment) = line.split_once('#').unwrap_or((line, ""));
+            let rule = rule
+                .split_whitespace()
+                .map(|word| {
+                    if word == "trust" {
+                        "scram-sha-256"
+                    } else {
+                        word
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            match (rule.is_empty(), comment.is_empty()) {
+                (true, true) => String::new(),
+                (true, false) => format!("#{comment}"),
+                (false, true) => rule,
+                (false, false) => format!("{rule} #{comment}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Rewritten in place: the file keeps its owner and mode.
+    fs::write(&path, secured + "\n")
+        .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))
+}
+
+/// Sets the superuser's password with the server stopped, in single-user mode (which needs no
+/// login): the statement reaches the backend on stdin, never in argv or a log.
+fn set_superuser_password(
+    binaries: &Binaries,
+    user: &Option<User>,
+    data_dir: &Path,
+    password: &Secret,
+) -> Result<()> {
+    use std::io::Write;
+    if !password
+        .expose()
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(Error::Internal(
+            "the generated superuser password holds unexpected characters".into(),
+        ));
+    }
+    let mut command = Command::new(&binaries.postgres);
+    command
+        .args(["--single", "-D"])
+        .arg(data_dir)
+        .args(["-c", "listen_addresses=", "postgres"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    run_as(&mut command, user);
+    let mut child = command
+        .spawn()
+        .map_err(|e| Error::Internal(format!("starting postgres --single: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let statement = format!("ALTER ROLE postgres PASSWORD '{}';\n", password.expose());
+        let _ = stdin.write_all(statement.as_bytes());
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| Error::Internal(format!("waiting for postgres --single: {e}")))?;
+    if !output.status.success() {
+        return Err(Error::Internal(format!(
+            "setting the superuser password failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// A server from an earlier run whose owner died before it did still holds the data dir.

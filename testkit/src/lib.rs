@@ -68,8 +68,15 @@ where
 
 struct SharedCluster {
     port: u16,
+    /// The superuser's password (tests poke at the database as the superuser).
+    superuser_password: String,
+    /// The password of the role schedulers log in as (`sluice`, owner of each test database).
+    app_password: String,
     control: std::sync::Mutex<std::sync::mpsc::Sender<ClusterCommand>>,
 }
+
+/// The role schedulers under test log in as: it owns the test databases and nothing more.
+pub const APP_ROLE: &str = "sluice";
 
 /// Orders for the thread that owns the cluster (the postmaster's parent).
 enum ClusterCommand {
@@ -90,9 +97,11 @@ fn shared_cluster() -> &'static SharedCluster {
             .spawn(move || {
                 let (control, commands) = std::sync::mpsc::channel();
                 match start_cluster() {
-                    Ok((cluster, config)) => {
+                    Ok((cluster, config, app_password)) => {
                         let shared = SharedCluster {
                             port: cluster.port(),
+                            superuser_password: config.superuser_password.expose().to_string(),
+                            app_password,
                             control: std::sync::Mutex::new(control),
                         };
                         let _ = tx.send(Ok(shared));
@@ -180,7 +189,7 @@ pub fn start_postgres() {
     control_cluster(ClusterCommand::Start);
 }
 
-fn start_cluster() -> Result<(Cluster, ClusterConfig), String> {
+fn start_cluster() -> Result<(Cluster, ClusterConfig, String), String> {
     let tmp = std::env::temp_dir();
     sweep_stale_dirs(&tmp);
     let base_dir = tmp.join(format!(
@@ -193,38 +202,54 @@ fn start_cluster() -> Result<(Cluster, ClusterConfig), String> {
         data_dir: base_dir.join("data"),
         port: 0,
         durable: false,
-        settings: vec![("max_connections".into(), "400".into())],
+        // RELIABILITY.md's lab settings (lock waits are logged by default, see Cluster).
+        settings: vec![
+            ("max_connections".into(), "400".into()),
+            ("deadlock_timeout".into(), "1s".into()),
+        ],
+        superuser_password: sluice::secret::Secret::generate("pgsu_"),
+        reset_password: false,
     };
     let cluster = Cluster::start(&config).map_err(|e| e.to_string())?;
     config.port = cluster.port();
-    let url = cluster.url("postgres");
+    let app_password = sluice::secret::Secret::generate("pg_");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let admin = PgPool::connect(&url).await.map_err(|e| e.to_string())?;
-        sqlx::query("CREATE DATABASE sluice_template")
-            .execute(&admin)
+        let admin = PgPool::connect(&cluster.url("postgres"))
+            .await
+            .map_err(|e| e.to_string())?;
+        sluice::store::provision::ensure_role(&admin, APP_ROLE, &app_password)
+            .await
+            .map_err(|e| e.to_string())?;
+        sluice::store::provision::ensure_database(&admin, "sluice_template", APP_ROLE)
             .await
             .map_err(|e| e.to_string())?;
         admin.close().await;
-        let template = PgPool::connect(&cluster.url("sluice_template"))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Migrated by the role that will own every test database's objects.
+        let template =
+            PgPool::connect(&cluster.role_url(APP_ROLE, &app_password, "sluice_template"))
+                .await
+                .map_err(|e| e.to_string())?;
         sluice::store::migrate(&template)
             .await
             .map_err(|e| e.to_string())?;
         template.close().await;
         Ok::<_, String>(())
     })?;
-    Ok((cluster, config))
+    Ok((cluster, config, app_password.expose().to_string()))
 }
 
 /// A fresh, migrated database of its own for one test.
 pub struct TestDb {
     pub name: String,
+    /// The URL schedulers under test get: the database's owner, not a superuser.
     pub url: String,
+    /// The same database as the superuser, for a test's own checks and pokes.
+    pub superuser_url: String,
+    /// A pool of superuser connections to it.
     pub pool: PgPool,
 }
 
@@ -234,23 +259,37 @@ impl TestDb {
         let cluster = shared_cluster();
         let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t_{}_{n}", std::process::id());
-        let admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
-        let admin = PgPool::connect(&admin_url)
+        let superuser = |database: &str| {
+            format!(
+                "postgres://postgres:{}@127.0.0.1:{}/{database}",
+                cluster.superuser_password, cluster.port
+            )
+        };
+        let admin = PgPool::connect(&superuser("postgres"))
             .await
             .expect("connect to the test cluster");
         // Identifiers cannot be bound; this name is built from two integers above.
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE {name} TEMPLATE sluice_template"
+            "CREATE DATABASE {name} TEMPLATE sluice_template OWNER {APP_ROLE}"
         )))
         .execute(&admin)
         .await
         .expect("create the test database");
         admin.close().await;
-        let url = format!("postgres://postgres@127.0.0.1:{}/{name}", cluster.port);
-        let pool = PgPool::connect(&url)
+        let url = format!(
+            "postgres://{APP_ROLE}:{}@127.0.0.1:{}/{name}",
+            cluster.app_password, cluster.port
+        );
+        let superuser_url = superuser(&name);
+        let pool = PgPool::connect(&superuser_url)
             .await
             .expect("connect to the test database");
-        TestDb { name, url, pool }
+        TestDb {
+            name,
+            url,
+            superuser_url,
+            pool,
+        }
     }
 
     /// The cluster's port.
