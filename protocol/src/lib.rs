@@ -491,13 +491,25 @@ pub struct HeartbeatRequest {
     pub running: Vec<LeaseRef>,
 }
 
-/// Orders for the runner: stop these attempts; stop claiming when `drain` is set.
+/// Orders for the runner: stop these attempts; stop claiming when `drain` is set. Every
+/// listed lease that is neither cancelled nor `unrenewed` was renewed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
     #[serde(default)]
     pub cancel: Vec<CancelOrder>,
+    /// Leases still held but not renewed this time (their rows were busy with another
+    /// statement): keep running, but do not count them as renewed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unrenewed: Vec<AttemptRef>,
     #[serde(default)]
     pub drain: bool,
+}
+
+/// One attempt of a job, without its lease token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AttemptRef {
+    pub job_id: JobId,
+    pub attempt: Attempt,
 }
 
 /// One attempt the runner must kill and abandon.

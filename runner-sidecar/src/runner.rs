@@ -554,12 +554,13 @@ async fn heartbeats(
                     }
                 }
                 for lease in &leases {
-                    let cancelled = response
-                        .cancel
-                        .iter()
-                        .any(|o| o.job_id == lease.job_id && o.attempt == lease.attempt);
+                    let same = |job_id: JobId, attempt: Attempt| {
+                        job_id == lease.job_id && attempt == lease.attempt
+                    };
+                    let cancelled = response.cancel.iter().any(|o| same(o.job_id, o.attempt));
+                    let unrenewed = response.unrenewed.iter().any(|u| same(u.job_id, u.attempt));
                     if let Some(task) = tasks.get_mut(&(lease.job_id, lease.attempt)) {
-                        if !cancelled {
+                        if !cancelled && !unrenewed {
                             task.renewed_at = task.renewed_at.max(sent_at);
                         }
                     }

@@ -357,6 +357,11 @@ impl Cluster {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
     /// The port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

@@ -72,6 +72,8 @@ struct SharedCluster {
     superuser_password: String,
     /// The password of the role schedulers log in as (`sluice`, owner of each test database).
     app_password: String,
+    /// The server's log.
+    log_path: PathBuf,
     control: std::sync::Mutex<std::sync::mpsc::Sender<ClusterCommand>>,
 }
 
@@ -102,6 +104,7 @@ fn shared_cluster() -> &'static SharedCluster {
                             port: cluster.port(),
                             superuser_password: config.superuser_password.expose().to_string(),
                             app_password,
+                            log_path: cluster.log_path().to_path_buf(),
                             control: std::sync::Mutex::new(control),
                         };
                         let _ = tx.send(Ok(shared));
@@ -175,6 +178,17 @@ fn control_cluster(make: fn(std::sync::mpsc::Sender<Result<(), String>>) -> Clus
         .recv()
         .expect("the postgres thread answers")
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// This test process's Postgres log from byte `from` on (lossy UTF-8), and its length: read
+/// the length before a scenario, the text after it.
+pub fn postgres_log(from: u64) -> (String, u64) {
+    let bytes = std::fs::read(&shared_cluster().log_path).unwrap_or_default();
+    let start = (from as usize).min(bytes.len());
+    (
+        String::from_utf8_lossy(&bytes[start..]).into_owned(),
+        bytes.len() as u64,
+    )
 }
 
 /// Stops this test process's Postgres (fast shutdown), for outage tests. Every test in the
@@ -584,6 +598,11 @@ impl Scheduler {
     pub fn pid(&self) -> Option<u32> {
         self.proc.child.id()
     }
+
+    /// What the scheduler has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.proc.log).unwrap_or_default()
+    }
 }
 
 /// `sluice-runner` as a child process.
@@ -660,6 +679,11 @@ impl Runner {
     /// The sidecar's process id.
     pub fn pid(&self) -> Option<u32> {
         self.proc.child.id()
+    }
+
+    /// What the sidecar has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.proc.log).unwrap_or_default()
     }
 
     /// SIGKILL, and wait for the process to be gone.

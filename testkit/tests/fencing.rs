@@ -353,3 +353,56 @@ async fn a_heartbeat_of_many_leases_answers_each_at_its_place() {
     .unwrap();
     assert_eq!(renewed.0, 54);
 }
+
+/// A heartbeat never waits for a job row another transaction holds (that is how it stays out
+/// of lock cycles): the lease is answered as `unrenewed`, with no cancel order, at once; once
+/// the row is free it is renewed again.
+#[tokio::test]
+async fn a_heartbeat_skips_a_locked_row_and_says_it_was_not_renewed() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let locked_id = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    let runner = FakeRunner::register(&scheduler, "patient").await;
+    let tasks = runner.claim(2, 2000).await;
+    assert_eq!(tasks.len(), 2);
+    let leases: Vec<_> = tasks.iter().map(|t| t.lease()).collect();
+    let heartbeat = || {
+        let runner = &runner;
+        let leases = &leases;
+        async move {
+            runner
+                .post(
+                    &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+                    &json!({ "running": leases }),
+                )
+                .await
+        }
+    };
+    // Someone holds one row (an operator's open transaction, a completion in flight).
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sluice.jobs WHERE id = $1 FOR UPDATE")
+        .bind(locked_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = heartbeat().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the heartbeat waited for the lock"
+    );
+    assert_eq!(body["cancel"], json!([]), "{body}");
+    assert_eq!(
+        body["unrenewed"],
+        json!([{"job_id": locked_id, "attempt": 1}]),
+        "{body}"
+    );
+    holder.rollback().await.unwrap();
+    let (status, body) = heartbeat().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("unrenewed").is_none(), "{body}");
+    assert_eq!(body["cancel"], json!([]), "{body}");
+}

@@ -11,10 +11,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 use sluice_protocol::{
-    bounds, CancelOrder, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
-    CompleteRequest, CompleteResponse, CompletionResult, ErrorDetail, HeartbeatRequest,
-    HeartbeatResponse, JobId, RegisterRequest, RegisterResponse, RunnerId, StreamRequest,
-    StreamResponse, Task, TaskCompletion,
+    bounds, AttemptRef, CancelOrder, ClaimRequest, ClaimResponse, CompleteManyRequest,
+    CompleteManyResponse, CompleteRequest, CompleteResponse, CompletionResult, ErrorDetail,
+    HeartbeatRequest, HeartbeatResponse, JobId, RegisterRequest, RegisterResponse, RunnerId,
+    StreamRequest, StreamResponse, Task, TaskCompletion,
 };
 use tokio::time::Instant;
 
@@ -191,13 +191,23 @@ async fn heartbeat(
         state.config.timings.lease,
     )
     .await?;
+    let unrenewed = request
+        .running
+        .iter()
+        .zip(&ends)
+        .filter(|(_, end)| **end == jobs::LeaseEnd::Busy)
+        .map(|(lease, _)| AttemptRef {
+            job_id: lease.job_id,
+            attempt: lease.attempt,
+        })
+        .collect();
     let cancel = request
         .running
         .iter()
         .zip(ends)
         .filter_map(|(lease, end)| {
             let reason = match end {
-                jobs::LeaseEnd::Renewed => return None,
+                jobs::LeaseEnd::Renewed | jobs::LeaseEnd::Busy => return None,
                 jobs::LeaseEnd::Lost => sluice_protocol::error_code::LEASE_LOST,
                 jobs::LeaseEnd::Cancelled => "cancelled",
                 jobs::LeaseEnd::TimedOut => "timed_out",
@@ -211,6 +221,7 @@ async fn heartbeat(
         .collect();
     Ok(Json(HeartbeatResponse {
         cancel,
+        unrenewed,
         drain: false,
     }))
 }

@@ -337,6 +337,10 @@ pub async fn claim_available(
 pub enum LeaseEnd {
     /// Renewed; keep running.
     Renewed,
+    /// Still this runner's, but another statement held the row (a completion, a cancel, an
+    /// outage extension): not renewed this time, and nothing to do. The heartbeat skips rows
+    /// locked by others instead of waiting for them, so it can never deadlock with them.
+    Busy,
     /// Reclaimed, completed, or never this runner's.
     Lost,
     /// The job was cancelled.
@@ -435,26 +439,34 @@ pub async fn renew_leases_if_held(
     leases: &[LeaseRef],
     lease: Duration,
 ) -> Result<Vec<LeaseEnd>> {
-    // In job order, as completions lock them, so a heartbeat and a completion batch of one
-    // runner take their row locks in the same order (no deadlock between them).
     let mut order: Vec<usize> = (0..leases.len()).collect();
-    order.sort_by_key(|&i| leases[i].job_id.0);
+    order.sort_by_key(|&i| (leases[i].job_id.0, leases[i].attempt.0));
     let ids: Vec<i64> = order.iter().map(|&i| leases[i].job_id.0).collect();
     let attempts: Vec<i32> = order.iter().map(|&i| leases[i].attempt.0).collect();
     let tokens: Vec<Uuid> = order.iter().map(|&i| leases[i].lease_token.0).collect();
-    let rows: Vec<(i64, Option<bool>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<(i64, bool, bool, Option<String>)> = sqlx::query_as(
         "WITH listed AS (
              SELECT * FROM unnest($2::bigint[], $3::int[], $4::uuid[])
                  WITH ORDINALITY AS l(job_id, attempt, lease_token, ord)
          ), seen AS (
              UPDATE sluice.runners SET last_seen_at = now() WHERE id = $1
+         ), held AS (
+             -- The leases still held, as the snapshot shows them.
+             SELECT j.id, j.attempt FROM sluice.jobs j JOIN listed l
+               ON j.id = l.job_id AND j.attempt = l.attempt AND j.lease_token = l.lease_token
+             WHERE j.runner_id = $1 AND j.state = 'running'
+         ), locked AS (
+             -- Those whose rows nobody else holds right now. A row another statement has
+             -- locked (this runner's completion, a cancel, an outage extension) is skipped,
+             -- never waited for: the heartbeat takes no part in a lock cycle.
+             SELECT j.id FROM sluice.jobs j JOIN held h ON j.id = h.id AND j.attempt = h.attempt
+             WHERE j.runner_id = $1 AND j.state = 'running'
+             FOR UPDATE OF j SKIP LOCKED
          ), renewed AS (
              UPDATE sluice.jobs j
              SET lease_expires_at = now() + $5 * interval '1 millisecond'
-             FROM listed l
-             WHERE j.id = l.job_id AND j.attempt = l.attempt
-               AND j.lease_token = l.lease_token AND j.runner_id = $1
-               AND j.state = 'running'
+             FROM locked k
+             WHERE j.id = k.id
              RETURNING j.id AS job_id, j.attempt
          ), heard AS (
              -- Stopped attempts this runner still lists: it hears the order in this answer.
@@ -478,9 +490,10 @@ pub async fn renew_leases_if_held(
              RETURNING pg_notify('sluice_jobs', '')
          )
          -- Joins, not a subquery per listed lease (which scanned `renewed` once per row).
-         SELECT l.ord, r.job_id IS NOT NULL, a.outcome
+         SELECT l.ord, r.job_id IS NOT NULL, h.id IS NOT NULL, a.outcome
          FROM listed l
          LEFT JOIN renewed r ON r.job_id = l.job_id AND r.attempt = l.attempt
+         LEFT JOIN held h ON h.id = l.job_id AND h.attempt = l.attempt
          LEFT JOIN sluice.job_attempts a
            ON a.job_id = l.job_id AND a.attempt = l.attempt
           AND a.lease_token = l.lease_token AND a.runner_id = $1
@@ -497,11 +510,12 @@ pub async fn renew_leases_if_held(
     .await?;
     // Rows come back in the sorted order: put each answer at its lease's place.
     let mut ends = vec![LeaseEnd::Lost; leases.len()];
-    for (&at, (_, renewed, outcome)) in order.iter().zip(rows) {
-        ends[at] = match (renewed, outcome.as_deref()) {
-            (Some(true), _) => LeaseEnd::Renewed,
-            (_, Some("cancelled")) => LeaseEnd::Cancelled,
-            (_, Some("timed_out")) => LeaseEnd::TimedOut,
+    for (&at, (_, renewed, held, outcome)) in order.iter().zip(rows) {
+        ends[at] = match (renewed, held, outcome.as_deref()) {
+            (true, _, _) => LeaseEnd::Renewed,
+            (false, true, _) => LeaseEnd::Busy,
+            (_, _, Some("cancelled")) => LeaseEnd::Cancelled,
+            (_, _, Some("timed_out")) => LeaseEnd::TimedOut,
             _ => LeaseEnd::Lost,
         };
     }
@@ -810,9 +824,17 @@ pub async fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> Result<Recl
 /// reclaims their jobs (River 1ca57d2). Returns how many leases were extended.
 pub async fn extend_expired_leases(conn: &mut PgConnection, lease: Duration) -> Result<u64> {
     let result = sqlx::query(
-        "UPDATE sluice.jobs
+        "WITH expired AS (
+             -- Rows another statement holds (a completion ending the attempt) are skipped:
+             -- this never waits, so it never joins a lock cycle.
+             SELECT id FROM sluice.jobs
+             WHERE state = 'running' AND lease_expires_at < now()
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE sluice.jobs j
          SET lease_expires_at = now() + $1 * interval '1 millisecond'
-         WHERE state = 'running' AND lease_expires_at < now()",
+         FROM expired e
+         WHERE j.id = e.id AND j.state = 'running'",
     )
     .bind(lease.as_millis() as i64)
     .execute(conn)

@@ -46,9 +46,23 @@ pub async fn register(pool: &PgPool, params: RegisterParams<'_>) -> Result<(Runn
              UPDATE sluice.runners SET state = 'gone'
              WHERE pod_name = $1 AND state <> 'gone'
              RETURNING id
+         ), leased AS (
+             -- A row the old instance is completing right now is skipped, not waited for
+             -- (no lock cycle with its completion); its lease runs out as it would anyway.
+             SELECT j.id FROM sluice.jobs j
+             WHERE j.state = 'running' AND j.runner_id IN (SELECT id FROM gone)
+             FOR UPDATE OF j SKIP LOCKED
+         ), released AS (
+             -- Stops the old instance never confirmed: its tools died with it.
+             DELETE FROM sluice.attempt_stops s USING gone g WHERE s.runner_id = g.id
+             RETURNING s.job_id, s.attempt
+         ), retried AS (
+             UPDATE sluice.jobs j SET state = 'available', run_at = now()
+             FROM released r
+             WHERE j.id = r.job_id AND j.attempt = r.attempt AND j.state = 'scheduled'
          )
-         UPDATE sluice.jobs SET lease_expires_at = now()
-         WHERE state = 'running' AND runner_id IN (SELECT id FROM gone)",
+         UPDATE sluice.jobs j SET lease_expires_at = now()
+         FROM leased l WHERE j.id = l.id",
     )
     .bind(params.pod_name)
     .execute(&mut *tx)
