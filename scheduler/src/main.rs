@@ -126,6 +126,10 @@ struct ServeArgs {
     /// connection stays open.
     #[arg(long, env = "SLUICE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     header_timeout_ms: u64,
+    /// How often a waiting claim looks again without a notification (a fallback for a lost
+    /// LISTEN connection; jobs normally wake claims through NOTIFY at once).
+    #[arg(long, env = "SLUICE_CLAIM_POLL_MS", default_value_t = 1000)]
+    claim_poll_ms: u64,
     /// Do not apply migrations at start.
     #[arg(long)]
     no_migrate: bool,
@@ -285,6 +289,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "SLUICE_HEADER_TIMEOUT_MS must be between 100 and 3600000"
     );
     config.public_limits.header_timeout = Duration::from_millis(args.header_timeout_ms);
+    anyhow::ensure!(
+        (10..=3_600_000).contains(&args.claim_poll_ms),
+        "SLUICE_CLAIM_POLL_MS must be between 10 and 3600000"
+    );
+    config.claim_poll_interval = Duration::from_millis(args.claim_poll_ms);
     let server = sluice::server::Server::start(config).await?;
     // One line on stdout that scripts (and the testkit) can wait for.
     println!(
