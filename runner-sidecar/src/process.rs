@@ -1168,7 +1168,9 @@ impl ExitReport {
 
 /// In the tool process, before the uid drop: a network namespace of its own, with only the
 /// loopback interface (brought up), so the tool reaches nothing outside itself — not
-/// Postgres, not the scheduler, not a metadata address. Async-signal-safe.
+/// Postgres, not the scheduler, not a metadata address. Only the unshare must succeed: where
+/// the new namespace has no network stack at all (gVisor with host networking), there is no
+/// loopback to bring up either, which is no less isolated. Async-signal-safe.
 fn isolate_network() -> std::io::Result<()> {
     use nix::libc;
     // SAFETY: unshare, socket, ioctl and close on this process's own objects; `request` is
@@ -1179,23 +1181,54 @@ fn isolate_network() -> std::io::Result<()> {
         }
         let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if socket < 0 {
-            return Err(std::io::Error::last_os_error());
+            return Ok(());
         }
         let mut request: libc::ifreq = std::mem::zeroed();
         request.ifr_name[0] = b'l' as libc::c_char;
         request.ifr_name[1] = b'o' as libc::c_char;
-        let mut result = libc::ioctl(socket, libc::SIOCGIFFLAGS, &mut request);
-        if result == 0 {
+        if libc::ioctl(socket, libc::SIOCGIFFLAGS, &mut request) == 0 {
             request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            result = libc::ioctl(socket, libc::SIOCSIFFLAGS, &request);
+            libc::ioctl(socket, libc::SIOCSIFFLAGS, &request);
         }
-        let err = std::io::Error::last_os_error();
         libc::close(socket);
-        if result != 0 {
-            return Err(err);
-        }
     }
     Ok(())
+}
+
+/// Whether tools get a private mount namespace here — their own `/tmp`, `/run` and a fresh
+/// `/proc` that shows their own processes only. Probed once in a forked child (a mount
+/// namespace cannot be entered by one thread alone). Not under gVisor's 2022 release, which
+/// refuses the propagation change (and whose procfs lets any uid read any `environ`): there
+/// tasks sharing a runner can see each other's processes and environments, and only the pod
+/// boundary (one slot per runner, or a fresh runner per task) keeps them apart.
+pub fn can_isolate_mounts() -> bool {
+    static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| {
+        use nix::libc;
+        // SAFETY: the child makes raw syscalls only (unshare, mount, _exit) and exits.
+        unsafe {
+            match libc::fork() {
+                0 => {
+                    let private = libc::unshare(libc::CLONE_NEWNS) == 0
+                        && libc::mount(
+                            std::ptr::null(),
+                            c"/".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) == 0;
+                    libc::_exit(if private { 0 } else { 1 })
+                }
+                pid if pid > 0 => {
+                    let mut status = 0;
+                    libc::waitpid(pid, &mut status, 0) == pid
+                        && libc::WIFEXITED(status)
+                        && libc::WEXITSTATUS(status) == 0
+                }
+                _ => false,
+            }
+        }
+    })
 }
 
 /// Whether this process may give tools a network namespace of their own (`network: none`):

@@ -26,7 +26,13 @@ async fn the_sidecar_runs_tools_confined_inside_gvisor() {
     let db = TestDb::new().await;
     let scheduler = Scheduler::start(&db, Timings::TEST).await;
     let api = scheduler.api();
-    let _runner = Runner::start_wrapped(
+    let internal_port = scheduler
+        .internal_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let runner = Runner::start_wrapped(
         &scheduler,
         "gvisor",
         2,
@@ -66,6 +72,20 @@ async fn the_sidecar_runs_tools_confined_inside_gvisor() {
             "failed",
         ),
         (bash("echo after the bomb"), "succeeded"),
+        // network none: nothing reachable, not even the scheduler the sidecar talks to.
+        (
+            json!({"kind": "bash", "network": "none",
+                   "script": format!("(exec 3<>/dev/tcp/127.0.0.1/{internal_port}) 2>/dev/null && echo reached || echo unreachable")}),
+            "succeeded",
+        ),
+        // A script past argv's 128 KiB reaches bash through its descriptor.
+        (
+            bash(&format!(
+                ": '{}'\necho long script ran",
+                "x".repeat(200 * 1024)
+            )),
+            "succeeded",
+        ),
     ];
     let mut ids = Vec::new();
     for (spec, _) in &cases {
@@ -101,4 +121,22 @@ async fn the_sidecar_runs_tools_confined_inside_gvisor() {
     assert_eq!(jobs[4]["error"]["code"], "path_outside_workspace");
     assert_eq!(jobs[6]["error"]["code"], "address_refused");
     assert_eq!(jobs[7]["result"]["stdout_tail"], "after the bomb\n");
+    assert_eq!(
+        jobs[8]["result"]["stdout_tail"], "unreachable\n",
+        "{}",
+        jobs[8]
+    );
+    assert_eq!(
+        jobs[9]["result"]["stdout_tail"], "long script ran\n",
+        "{}",
+        jobs[9]
+    );
+    // gVisor's 2022 procfs lets any uid read any process's environment, and refuses private
+    // mounts: the sidecar says so, since only the pod keeps tasks apart there.
+    assert!(
+        runner
+            .log_text()
+            .contains("tasks sharing this runner can see each other"),
+        "no warning about shared /proc under gVisor"
+    );
 }
