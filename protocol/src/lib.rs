@@ -372,6 +372,13 @@ pub fn parse_spec(value: &Value) -> Result<JobSpec, SpecError> {
     Ok(spec)
 }
 
+/// A spec as stored, typed, for the runner: its shape only. The ranges of [`parse_spec`] hold
+/// for what is enqueued now; a spec enqueued before a range existed (or through an older
+/// scheduler) still runs, with the runner clamping what it must.
+pub fn parse_stored_spec(value: &Value) -> Result<JobSpec, SpecError> {
+    parse_spec_shape(value)
+}
+
 /// The ranges of a typed spec's own fields.
 fn check_spec(spec: &JobSpec) -> Result<(), String> {
     if let JobSpec::Bash(bash) = spec {
@@ -484,11 +491,17 @@ impl fmt::Debug for RegisterResponse {
     }
 }
 
-/// `POST /internal/runners/:pod/heartbeat`: renews the listed leases.
+/// `POST /internal/runners/:pod/heartbeat`: renews the listed leases. A runner lists every
+/// attempt whose tool may still be alive, until it has been killed and reaped.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
     #[serde(default)]
     pub running: Vec<LeaseRef>,
+    /// Numbers the runner's heartbeats, growing by one from 1 within a registration. A stopped
+    /// attempt is confirmed gone only by a heartbeat numbered after the one that heard its
+    /// order (so a late, stale heartbeat confirms nothing); without it, stops are waited out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 /// Orders for the runner: stop these attempts; stop claiming when `drain` is set. Every
@@ -728,7 +741,10 @@ pub mod error_code {
     pub const TOO_LARGE: &str = "payload_too_large";
     /// The client did not send its request in time (408).
     pub const TIMEOUT: &str = "request_timeout";
+    /// Postgres is unreachable (503): runners ride a run of these out, see the sidecar.
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The statement lost a deadlock or serialization conflict (503): retry at once.
+    pub const BUSY: &str = "busy";
     pub const INTERNAL: &str = "internal";
     pub const CONFLICT: &str = "conflict";
 }

@@ -39,7 +39,8 @@ impl CallError {
     /// Whether the same request may succeed later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            CallError::Status { status, .. } => *status >= 500 || *status == 429,
+            // 408: the request did not reach the scheduler in time — a retry may.
+            CallError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             CallError::Transport(_) => true,
             CallError::Decode(_) | CallError::Shutdown | CallError::GaveUp { .. } => false,
         }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_protocol::{
-    Attempt, ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef, RegisterRequest,
-    RegisterResponse, RunnerId,
+    error_code, Attempt, ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef,
+    RegisterRequest, RegisterResponse, RunnerId,
 };
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
@@ -108,7 +108,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let mut tasks = JoinSet::new();
 
     'registrations: loop {
-        let Some(session) = register(&client, &config, &mut shutdown).await else {
+        let Some(session) = register(&client, &config, &mut shutdown).await? else {
             break;
         };
         tracing::info!(
@@ -398,12 +398,14 @@ async fn drain(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Registers with back-off until it works; `None` if shutdown came first.
+/// Registers with back-off until it works; `None` if shutdown came first. A registration the
+/// scheduler refuses as malformed (a pod name or label it cannot take) is a configuration
+/// error, not retried; a refused secret is retried (secrets are rotated).
 async fn register(
     client: &Client,
     config: &Config,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<Session> {
+) -> Result<Option<Session>> {
     let request = RegisterRequest {
         pod_name: config.pod_name.clone(),
         labels: config.labels.clone(),
@@ -413,7 +415,7 @@ async fn register(
     let mut backoff = Backoff::default();
     loop {
         if *shutdown.borrow() {
-            return None;
+            return Ok(None);
         }
         let answer: std::result::Result<RegisterResponse, CallError> = client
             .post(
@@ -425,12 +427,21 @@ async fn register(
             .await;
         match answer {
             Ok(response) => {
-                return Some(Session {
+                return Ok(Some(Session {
                     runner_id: response.runner_id,
                     token: Secret::new(response.token),
                     heartbeat: Duration::from_millis(response.heartbeat_ms.max(50)),
                     lease: Duration::from_millis(response.lease_ms.max(100)),
-                })
+                }))
+            }
+            Err(CallError::Status {
+                status: 400 | 413,
+                message,
+                ..
+            }) => {
+                return Err(crate::Error::Config(format!(
+                    "the scheduler refused this runner's registration: {message} (check RUNNER_POD_NAME and SLUICE_RUNNER_LABELS)"
+                )))
             }
             Err(err) => tracing::warn!(error = %err, "registration failed; retrying"),
         }
@@ -521,6 +532,7 @@ async fn heartbeats(
     let mut ticker = tokio::time::interval(session.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let path = format!("/internal/runners/{}/heartbeat", config.pod_name);
+    let mut seq = 0u64;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -533,8 +545,10 @@ async fn heartbeats(
             .map(|t| t.lease)
             .collect();
         let sent_at = Instant::now();
+        seq += 1;
         let request = HeartbeatRequest {
             running: leases.clone(),
+            seq: Some(seq),
         };
         // Longer than the scheduler's 1 s wait for a database connection, so that an outage
         // is heard as a 503 rather than as silence.
@@ -582,7 +596,9 @@ async fn heartbeats(
             }
             Err(err) => {
                 tracing::warn!(error = %err, "heartbeat failed");
-                matches!(err, CallError::Status { status: 503, .. })
+                // Only "the database is unreachable" proves nobody can reclaim meanwhile; a
+                // busy database (a lost deadlock) or a full pool is no outage.
+                matches!(&err, CallError::Status { status: 503, code, .. } if code == error_code::UNAVAILABLE)
             }
         };
         database_outage.store(outage, Ordering::Relaxed);

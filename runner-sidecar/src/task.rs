@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{json, Value};
 use sluice_protocol::{
-    bounds, event_kind, parse_spec, BashSpec, ErrorDetail, Event, JobSpec, Network, Outcome,
+    bounds, event_kind, parse_stored_spec, BashSpec, ErrorDetail, Event, JobSpec, Network, Outcome,
     StreamRequest, StreamResponse, Task, TaskCompletion, ToolName, ToolSpec,
 };
 use tokio::io::AsyncReadExt;
@@ -46,6 +46,16 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// How long the tool gets between SIGTERM and SIGKILL: none when the lease is lost (the
+    /// job may already be running elsewhere, and the self-fence's margin must cover the
+    /// kill), the runner's grace otherwise.
+    pub fn kill_grace(self, grace: Duration) -> Duration {
+        match self {
+            StopReason::LeaseLost => Duration::ZERO,
+            _ => grace,
+        }
+    }
+
     /// Stops after which the attempt is abandoned: the scheduler has moved on, and nothing
     /// this attempt sends would be accepted.
     fn abandons(self) -> bool {
@@ -95,7 +105,7 @@ pub async fn run(
     slot: Slot,
 ) -> Option<Completing> {
     let started = Instant::now();
-    let report = match parse_spec(&task.spec) {
+    let report = match parse_stored_spec(&task.spec) {
         Err(err) => Some(Report::failed(
             json!({}),
             "invalid_spec",
@@ -734,7 +744,7 @@ async fn run_bash(
                 let reason = *stop_rx.borrow();
                 if let Some(reason) = reason {
                     stopped = Some(reason);
-                    process::stop(child, config.kill_grace).await;
+                    process::stop(child, reason.kill_grace(config.kill_grace)).await;
                 }
             }
             _ = tokio::time::sleep_until(drain_deadline), if status.is_none() || pipes_deadline.is_some() => {
@@ -877,15 +887,17 @@ fn failure_of(
         );
     }
     if let (Some(usage), Some(limit)) = (usage, limits.memory_bytes) {
+        // A reading, not a certainty (a tool may fail for another reason near its limit):
+        // retried like any other failure.
         if usage.max_rss_bytes as f64 >= limit as f64 * MEMORY_LIMIT_SHARE {
             return (
                 "memory_limit",
                 format!(
-                    "the tool ran out of memory: it used {} MiB of its {} MiB limit",
+                    "the tool failed at {} MiB of its {} MiB memory limit (it probably ran out of memory)",
                     usage.max_rss_bytes >> 20,
                     limit >> 20
                 ),
-                false,
+                true,
             );
         }
     }

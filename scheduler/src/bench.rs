@@ -406,6 +406,7 @@ async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     let batch_body = json!({"jobs": specs.iter().map(|s| json!({"spec": s})).collect::<Vec<_>>()});
     let mut bare_bulk = Vec::new();
     let mut sql_bulk = Vec::new();
+    let mut named_bulk = Vec::new();
     let mut http_bulk = Vec::new();
     for _ in 0..sizes.runs {
         sql::reset_reference_table(pool).await?;
@@ -421,6 +422,13 @@ async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
             sql::insert_jobs_plain_many(pool, specs).await?;
         }
         sql_bulk.push((sizes.bulk_calls * 1000) as f64 / started.elapsed().as_secs_f64());
+
+        sql::truncate_jobs(pool).await?;
+        let started = Instant::now();
+        for _ in 0..sizes.bulk_calls {
+            sql::insert_jobs_named_many(pool, specs).await?;
+        }
+        named_bulk.push((sizes.bulk_calls * 1000) as f64 / started.elapsed().as_secs_f64());
 
         sql::truncate_jobs(pool).await?;
         let started = Instant::now();
@@ -450,6 +458,15 @@ async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
                 "bulk enqueue (SQL, 1,000 per INSERT)",
                 "jobs/s",
                 sql_bulk,
+                "",
+            ),
+            &bare_bulk,
+        ),
+        with_reference(
+            summarize(
+                "bulk enqueue (SQL, options named)",
+                "jobs/s",
+                named_bulk,
                 "",
             ),
             &bare_bulk,

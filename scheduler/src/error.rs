@@ -43,6 +43,10 @@ pub enum Error {
     /// Postgres cannot be reached; retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The statement lost a deadlock or a serialization conflict and was rolled back whole;
+    /// the same request may be retried at once. (Not an outage: runners do not ride it out.)
+    #[error("the database rolled the statement back ({0}); retry")]
+    Busy(String),
     /// The machine lacks something a command needs (Postgres binaries, `sluice-runner`); the
     /// message says what to install or set.
     #[error("{0}")]
@@ -70,6 +74,7 @@ impl Error {
             Error::Timeout(_) => error_code::TIMEOUT,
             Error::Conflict(_) => error_code::CONFLICT,
             Error::Unavailable(_) => error_code::UNAVAILABLE,
+            Error::Busy(_) => error_code::BUSY,
             Error::Setup(_) | Error::Internal(_) => error_code::INTERNAL,
         }
     }
@@ -128,10 +133,12 @@ impl From<sqlx::Error> for Error {
                 }
                 // A deadlock or serialization failure rolled the statement back whole: the
                 // same request may well succeed, so it is a 503 (retried), never a 500.
-                Some("40P01" | "40001") => Error::Unavailable(db.message().to_string()),
-                // Data exceptions (a NUL byte, a timestamp or number out of range) come from
-                // the values a request carried: the request cannot be applied as it is.
-                Some(code) if code.starts_with("22") => {
+                Some("40P01" | "40001") => Error::Busy(db.message().to_string()),
+                // Values Postgres cannot store or compute with (a NUL byte, a timestamp or a
+                // number out of range): they come from the request, whose fields are checked
+                // before any statement, so this is the backstop — the request cannot be
+                // applied as it is.
+                Some("22021" | "22P05" | "22008" | "22003" | "22007" | "22P02") => {
                     Error::invalid("request", db.message().to_string())
                 }
                 _ => Error::Internal(err.to_string()),

@@ -154,12 +154,22 @@ pub async fn run_pass(
             return Ok(None);
         };
         let count = jobs::prune_finished(&mut tx, BATCH).await?;
-        jobs::forget_past_stops(&mut tx).await?;
         tx.commit().await?;
         Ok(Some(count))
     }
     .await;
     report.pruned = report.record("prune", pruned);
+
+    let forgotten = async {
+        let Some(mut tx) = lead(pool).await? else {
+            return Ok(None);
+        };
+        let count = jobs::forget_past_stops(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Some(count))
+    }
+    .await;
+    report.record("stops", forgotten);
 
     if report.requeued > 0 || report.promoted > 0 {
         wake.notify();

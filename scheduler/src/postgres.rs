@@ -219,11 +219,22 @@ impl Cluster {
             fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
                 .map_err(|e| Error::Internal(e.to_string()))?;
             chown_to(data_dir, &user)?;
-            // The password reaches initdb in a file only its user can read, for an instant.
-            let pwfile = base.join(format!(".pw-{}", std::process::id()));
-            fs::write(&pwfile, config.superuser_password.expose())
-                .and_then(|()| fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o600)))
-                .map_err(|e| Error::Internal(format!("writing {}: {e}", pwfile.display())))?;
+            // The password reaches initdb in a file only its user can read, from the first byte
+            // (created new: an existing file or a link there is refused), for an instant.
+            let pwfile = base.join(format!(".pw-{}", uuid::Uuid::new_v4().simple()));
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&pwfile)
+                    .and_then(|mut file| {
+                        file.write_all(config.superuser_password.expose().as_bytes())
+                    })
+                    .map_err(|e| Error::Internal(format!("writing {}: {e}", pwfile.display())))?;
+            }
             chown_to(&pwfile, &user)?;
             let mut initdb = Command::new(&binaries.initdb);
             initdb
@@ -495,7 +506,12 @@ fn set_superuser_password(
         .spawn()
         .map_err(|e| Error::Internal(format!("starting postgres --single: {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
-        let statement = format!("ALTER ROLE postgres PASSWORD '{}';\n", password.expose());
+        // The verifier, not the password (see store::provision): the statement holds no
+        // secret even where a server logs statements.
+        let statement = format!(
+            "ALTER ROLE postgres PASSWORD '{}';\n",
+            crate::store::provision::scram_verifier(password.expose())
+        );
         let _ = stdin.write_all(statement.as_bytes());
     }
     let output = child

@@ -270,6 +270,15 @@ pub struct TestDb {
 impl TestDb {
     /// Creates the database from the migrated template (a file copy: milliseconds).
     pub async fn new() -> TestDb {
+        TestDb::create("sluice_template").await
+    }
+
+    /// An empty database without sluice's schema, for tests of the migrations themselves.
+    pub async fn unmigrated() -> TestDb {
+        TestDb::create("template0").await
+    }
+
+    async fn create(template: &str) -> TestDb {
         let cluster = shared_cluster();
         let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t_{}_{n}", std::process::id());
@@ -282,9 +291,10 @@ impl TestDb {
         let admin = PgPool::connect(&superuser("postgres"))
             .await
             .expect("connect to the test cluster");
-        // Identifiers cannot be bound; this name is built from two integers above.
+        // Identifiers cannot be bound; this name is built from two integers above, and the
+        // template is one of two constants.
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE {name} TEMPLATE sluice_template OWNER {APP_ROLE}"
+            "CREATE DATABASE {name} TEMPLATE {template} OWNER {APP_ROLE}"
         )))
         .execute(&admin)
         .await

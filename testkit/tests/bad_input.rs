@@ -252,7 +252,19 @@ async fn plain_sql_inserts_meet_the_same_ranges_and_take_the_queues_defaults() {
         r#"INSERT INTO sluice.jobs (spec) SELECT jsonb_build_object('kind', 'bash', 'script', repeat('x', 600000))"#,
     ];
     for sql in refused_sql {
-        assert!(insert(sql).await.is_err(), "accepted: {sql}");
+        match insert(sql).await {
+            Err(sqlx::Error::Database(e)) => {
+                // The trigger's and the checks' refusals (23514); Postgres' own refusal of a
+                // NUL in jsonb (22P05).
+                let code = e.code().unwrap_or_default().to_string();
+                assert!(
+                    code == "23514" || code == "22P05",
+                    "{sql}: refused with {code}: {}",
+                    e.message()
+                );
+            }
+            other => panic!("{sql}: {other:?}"),
+        }
     }
     assert_eq!(db.count("SELECT count(*) FROM sluice.jobs").await, 0);
 
@@ -342,14 +354,24 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
         "final_seq",
     )
     .await;
-    let leases: Vec<Value> = (0..10_001).map(|_| lease.clone()).collect();
+    let held = serde_json::to_value(task.lease()).unwrap();
+    let leases: Vec<Value> = (0..10_001).map(|_| held.clone()).collect();
     refused(
         &internal,
         &format!("/internal/runners/{}/heartbeat", runner.pod_name),
         json!({"running": leases}),
         400,
         "invalid_request",
-        "running",
+        "at most 10000",
+    )
+    .await;
+    refused(
+        &internal,
+        &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+        json!({"running": [held.clone(), held.clone()]}),
+        400,
+        "invalid_request",
+        "listed more than once",
     )
     .await;
     refused(
@@ -425,79 +447,99 @@ async fn a_finished_stream_stays_closed_and_a_different_replay_is_a_conflict() {
     assert_eq!(job["result"], json!({"n": 1}), "the first result stands");
 }
 
-/// B-19: a running job with a timeout no statement can add to a timestamp (a row from before
-/// the ranges existed), and a queue whose retention breaks the pruning step, must not stop
-/// delayed jobs from being promoted, nor each other.
+/// Rows written before migration 0004's ranges existed are brought into range by it (a check
+/// also holds on every later UPDATE: one such row would otherwise make every claim, heartbeat
+/// or reclaim that touches it fail).
 #[tokio::test]
-async fn one_row_no_statement_can_handle_never_stalls_maintenance() {
-    let db = TestDb::new().await;
-    // Rows written before migration 0004's ranges (or by hand, with the checks off).
+async fn migration_0004_brings_old_rows_into_range() {
+    let db = TestDb::unmigrated().await;
+    sluice::store::MIGRATOR.run_to(3, &db.pool).await.unwrap();
     for sql in [
-        "ALTER TABLE sluice.jobs DROP CONSTRAINT jobs_timeout_ms_range",
-        "ALTER TABLE sluice.queues DROP CONSTRAINT queues_retention_range",
-        "INSERT INTO sluice.queues (name, retention) VALUES ('forever', interval '100000000 years')",
+        "INSERT INTO sluice.queues (name, default_priority, default_max_attempts,
+                                    default_timeout_ms, retention)
+         VALUES ('old', 99999, 5000, 9223372036854775807, interval '100000 years')",
+        "INSERT INTO sluice.jobs (queue, spec, priority, timeout_ms, run_at)
+         VALUES ('old', '{\"kind\":\"noop\"}', -99999, 9223372036854775807, '1000-01-01')",
     ] {
         sqlx::query(sql).execute(&db.pool).await.unwrap();
     }
-    let runner_id = uuid::Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO sluice.runners (id, pod_name, token_hash, slots) VALUES ($1, 'legacy', $2, 1)",
+    sluice::store::MIGRATOR.run(&db.pool).await.unwrap();
+    let (priority, timeout, run_at): (i32, i64, String) =
+        sqlx::query_as("SELECT priority, timeout_ms, run_at::date::text FROM sluice.jobs")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (priority, timeout, run_at.as_str()),
+        (-32768, 2_592_000_000, "1970-01-01")
+    );
+    let queue: (i32, i32, i64, String) = sqlx::query_as(
+        "SELECT default_priority, default_max_attempts, default_timeout_ms, retention::text
+         FROM sluice.queues WHERE name = 'old'",
     )
-    .bind(runner_id)
-    .bind(vec![1u8; 32])
-    .execute(&db.pool)
+    .fetch_one(&db.pool)
     .await
     .unwrap();
-    sqlx::query(
-        "INSERT INTO sluice.jobs (spec, state, attempt, timeout_ms, lease_token, runner_id,
-                                  started_at, lease_expires_at, priority, max_attempts)
-         VALUES ('{\"kind\":\"noop\"}', 'running', 1, 9223372036854775807, gen_random_uuid(), $1,
-                 now() - interval '1 hour', now() + interval '1 hour', 0, 3)",
+    assert_eq!(queue, (32767, 1000, 2_592_000_000, "100 years".to_string()));
+    // The constraints are in force, for old rows as for new ones.
+    let invalid: (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_constraint WHERE NOT convalidated AND conname LIKE '%range'",
     )
-    .bind(runner_id)
-    .execute(&db.pool)
+    .fetch_one(&db.pool)
     .await
     .unwrap();
-    sqlx::query(
-        "INSERT INTO sluice.jobs (queue, spec, state, finished_at, priority, max_attempts)
-         VALUES ('forever', '{\"kind\":\"noop\"}', 'succeeded', now() - interval '1 day', 0, 3)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    assert_eq!(invalid.0, 0);
+}
 
+/// B-19: each maintenance step runs on its own. A step that fails on every pass (here the
+/// pruning, by a trigger refusing to delete one queue's jobs) is logged and retried, and never
+/// stops delayed jobs from being promoted or expired leases from being reclaimed.
+#[tokio::test]
+async fn a_failing_maintenance_step_never_stalls_the_others() {
+    let db = TestDb::new().await;
+    for sql in [
+        "INSERT INTO sluice.queues (name, retention) VALUES ('poison', interval '0')",
+        "INSERT INTO sluice.jobs (queue, spec, state, finished_at, priority, max_attempts)
+         VALUES ('poison', '{\"kind\":\"noop\"}', 'succeeded', now() - interval '1 day', 0, 3)",
+        "CREATE FUNCTION sluice.refuse_delete() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN RAISE EXCEPTION 'refusing to delete'; END $$",
+        "CREATE TRIGGER refuse_delete BEFORE DELETE ON sluice.jobs
+         FOR EACH ROW WHEN (OLD.queue = 'poison') EXECUTE FUNCTION sluice.refuse_delete()",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
     let scheduler = Scheduler::start(&db, Timings::FAST).await;
     let api = scheduler.api();
-    let id = api
+    let silent = FakeRunner::register(&scheduler, "silent").await;
+    let leased = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    assert_eq!(silent.claim(1, 2000).await[0].job_id.0, leased);
+    let delayed = api
         .enqueue(json!({"spec": {"kind": "noop"}, "delay_ms": 300}))
         .await;
     wait_until(
-        "the delayed job to be promoted",
+        "the promotion and the reclaim beside a failing prune",
         Duration::from_secs(10),
         || {
             let pool = db.pool.clone();
             async move {
-                let (state,): (String,) =
-                    sqlx::query_as("SELECT state::text FROM sluice.jobs WHERE id = $1")
-                        .bind(id)
-                        .fetch_one(&pool)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                if state == "available" {
+                let states: Vec<(String,)> = sqlx::query_as(
+                    "SELECT state::text FROM sluice.jobs WHERE id = ANY($1) ORDER BY id",
+                )
+                .bind(vec![leased, delayed])
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| e.to_string())?;
+                if states.iter().all(|(s,)| s == "available") {
                     Ok(Some(()))
                 } else {
-                    Err(format!("state {state}"))
+                    Err(format!("{states:?}"))
                 }
             }
         },
     )
     .await;
-    // The legacy job is still running (its timeout is out of reach), not failed by an error.
-    let (state,): (String,) = sqlx::query_as(
-        "SELECT state::text FROM sluice.jobs WHERE timeout_ms = 9223372036854775807",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(state, "running");
+    assert!(
+        scheduler.log_text().contains("maintenance step failed"),
+        "the failing step is logged"
+    );
 }

@@ -107,7 +107,9 @@ async fn cancel_and_retry_rounds(runner_slots: &[u32]) {
     let heartbeat = Duration::from_millis(Timings::TEST.heartbeat_ms);
     // The first attempt runs until it is killed (it ignores nothing: SIGTERM ends it); every
     // later attempt succeeds at once.
-    let script = r#"if [ "$ATTEMPT" = 1 ]; then sleep 120 & wait; fi; echo "attempt $ATTEMPT""#;
+    // Later attempts live half a second, long enough for the watch to see them beside a
+    // first one that is still alive.
+    let script = r#"if [ "$ATTEMPT" = 1 ]; then sleep 120 & wait; else sleep 0.5; fi; echo "attempt $ATTEMPT""#;
     for round in 0..rounds() {
         let id = api
             .enqueue(json!({"spec": {"kind": "bash", "script": script,
@@ -218,4 +220,117 @@ async fn a_retry_waits_at_most_until_the_stopped_attempts_lease_would_end() {
     let bound =
         Duration::from_millis(Timings::FAST.lease_ms + Timings::FAST.reaper_interval_ms + 1000);
     assert!(waited <= bound, "waited {waited:?}, more than {bound:?}");
+}
+
+/// A retry that arrives while a cancel of the running attempt is still committing waits for
+/// the row, then must see the stop that cancel wrote: it waits as `scheduled`, never starts
+/// beside the old tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_a_cancel_sees_its_stop() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "sleep 600"}}))
+        .await;
+    let runner = sluice_testkit::FakeRunner::register(&scheduler, "held").await;
+    assert_eq!(runner.claim(1, 2000).await.len(), 1);
+    // A cancel in progress: the row locked, the job cancelled, its stop written, not committed.
+    let mut cancel = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE sluice.jobs SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *cancel)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO sluice.attempt_stops (job_id, attempt, runner_id, stop_by)
+         VALUES ($1, 1, $2, now() + interval '30 seconds')",
+    )
+    .bind(id)
+    .bind(runner.runner_id.0)
+    .execute(&mut *cancel)
+    .await
+    .unwrap();
+    let retry = tokio::spawn({
+        let api = api.clone();
+        async move { api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await }
+    });
+    wait_until(
+        "the retry to wait for the row",
+        Duration::from_secs(10),
+        || {
+            let pool = db.pool.clone();
+            async move {
+                let (waiting,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'",
+                )
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok((waiting > 0).then_some(()))
+            }
+        },
+    )
+    .await;
+    cancel.commit().await.unwrap();
+    let (status, body) = retry.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["state"], "scheduled",
+        "the retry missed the stop: {body}"
+    );
+}
+
+/// A stale heartbeat (numbered before the one that heard the stop order) that no longer
+/// lists the attempt confirms nothing; a later one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_later_heartbeat_confirms_a_stop() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "sleep 600"}}))
+        .await;
+    let runner = sluice_testkit::FakeRunner::register(&scheduler, "numbered").await;
+    let task = runner.claim(1, 2000).await.remove(0);
+    let (status, _) = api
+        .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let heartbeat = |seq: u64, listed: bool| {
+        let runner = &runner;
+        let leases = if listed { vec![task.lease()] } else { vec![] };
+        async move {
+            let (status, body) = runner
+                .post(
+                    &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+                    &json!({"running": leases, "seq": seq}),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let stops = || db.count("SELECT count(*) FROM sluice.attempt_stops");
+    // Heard at 5 (the order goes out with the answer).
+    let answer = heartbeat(5, true).await;
+    assert_eq!(answer["cancel"][0]["reason"], "cancelled", "{answer}");
+    // A stale heartbeat built before the attempt was known: no confirmation.
+    heartbeat(4, false).await;
+    assert_eq!(stops().await, 1);
+    let (status, body) = api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("scheduled")),
+        "{body}"
+    );
+    // The next heartbeat no longer lists it: the tool is gone, the retry may start.
+    heartbeat(6, false).await;
+    assert_eq!(stops().await, 0);
+    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    assert_eq!(job["state"], "available", "{job}");
 }

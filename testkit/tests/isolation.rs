@@ -146,7 +146,9 @@ async fn s13_tools_cannot_reach_postgres_or_the_scheduler_and_none_means_no_netw
         .unwrap()
         .to_string();
     let probe = r#"export PGCONNECT_TIMEOUT=3
+command -v psql >/dev/null && echo "psql here" || echo "psql missing"
 try() { psql "$1" -Atc "$2" >/dev/null 2>&1 && echo yes || echo no; }
+echo "control $(PGPASSWORD=$CONTROL_PASSWORD try "postgresql://sluice@127.0.0.1:$PGPORT/postgres" 'select 1')"
 echo "superuser $(try "postgresql://postgres@127.0.0.1:$PGPORT/postgres" 'select 1')"
 echo "guessed $(PGPASSWORD=postgres try "postgresql://postgres@127.0.0.1:$PGPORT/postgres" 'select 1')"
 echo "role $(try "postgresql://sluice@127.0.0.1:$PGPORT/postgres" 'select 1')"
@@ -154,7 +156,16 @@ echo "program $(try "postgresql://postgres@127.0.0.1:$PGPORT/postgres" "COPY (SE
 echo "secrets $(cat /proc/[0-9]*/environ 2>/dev/null | tr '\0' '\n' | grep -c -e DATABASE_URL -e SLUICE_RUNNER_SECRET)"
 (exec 3<>/dev/tcp/127.0.0.1/$INTERNAL) 2>/dev/null && echo "scheduler reached" || echo "scheduler unreachable"
 echo "interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\n' ,)""#;
-    let env = json!({"PGPORT": port, "INTERNAL": internal_port});
+    // The scheduler role's password, handed to the probe on purpose: the positive control
+    // that proves a login would have been seen (and psql works in the tool).
+    let password = db
+        .url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password.to_string())
+        .expect("a password in the test database URL");
+    let env = json!({"PGPORT": port, "INTERNAL": internal_port, "CONTROL_PASSWORD": password});
     let full = api
         .enqueue(json!({"spec": {"kind": "bash", "script": probe, "env": env}}))
         .await;
@@ -165,6 +176,8 @@ echo "interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | t
     assert_eq!(job["state"], "succeeded", "{job}");
     let out = job["result"]["stdout_tail"].as_str().unwrap().to_string();
     for line in [
+        "psql here",
+        "control yes",
         "superuser no",
         "guessed no",
         "role no",
@@ -179,7 +192,10 @@ echo "interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | t
     let job = api.wait_terminal(none, Duration::from_secs(60)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let out = job["result"]["stdout_tail"].as_str().unwrap().to_string();
-    assert!(out.contains("superuser no"), "{out}");
+    assert!(
+        out.contains("control no"),
+        "no network, no login at all: {out}"
+    );
     assert!(out.contains("scheduler unreachable"), "{out}");
     assert!(out.contains("interfaces lo,"), "only loopback: {out}");
 

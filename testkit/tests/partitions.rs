@@ -61,8 +61,16 @@ async fn partition_scenario(mode: ProxyMode) {
     proxy.set_mode(ProxyMode::Pass);
 
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(job["attempt"], 2, "{job}");
-    assert_eq!(job["attempts"][0]["outcome"], "lease_expired", "{job}");
+    // The cut-off runner's claims still reach the scheduler (only their answers are lost
+    // in F-12), so it may lease a later attempt it never hears of; that one expires too.
+    let last = job["attempt"].as_i64().unwrap();
+    assert!((2..=3).contains(&last), "{job}");
+    for earlier in 0..(last - 1) as usize {
+        assert_eq!(
+            job["attempts"][earlier]["outcome"], "lease_expired",
+            "{job}"
+        );
+    }
     assert_eq!(job["result"]["stdout_tail"], "ok\n");
     // Lease + R + the 2 s the second run takes + slack.
     let bound = Duration::from_millis(
@@ -72,12 +80,15 @@ async fn partition_scenario(mode: ProxyMode) {
 
     let text = std::fs::read_to_string(&ledger).unwrap();
     let (last_tick_1, _) = ledger_times(&text, "1");
-    let (_, start_2) = ledger_times(&text, "2");
-    let (last_tick_1, start_2) = (last_tick_1.unwrap(), start_2.expect("attempt 2 started"));
+    let (_, start_last) = ledger_times(&text, &last.to_string());
+    let (last_tick_1, start_last) = (
+        last_tick_1.unwrap(),
+        start_last.expect("the last attempt started"),
+    );
     assert!(
-        last_tick_1 < start_2,
-        "attempt 1 still ran {} ms after attempt 2 started",
-        (last_tick_1 - start_2) / 1_000_000
+        last_tick_1 < start_last,
+        "attempt 1 still ran {} ms after attempt {last} started",
+        (last_tick_1 - start_last) / 1_000_000
     );
     let accepted_from_first: (i64,) = sqlx::query_as(
         "SELECT count(*) FROM sluice.job_attempts WHERE job_id = $1 AND attempt = 1

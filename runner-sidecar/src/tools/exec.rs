@@ -203,7 +203,7 @@ pub async fn call(call: Call<'_>, stop: &mut watch::Receiver<Option<StopReason>>
         (_, out, err) = io => Some((out, err)),
         _ = tokio::time::sleep(call.timeout) => None,
         reason = wait_stop(stop) => {
-            process::stop(child, call.kill_grace).await;
+            process::stop(child, reason.kill_grace(call.kill_grace)).await;
             return Ended::Stopped(reason);
         }
     };

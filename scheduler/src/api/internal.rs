@@ -184,10 +184,31 @@ async fn heartbeat(
         )
         .into());
     }
+    let mut seen = std::collections::HashSet::with_capacity(request.running.len());
+    if let Some(twice) = request
+        .running
+        .iter()
+        .find(|l| !seen.insert((l.job_id, l.attempt)))
+    {
+        return Err(Error::invalid(
+            "running",
+            format!(
+                "attempt {} of job {} is listed more than once",
+                twice.attempt, twice.job_id
+            ),
+        )
+        .into());
+    }
+    let seq = match request.seq.map(i64::try_from) {
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => return Err(Error::invalid("seq", "must be below 2^63").into()),
+        None => None,
+    };
     let ends = jobs::renew_leases_if_held(
         &state.pool,
         runner.id,
         &request.running,
+        seq,
         state.config.timings.lease,
     )
     .await?;

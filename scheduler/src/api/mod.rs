@@ -79,7 +79,7 @@ impl IntoResponse for AppError {
             }
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Setup(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &err {

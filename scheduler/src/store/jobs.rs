@@ -437,6 +437,7 @@ pub async fn renew_leases_if_held(
     pool: &PgPool,
     runner: RunnerId,
     leases: &[LeaseRef],
+    heartbeat_seq: Option<i64>,
     lease: Duration,
 ) -> Result<Vec<LeaseEnd>> {
     let mut order: Vec<usize> = (0..leases.len()).collect();
@@ -469,16 +470,19 @@ pub async fn renew_leases_if_held(
              WHERE j.id = k.id
              RETURNING j.id AS job_id, j.attempt
          ), heard AS (
-             -- Stopped attempts this runner still lists: it hears the order in this answer.
-             UPDATE sluice.attempt_stops s SET ordered = true
+             -- Stopped attempts this runner still lists: it hears the order in this answer
+             -- (the first such heartbeat's number is kept), and their tools may still be
+             -- dying, so no retry starts within another lease term.
+             UPDATE sluice.attempt_stops s
+             SET heard_seq = coalesce(s.heard_seq, $6),
+                 stop_by = greatest(s.stop_by, now() + $5 * interval '1 millisecond')
              FROM listed l
              WHERE s.runner_id = $1 AND s.job_id = l.job_id AND s.attempt = l.attempt
-               AND NOT s.ordered
          ), confirmed AS (
-             -- Stopped attempts it no longer lists after hearing the order: their tools are
-             -- gone (a runner lists an attempt until its tool is dead).
+             -- Stopped attempts a later heartbeat no longer lists: their tools are gone (a
+             -- runner lists an attempt until its tool is dead).
              DELETE FROM sluice.attempt_stops s
-             WHERE s.runner_id = $1 AND s.ordered
+             WHERE s.runner_id = $1 AND $6 > s.heard_seq
                AND NOT EXISTS (SELECT 1 FROM listed l
                                WHERE l.job_id = s.job_id AND l.attempt = s.attempt)
              RETURNING s.job_id, s.attempt
@@ -506,11 +510,16 @@ pub async fn renew_leases_if_held(
     .bind(&attempts)
     .bind(&tokens)
     .bind(lease.as_millis() as i64)
+    .bind(heartbeat_seq)
     .fetch_all(pool)
     .await?;
-    // Rows come back in the sorted order: put each answer at its lease's place.
+    // Each row names its place in the sorted list (`ord`, from 1): put each answer at its
+    // lease's place. (The caller refuses a list naming an attempt twice.)
     let mut ends = vec![LeaseEnd::Lost; leases.len()];
-    for (&at, (_, renewed, held, outcome)) in order.iter().zip(rows) {
+    for (ord, renewed, held, outcome) in rows {
+        let Some(&at) = usize::try_from(ord - 1).ok().and_then(|i| order.get(i)) else {
+            continue;
+        };
         ends[at] = match (renewed, held, outcome.as_deref()) {
             (true, _, _) => LeaseEnd::Renewed,
             (false, true, _) => LeaseEnd::Busy,
@@ -821,7 +830,8 @@ pub async fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> Result<Recl
 
 /// After the database was unreachable, gives every lease that expired meanwhile one more
 /// lease term, so that runners which kept working get a chance to heartbeat before the reaper
-/// reclaims their jobs (River 1ca57d2). Returns how many leases were extended.
+/// reclaims their jobs (River 1ca57d2), and every unconfirmed stop as well (its runner could
+/// not say its tool was gone). Returns how many leases were extended.
 pub async fn extend_expired_leases(conn: &mut PgConnection, lease: Duration) -> Result<u64> {
     let result = sqlx::query(
         "WITH expired AS (
@@ -830,6 +840,18 @@ pub async fn extend_expired_leases(conn: &mut PgConnection, lease: Duration) -> 
              SELECT id FROM sluice.jobs
              WHERE state = 'running' AND lease_expires_at < now()
              FOR UPDATE SKIP LOCKED
+         )
+         ), stops AS (
+             -- The same for attempts stopped before the outage whose runners could not
+             -- confirm the stop meanwhile: their retries keep waiting another term.
+             UPDATE sluice.attempt_stops
+             SET stop_by = greatest(stop_by, now() + $1 * interval '1 millisecond')
+             RETURNING job_id
+         ), waiting AS (
+             UPDATE sluice.jobs j
+             SET run_at = greatest(j.run_at, now() + $1 * interval '1 millisecond')
+             FROM stops s
+             WHERE j.id = s.job_id AND j.state = 'scheduled'
          )
          UPDATE sluice.jobs j
          SET lease_expires_at = now() + $1 * interval '1 millisecond'
@@ -961,42 +983,54 @@ pub struct Retried {
 /// at once. `None` when there is no such job. Only those two states are changed; a caller
 /// that sees another state answers with a conflict.
 pub async fn retry_if_finished_unsuccessfully(pool: &PgPool, id: JobId) -> Result<Option<Retried>> {
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "WITH target AS (
-             SELECT id, state, attempt FROM sluice.jobs WHERE id = $1 FOR UPDATE
-         ), stopping AS (
-             SELECT max(s.stop_by) AS stop_by
-             FROM sluice.attempt_stops s JOIN target t ON s.job_id = t.id
-             WHERE s.stop_by > now()
+    let mut tx = pool.begin().await?;
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT state::text FROM sluice.jobs WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((before,)) = row else {
+        return Ok(None);
+    };
+    let before = parse_state(&before)?;
+    if !matches!(before, JobState::Failed | JobState::Cancelled) {
+        return Ok(Some(Retried {
+            before,
+            after: before,
+        }));
+    }
+    // A second statement, so a fresh snapshot (READ COMMITTED): it sees the stop a cancel or
+    // a timeout committed while this transaction waited for the row above. One statement
+    // would re-check the row after the wait but read the stops as they were before it.
+    let (after,): (String,) = sqlx::query_as(
+        "WITH stopping AS (
+             SELECT max(stop_by) AS stop_by FROM sluice.attempt_stops
+             WHERE job_id = $1 AND stop_by > now()
          ), retried AS (
-             UPDATE sluice.jobs j
-             SET state = CASE WHEN (SELECT stop_by FROM stopping) IS NULL THEN 'available'
-                              ELSE 'scheduled' END::sluice.job_state,
-                 run_at = greatest(now(), (SELECT stop_by FROM stopping)),
-                 max_attempts = greatest(j.max_attempts, j.attempt + 1),
-                 finished_at = NULL,
-                 result = NULL,
-                 error = NULL,
-                 lease_token = NULL,
-                 runner_id = NULL
-             FROM target t
-             WHERE j.id = t.id AND t.state IN ('failed', 'cancelled')
-             RETURNING j.state, pg_notify('sluice_jobs', j.queue)
+         UPDATE sluice.jobs j
+         SET state = CASE WHEN (SELECT stop_by FROM stopping) IS NULL THEN 'available'
+                          ELSE 'scheduled' END::sluice.job_state,
+             run_at = greatest(now(), (SELECT stop_by FROM stopping)),
+             max_attempts = greatest(j.max_attempts, j.attempt + 1),
+             finished_at = NULL,
+             result = NULL,
+             error = NULL,
+             lease_token = NULL,
+             runner_id = NULL
+         WHERE j.id = $1
+         RETURNING j.state, j.queue
          )
-         SELECT t.state::text, (SELECT state::text FROM retried) FROM target t",
+         SELECT r.state::text FROM retried r
+         CROSS JOIN LATERAL (SELECT pg_notify('sluice_jobs', r.queue)) woke",
     )
     .bind(id.0)
-    .fetch_optional(pool)
+    .fetch_one(&mut *tx)
     .await?;
-    row.map(|(before, after)| {
-        let before = parse_state(&before)?;
-        let after = match after {
-            Some(after) => parse_state(&after)?,
-            None => before,
-        };
-        Ok(Retried { before, after })
-    })
-    .transpose()
+    tx.commit().await?;
+    Ok(Some(Retried {
+        before,
+        after: parse_state(&after)?,
+    }))
 }
 
 /// Forgets the stops whose attempts' leases have run out (no retry waits for those any more).
