@@ -1119,49 +1119,78 @@ pub struct ToolUsage {
     pub cpu_ms: u64,
 }
 
-/// A close-on-exec pipe on which the keeper reports, as it exits, the tool's wait status and
-/// the resource usage of everything it ran (`wait4` of init, which reaped them all).
+/// A close-on-exec, non-blocking pipe on which a forked helper reports to the sidecar. The
+/// sidecar closes its write end once the helpers hold theirs, so a read after they are done
+/// never waits: it finds what they wrote, or nothing.
 #[derive(Debug)]
-struct ExitReport {
+struct ReportPipe {
     read: std::os::fd::OwnedFd,
     write: Option<std::os::fd::OwnedFd>,
 }
 
-impl ExitReport {
-    fn new() -> std::io::Result<ExitReport> {
+impl ReportPipe {
+    fn new() -> std::io::Result<ReportPipe> {
         let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-        Ok(ExitReport {
+        Ok(ReportPipe {
             read,
             write: Some(write),
         })
     }
 
+    /// The write end, for the helpers (-1 once sealed).
     fn write_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.write.as_ref().map_or(-1, |w| w.as_raw_fd())
     }
 
+    /// Closes the sidecar's write end.
+    fn seal(&mut self) {
+        drop(self.write.take());
+    }
+
+    /// Fills `buf` if a whole report of its size was written.
+    fn read_whole(&self, buf: &mut [u8]) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a read into a caller's buffer from a descriptor this value owns.
+        let n =
+            unsafe { nix::libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        n == buf.len() as isize
+    }
+}
+
+/// The pipe on which the keeper reports, as it exits, the tool's wait status and the resource
+/// usage of everything it ran (`wait4` of init, which reaped them all).
+#[derive(Debug)]
+struct ExitReport(ReportPipe);
+
+impl ExitReport {
+    fn new() -> std::io::Result<ExitReport> {
+        ReportPipe::new().map(ExitReport)
+    }
+
+    fn write_fd(&self) -> std::os::fd::RawFd {
+        self.0.write_fd()
+    }
+
     /// Closes the sidecar's write end once the keeper holds its own.
     fn sealed(mut self) -> ExitReport {
-        drop(self.write.take());
+        self.0.seal();
         self
     }
 
     fn read(&self) -> Option<ToolUsage> {
-        use std::os::fd::AsRawFd;
-        let mut report = [0i64; 4];
-        let size = std::mem::size_of_val(&report);
-        // SAFETY: a read into a stack buffer from a descriptor this value owns.
-        let n = unsafe { nix::libc::read(self.read.as_raw_fd(), report.as_mut_ptr().cast(), size) };
-        if n != size as isize {
+        let mut bytes = [0u8; 32];
+        if !self.0.read_whole(&mut bytes) {
             return None;
         }
-        let status = report[0] as i32;
+        let field =
+            |i: usize| i64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let status = field(0) as i32;
         Some(ToolUsage {
             signal: nix::libc::WIFSIGNALED(status).then(|| nix::libc::WTERMSIG(status)),
-            max_rss_bytes: (report[1].max(0) as u64).saturating_mul(1024),
-            cpu_ms: (report[2].max(0) as u64 + report[3].max(0) as u64) / 1000,
+            max_rss_bytes: (field(1).max(0) as u64).saturating_mul(1024),
+            cpu_ms: (field(2).max(0) as u64 + field(3).max(0) as u64) / 1000,
         })
     }
 }
@@ -1250,35 +1279,23 @@ pub fn can_isolate_network() -> bool {
 /// returns only once the tool has exec'd or exited (its error pipe closes then, the tool's
 /// copy at the exec, init's once the tool is under way), so after the spawn the helpers have
 /// either written their errno here or closed their ends: a non-blocking read never waits.
-struct StartErrors {
-    read: std::os::fd::OwnedFd,
-    write: Option<std::os::fd::OwnedFd>,
-}
+struct StartErrors(ReportPipe);
 
 impl StartErrors {
     fn new() -> std::io::Result<StartErrors> {
-        let (read, write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-        Ok(StartErrors {
-            read,
-            write: Some(write),
-        })
+        ReportPipe::new().map(StartErrors)
     }
 
     fn write_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.write.as_ref().map_or(-1, |w| w.as_raw_fd())
+        self.0.write_fd()
     }
 
     /// The failure the helpers reported, if any.
     fn received(mut self) -> Option<std::io::Error> {
-        use std::os::fd::AsRawFd;
-        drop(self.write.take());
+        self.0.seal();
         let mut code = [0u8; 4];
-        // SAFETY: a read into a stack buffer from a descriptor this value owns.
-        let n =
-            unsafe { nix::libc::read(self.read.as_raw_fd(), code.as_mut_ptr().cast(), code.len()) };
-        (n == code.len() as isize)
+        self.0
+            .read_whole(&mut code)
             .then(|| std::io::Error::from_raw_os_error(i32::from_ne_bytes(code)))
     }
 }

@@ -91,7 +91,7 @@ fn rounds() -> usize {
     std::env::var("SLUICE_F29_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6)
+        .unwrap_or(4)
 }
 
 async fn cancel_and_retry_rounds(runner_slots: &[u32]) {

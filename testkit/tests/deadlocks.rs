@@ -21,7 +21,7 @@ async fn heartbeats_claims_completions_reaper_enqueues_and_cancels_never_deadloc
     let seconds: u64 = std::env::var("SLUICE_DEADLOCK_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(8);
     let until = Instant::now() + Duration::from_secs(seconds);
 
     // Enqueues: batches of quick jobs and short sleeps, so completions come in batches.
