@@ -92,6 +92,11 @@ impl IntoResponse for AppError {
                 tracing::warn!(error = %err, "database unavailable");
                 "the database is unavailable; retry later".to_string()
             }
+            Error::Busy(_) => {
+                // A deadlock or a serialization failure: rare by design, so worth a line.
+                tracing::warn!(error = %err, "statement rolled back; the client retries");
+                "the database rolled the statement back; retry".to_string()
+            }
             _ => err.to_string(),
         };
         let body = ErrorBody {
