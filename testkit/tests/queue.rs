@@ -323,7 +323,9 @@ async fn finished_jobs_are_pruned_after_their_queues_retention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_running_caps_a_queue_across_concurrent_claimers() {
     let db = TestDb::new().await;
-    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    // The claimers never heartbeat: their leases must outlast the claiming rounds on a loaded
+    // machine, or reclaimed jobs would be claimed again and counted twice.
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
     let api = scheduler.api();
     sqlx::query("INSERT INTO sluice.queues (name, max_running) VALUES ('limited', 2)")
         .execute(&db.pool)
