@@ -217,8 +217,9 @@ async fn a_retry_waits_at_most_until_the_stopped_attempts_lease_would_end() {
     assert_eq!(retried.job_id.0, id);
     assert_eq!(retried.attempt.0, 2);
     let waited = started.elapsed();
+    // A lease and a reaper pass, with room for a loaded machine.
     let bound =
-        Duration::from_millis(Timings::FAST.lease_ms + Timings::FAST.reaper_interval_ms + 1000);
+        Duration::from_millis(Timings::FAST.lease_ms + Timings::FAST.reaper_interval_ms + 3000);
     assert!(waited <= bound, "waited {waited:?}, more than {bound:?}");
 }
 
