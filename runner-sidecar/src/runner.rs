@@ -77,6 +77,14 @@ fn fence_after(lease: Duration, heartbeat: Duration) -> Duration {
 /// Runs the sidecar until `shutdown` turns true, then drains.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     crate::tools::exec::prepare();
+    // Probed before the orphan reaper below starts, which would reap the probe's child.
+    let _ = crate::process::can_isolate_network();
+    if config.slots > 1 && !crate::process::can_isolate_mounts() {
+        tracing::warn!(
+            slots = config.slots,
+            "tools cannot get a private /proc, /tmp and /run here (no private mount namespace, as under gVisor): tasks sharing this runner can see each other's processes and environments; run untrusted tasks with SLUICE_RUNNER_SLOTS=1 or one runner per task"
+        );
+    }
     if std::process::id() == 1 {
         // PID 1 of a container: orphans come to us, and their zombies must be reaped (B-13).
         tokio::spawn(async {
@@ -92,12 +100,6 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let config = Arc::new(config);
     prepare_workdir(&config)?;
-    if config.slots > 1 && !crate::process::can_isolate_mounts() {
-        tracing::warn!(
-            slots = config.slots,
-            "tools cannot get a private /proc, /tmp and /run here (no private mount namespace, as under gVisor): tasks sharing this runner can see each other's processes and environments; run untrusted tasks with SLUICE_RUNNER_SLOTS=1 or one runner per task"
-        );
-    }
     // The slots and their uids live as long as the process: no other runner on this host
     // gets those uids meanwhile.
     let slots =
