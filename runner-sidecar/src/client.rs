@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sluice_protocol::ErrorBody;
+use sluice_protocol::{ErrorBody, ErrorCode};
 use tokio::sync::watch;
 
 use crate::config::Secret;
@@ -18,7 +18,7 @@ pub enum CallError {
     #[error("{status} {code}: {message}")]
     Status {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// No answer: connection refused or reset, timeout.
@@ -129,7 +129,7 @@ impl Client {
             let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => (body.error.code, body.error.message),
                 Err(_) => (
-                    "http_error".into(),
+                    ErrorCode::Other("http_error".into()),
                     String::from_utf8_lossy(&bytes).chars().take(200).collect(),
                 ),
             };
@@ -223,7 +223,7 @@ mod tests {
     fn retryable_errors_are_the_ones_a_retry_can_fix() {
         let status = |status| CallError::Status {
             status,
-            code: String::new(),
+            code: ErrorCode::Internal,
             message: String::new(),
         };
         assert!(status(503).is_retryable());

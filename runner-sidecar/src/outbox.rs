@@ -7,15 +7,18 @@
 //! stopped claiming — the flusher sends them instead, as one batch per request
 //! (`POST /internal/runners/:pod/complete`). Completions are idempotent on the scheduler, so
 //! a batch whose answer was lost is simply sent again.
+//!
+//! A scheduler that answered registration with a protocol version before
+//! [`sluice_protocol::BATCHED_COMPLETIONS`] gets neither: each completion goes alone to
+//! `POST /internal/tasks/:id/complete`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use std::time::Duration;
 
 use sluice_protocol::{
-    bounds, error_code, CompleteManyRequest, CompleteManyResponse, CompleteResponse,
-    CompletionResult, ErrorDetail, JobState, Outcome, TaskCompletion,
+    bounds, paths, CompleteManyRequest, CompleteManyResponse, CompleteResponse, Completion,
+    CompletionResult, ErrorCode, Failure, FailureCode, JobState, Outcome,
 };
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -40,7 +43,7 @@ pub enum Delivery {
 
 /// One completion waiting to be sent, and where its answer goes.
 pub struct Pending {
-    pub completion: TaskCompletion,
+    pub completion: Completion,
     /// Its size as JSON, for batches that fit the scheduler's body limit.
     bytes: usize,
     reply: oneshot::Sender<Delivery>,
@@ -49,14 +52,14 @@ pub struct Pending {
 /// A completion the scheduler can take: one whose JSON exceeds
 /// [`bounds::MAX_COMPLETION_BYTES`] becomes a failure saying so (retrying would produce the
 /// same result), keeping its `final_seq`.
-fn sendable(completion: TaskCompletion) -> (TaskCompletion, usize) {
+fn sendable(completion: Completion) -> (Completion, usize) {
     let bytes = serde_json::to_vec(&completion).map_or(usize::MAX, |v| v.len());
     if bytes <= bounds::MAX_COMPLETION_BYTES {
         return (completion, bytes);
     }
     let replaced = refused(
         completion,
-        "result_too_large",
+        FailureCode::ResultTooLarge,
         format!(
             "the result is {bytes} bytes as JSON; at most {} are allowed",
             bounds::MAX_COMPLETION_BYTES
@@ -68,14 +71,11 @@ fn sendable(completion: TaskCompletion) -> (TaskCompletion, usize) {
 
 /// `completion` replaced by a failure with `code`: what the scheduler is sent in place of a
 /// result it cannot take (not retried: another attempt would produce the same).
-fn refused(completion: TaskCompletion, code: &str, message: String) -> TaskCompletion {
-    TaskCompletion {
+fn refused(completion: Completion, code: FailureCode, message: String) -> Completion {
+    Completion {
         outcome: Outcome::Failed,
         output: serde_json::json!({}),
-        error: Some(ErrorDetail {
-            code: code.into(),
-            message,
-        }),
+        error: Some(Failure { code, message }),
         retryable: false,
         ..completion
     }
@@ -91,19 +91,27 @@ struct Inner {
 }
 
 /// The completions of one registration.
-#[derive(Default)]
 pub struct Outbox {
     inner: Mutex<Inner>,
     flush: Notify,
-    /// The scheduler predates batched completions (a claim came back without answers for
-    /// the completions it carried, or the batch endpoint was not found): send each
-    /// completion to `/internal/tasks/:id/complete` instead, as before.
-    one_by_one: AtomicBool,
+    /// The scheduler takes completions on claims and in batches (protocol 2 on); else each
+    /// goes to `/internal/tasks/:id/complete` alone.
+    batched: bool,
 }
 
 impl Outbox {
+    /// The outbox of a registration whose scheduler does (`batched`) or does not take
+    /// completions on claims and in batches.
+    pub fn new(batched: bool) -> Outbox {
+        Outbox {
+            inner: Mutex::default(),
+            flush: Notify::new(),
+            batched,
+        }
+    }
+
     /// Queues a completion; the receiver gets its fate.
-    pub fn submit(&self, completion: TaskCompletion) -> oneshot::Receiver<Delivery> {
+    pub fn submit(&self, completion: Completion) -> oneshot::Receiver<Delivery> {
         let (reply, answer) = oneshot::channel();
         let mut inner = self.inner.lock().expect("lock");
         if inner.closed {
@@ -154,21 +162,19 @@ impl Outbox {
     /// How many completions the next claim may carry (none for a scheduler that would not
     /// apply them).
     pub fn carry_limit(&self) -> usize {
-        if self.one_by_one.load(Ordering::Relaxed) {
-            0
-        } else {
+        if self.batched {
             MAX_BATCH
+        } else {
+            0
         }
     }
 
     /// Hands the completions a claim carried their answers. A claim answered without any
-    /// comes from a scheduler that ignored them: they go back to the flusher, one by one.
+    /// broke the protocol it agreed to: they go back to the flusher, which sends them again
+    /// (completions are idempotent).
     pub fn answered_by_claim(&self, carried: Vec<Pending>, results: Vec<CompletionResult>) {
         if !carried.is_empty() && results.is_empty() {
-            tracing::warn!(
-                "the scheduler does not take completions on claims; sending them one by one"
-            );
-            self.one_by_one.store(true, Ordering::Relaxed);
+            tracing::error!("the scheduler answered a claim without its completions' results; sending them again");
             self.release_carrier();
             self.put_back(carried);
             return;
@@ -242,7 +248,7 @@ impl Outbox {
                 if batch.is_empty() {
                     break;
                 }
-                if self.one_by_one.load(Ordering::Relaxed) {
+                if !self.batched {
                     tokio::select! {
                         _ = send_one_by_one(&client, &token, budget, &mut hard_stop, batch) => {}
                         _ = session_end.changed() => return,
@@ -273,13 +279,6 @@ impl Outbox {
                 };
                 match answer {
                     Ok(response) => resolve(batch, response.completed),
-                    Err(CallError::Status {
-                        status: 404 | 405, ..
-                    }) => {
-                        tracing::warn!("the scheduler has no batch completion endpoint; sending completions one by one");
-                        self.one_by_one.store(true, Ordering::Relaxed);
-                        self.put_back(batch);
-                    }
                     // The batch as a whole was refused: find out which completion, and send
                     // the others, one by one (a refused one is sent again as the failure it
                     // earned).
@@ -319,13 +318,20 @@ async fn send_one_by_one(
 ) {
     for pending in batch {
         let mut completion = pending.completion;
+        // The job goes in the path; a body without `job_id` is what every version takes.
+        let Some(job) = completion.job_id.take() else {
+            let _ = pending
+                .reply
+                .send(Delivery::NotDelivered("a completion without a job".into()));
+            continue;
+        };
         let mut replaced = false;
         let delivery = loop {
             let answer: Result<CompleteResponse, CallError> = client
                 .post_retrying(
-                    &format!("/internal/tasks/{}/complete", completion.job_id),
+                    &paths::complete(job),
                     token,
-                    &completion.request(),
+                    &completion,
                     Duration::from_secs(30),
                     budget,
                     hard_stop,
@@ -339,9 +345,9 @@ async fn send_one_by_one(
                         status: 400..=499, ..
                     },
                 ) if !replaced && !err.is_unauthorized() => {
-                    tracing::warn!(job_id = %completion.job_id, attempt = %completion.attempt, error = %err, "the scheduler refused a completion; reporting the refusal instead");
+                    tracing::warn!(job_id = %job, attempt = %completion.attempt, error = %err, "the scheduler refused a completion; reporting the refusal instead");
                     let message = format!("the scheduler refused the attempt's result: {err}");
-                    completion = refused(completion, "result_refused", message);
+                    completion = refused(completion, FailureCode::ResultRefused, message);
                     replaced = true;
                 }
                 Err(err) => break Delivery::NotDelivered(err.to_string()),
@@ -374,12 +380,12 @@ pub fn resolve(batch: Vec<Pending>, results: Vec<CompletionResult>) {
         let c = &pending.completion;
         let result = results
             .iter()
-            .find(|r| r.job_id == c.job_id && r.attempt == c.attempt);
+            .find(|r| Some(r.job_id) == c.job_id && r.attempt == c.attempt);
         let delivery = match result {
             Some(CompletionResult {
                 state: Some(state), ..
             }) => Delivery::Applied(*state),
-            Some(CompletionResult { error: Some(e), .. }) if e.code == error_code::LEASE_LOST => {
+            Some(CompletionResult { error: Some(e), .. }) if e.code == ErrorCode::LeaseLost => {
                 Delivery::LeaseLost
             }
             Some(CompletionResult { error: Some(e), .. }) => {
@@ -408,9 +414,9 @@ mod tests {
     use super::*;
     use sluice_protocol::{Attempt, JobId, LeaseToken, Outcome};
 
-    fn completion(id: i64) -> TaskCompletion {
-        TaskCompletion {
-            job_id: JobId(id),
+    fn completion(id: i64) -> Completion {
+        Completion {
+            job_id: Some(JobId(id)),
             attempt: Attempt(1),
             lease_token: LeaseToken(uuid::Uuid::new_v4()),
             outcome: Outcome::Succeeded,
@@ -423,7 +429,7 @@ mod tests {
 
     #[test]
     fn the_carrier_takes_in_order_and_put_back_goes_first() {
-        let outbox = Outbox::default();
+        let outbox = Outbox::new(true);
         outbox.await_carrier();
         let _a = outbox.submit(completion(1));
         let _b = outbox.submit(completion(2));
@@ -431,7 +437,10 @@ mod tests {
         // While the claim loop is the carrier the flusher takes nothing.
         assert!(outbox.take_for_flush().is_empty());
         let first = outbox.carry(2);
-        let ids: Vec<i64> = first.iter().map(|p| p.completion.job_id.0).collect();
+        let ids: Vec<i64> = first
+            .iter()
+            .map(|p| p.completion.job_id.unwrap().0)
+            .collect();
         assert_eq!(ids, [1, 2]);
         // A claim carrying completions is answered at once: the loop stays the carrier.
         assert!(outbox.take_for_flush().is_empty());
@@ -441,34 +450,43 @@ mod tests {
         let all: Vec<i64> = outbox
             .take_for_flush()
             .iter()
-            .map(|p| p.completion.job_id.0)
+            .map(|p| p.completion.job_id.unwrap().0)
             .collect();
         assert_eq!(all, [1, 2, 3]);
     }
 
     #[test]
-    fn a_scheduler_that_ignores_carried_completions_gets_them_one_by_one() {
-        let outbox = Outbox::default();
-        outbox.await_carrier();
-        let _a = outbox.submit(completion(1));
-        assert_eq!(outbox.carry_limit(), MAX_BATCH);
-        let carried = outbox.carry(outbox.carry_limit());
+    fn the_version_the_scheduler_answered_decides_the_forms() {
+        let old = Outbox::new(false);
+        assert_eq!(
+            old.carry_limit(),
+            0,
+            "a version-1 scheduler gets nothing on claims"
+        );
+        let batched = Outbox::new(true);
+        batched.await_carrier();
+        let _a = batched.submit(completion(1));
+        assert_eq!(batched.carry_limit(), MAX_BATCH);
+        let carried = batched.carry(batched.carry_limit());
         assert_eq!(carried.len(), 1);
-        // An older scheduler answers the claim without `completed`.
-        outbox.answered_by_claim(carried, Vec::new());
-        assert_eq!(outbox.carry_limit(), 0, "claims stop carrying completions");
-        let back = outbox.take_for_flush();
+        // A claim answered without results for what it carried: sent again, not lost.
+        batched.answered_by_claim(carried, Vec::new());
+        let back = batched.take_for_flush();
         assert_eq!(
             back.len(),
             1,
             "the completion goes to the flusher, not lost"
         );
-        assert!(outbox.one_by_one.load(Ordering::Relaxed));
+        assert_eq!(
+            batched.carry_limit(),
+            MAX_BATCH,
+            "the agreed version still holds"
+        );
     }
 
     #[tokio::test]
     async fn results_are_matched_by_job_and_attempt() {
-        let outbox = Outbox::default();
+        let outbox = Outbox::new(true);
         let applied = outbox.submit(completion(1));
         let lost = outbox.submit(completion(2));
         let unanswered = outbox.submit(completion(3));
@@ -481,7 +499,7 @@ mod tests {
                     attempt: Attempt(1),
                     state: None,
                     error: Some(sluice_protocol::ErrorDetail {
-                        code: error_code::LEASE_LOST.into(),
+                        code: ErrorCode::LeaseLost,
                         message: String::new(),
                     }),
                 },

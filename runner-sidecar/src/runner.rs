@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_protocol::{
-    error_code, Attempt, ClaimResponse, HeartbeatRequest, HeartbeatResponse, JobId, LeaseRef,
-    RegisterRequest, RegisterResponse, RunnerId,
+    paths, Attempt, CancelReason, ClaimResponse, Completion, ErrorCode, HeartbeatRequest,
+    HeartbeatResponse, JobId, LeaseRef, RegisterRequest, RegisterResponse, RunnerId,
+    BATCHED_COMPLETIONS, PROTOCOL_VERSION,
 };
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
@@ -40,7 +41,7 @@ struct ClaimBody<'a> {
     max: u32,
     wait_ms: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    complete: Vec<&'a sluice_protocol::TaskCompletion>,
+    complete: Vec<&'a Completion>,
 }
 
 /// One registration of this sidecar.
@@ -49,6 +50,8 @@ struct Session {
     token: Secret,
     heartbeat: Duration,
     lease: Duration,
+    /// The wire version the scheduler answered with: the request forms this session uses.
+    protocol: u32,
 }
 
 impl Session {
@@ -114,9 +117,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             break;
         };
         tracing::info!(
-            "sluice-runner {} registered as {}",
+            "sluice-runner {} registered as {} (wire protocol {})",
             config.pod_name,
-            session.runner_id
+            session.runner_id,
+            session.protocol
         );
         let session = Arc::new(session);
         let (lost_tx, mut lost_rx) = watch::channel(false);
@@ -133,11 +137,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         ));
         // Tasks spawned but not polled yet (see the gathering of free slots below).
         let unpolled = Arc::new(Unpolled::default());
-        let outbox = Arc::new(Outbox::default());
+        let outbox = Arc::new(Outbox::new(session.protocol >= BATCHED_COMPLETIONS));
         let flusher = tokio::spawn({
             let outbox = outbox.clone();
             let client = client.clone();
-            let path = format!("/internal/runners/{}/complete", config.pod_name);
+            let path = paths::complete_many(&config.pod_name);
             let token = session.token.clone();
             let hard_stop = hard_stop.clone();
             let session_end = session_end.clone();
@@ -195,7 +199,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 wait_ms: config.claim_wait.as_millis() as u64,
                 complete: carried.iter().map(|p| &p.completion).collect(),
             };
-            let claim_path = format!("/internal/runners/{}/claim", config.pod_name);
+            let claim_path = paths::claim(&config.pod_name);
             let claim = client.post::<_, ClaimResponse>(
                 &claim_path,
                 &session.token,
@@ -413,6 +417,7 @@ async fn register(
         labels: config.labels.clone(),
         slots: config.slots,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: Some(PROTOCOL_VERSION),
     };
     let mut backoff = Backoff::default();
     loop {
@@ -421,7 +426,7 @@ async fn register(
         }
         let answer: std::result::Result<RegisterResponse, CallError> = client
             .post(
-                "/internal/runners/register",
+                paths::REGISTER,
                 &config.secret,
                 &request,
                 Duration::from_secs(10),
@@ -434,6 +439,7 @@ async fn register(
                     token: Secret::new(response.token),
                     heartbeat: Duration::from_millis(response.heartbeat_ms.max(50)),
                     lease: Duration::from_millis(response.lease_ms.max(100)),
+                    protocol: response.protocol,
                 }))
             }
             Err(CallError::Status {
@@ -533,7 +539,9 @@ async fn heartbeats(
 ) {
     let mut ticker = tokio::time::interval(session.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let path = format!("/internal/runners/{}/heartbeat", config.pod_name);
+    let path = paths::heartbeat(&config.pod_name);
+    // Numbered heartbeats came with version 2; an older scheduler is sent none.
+    let numbered = session.protocol >= BATCHED_COMPLETIONS;
     let mut seq = 0u64;
     loop {
         tokio::select! {
@@ -550,7 +558,7 @@ async fn heartbeats(
         seq += 1;
         let request = HeartbeatRequest {
             running: leases.clone(),
-            seq: Some(seq),
+            seq: numbered.then_some(seq),
         };
         // Longer than the scheduler's 1 s wait for a database connection, so that an outage
         // is heard as a 503 rather than as silence.
@@ -566,10 +574,13 @@ async fn heartbeats(
                 let mut tasks = running.lock().expect("lock");
                 for order in &response.cancel {
                     if let Some(task) = tasks.get(&(order.job_id, order.attempt)) {
-                        let reason = match order.reason.as_str() {
-                            "cancelled" => StopReason::Cancelled,
-                            "timed_out" => StopReason::TimedOut,
-                            _ => StopReason::LeaseLost,
+                        let reason = match order.reason {
+                            CancelReason::Cancelled => StopReason::Cancelled,
+                            CancelReason::TimedOut => StopReason::TimedOut,
+                            // A reason this version does not know still ends the lease.
+                            CancelReason::LeaseLost | CancelReason::Other(_) => {
+                                StopReason::LeaseLost
+                            }
                         };
                         tracing::info!(job_id = %order.job_id, attempt = %order.attempt, reason = %order.reason, "stopping task on the scheduler's order");
                         task.stop.send_replace(Some(reason));
@@ -600,7 +611,14 @@ async fn heartbeats(
                 tracing::warn!(error = %err, "heartbeat failed");
                 // Only "the database is unreachable" proves nobody can reclaim meanwhile; a
                 // busy database (a lost deadlock) or a full pool is no outage.
-                matches!(&err, CallError::Status { status: 503, code, .. } if code == error_code::UNAVAILABLE)
+                matches!(
+                    &err,
+                    CallError::Status {
+                        status: 503,
+                        code: ErrorCode::Unavailable,
+                        ..
+                    }
+                )
             }
         };
         database_outage.store(outage, Ordering::Relaxed);

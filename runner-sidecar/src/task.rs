@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{json, Value};
 use sluice_protocol::{
-    bounds, event_kind, parse_stored_spec, BashSpec, ErrorDetail, Event, JobSpec, Network, Outcome,
-    StreamRequest, StreamResponse, Task, TaskCompletion, ToolName, ToolSpec,
+    bounds, parse_stored_spec, paths, BashSpec, Completion, Event, EventKind, Failure, FailureCode,
+    JobSpec, Network, Outcome, StreamRequest, StreamResponse, Task, ToolName, ToolSpec,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -108,7 +108,7 @@ pub async fn run(
     let report = match parse_stored_spec(&task.spec) {
         Err(err) => Some(Report::failed(
             json!({}),
-            "invalid_spec",
+            FailureCode::InvalidSpec,
             err.to_string(),
             false,
         )),
@@ -171,7 +171,7 @@ impl Completing {
 fn unsupported(kind: &str) -> Report {
     Report::failed(
         json!({}),
-        "unsupported_kind",
+        FailureCode::UnsupportedKind,
         format!("the {kind:?} kind is not supported by this runner version yet"),
         false,
     )
@@ -181,7 +181,7 @@ fn unsupported(kind: &str) -> Report {
 struct Report {
     outcome: Outcome,
     output: Value,
-    error: Option<ErrorDetail>,
+    error: Option<Failure>,
     retryable: bool,
     /// The attempt's last event `seq` that reached the scheduler (0: none); later events
     /// of the attempt are refused.
@@ -189,29 +189,26 @@ struct Report {
 }
 
 impl Report {
-    fn failed(output: Value, code: &str, message: String, retryable: bool) -> Report {
+    fn failed(output: Value, code: FailureCode, message: String, retryable: bool) -> Report {
         Report {
             outcome: Outcome::Failed,
             output,
-            error: Some(ErrorDetail {
-                code: code.into(),
-                message,
-            }),
+            error: Some(Failure { code, message }),
             retryable,
             final_seq: 0,
         }
     }
 
     /// The completion to send, with every NUL character replaced (Postgres stores none).
-    fn completion(self, task: &Task) -> TaskCompletion {
+    fn completion(self, task: &Task) -> Completion {
         let mut output = self.output;
         bounds::scrub_nul(&mut output);
-        let error = self.error.map(|e| ErrorDetail {
-            code: e.code.replace('\0', "\u{FFFD}"),
+        let error = self.error.map(|e| Failure {
+            code: FailureCode::parse(&e.code.as_str().replace('\0', "\u{FFFD}")),
             message: e.message.replace('\0', "\u{FFFD}"),
         });
-        TaskCompletion {
-            job_id: task.job_id,
+        Completion {
+            job_id: Some(task.job_id),
             attempt: task.attempt,
             lease_token: task.lease_token,
             outcome: self.outcome,
@@ -232,11 +229,11 @@ struct EventSender {
 impl EventSender {
     /// Queues an event; `false` when the stream has ended (refused, or given up on: the
     /// sender has set the task's stop reason).
-    async fn send(&mut self, kind: &str, mut data: Value) -> bool {
+    async fn send(&mut self, kind: EventKind, mut data: Value) -> bool {
         bounds::scrub_nul(&mut data);
         let event = Event {
             seq: self.next_seq,
-            kind: kind.to_string(),
+            kind,
             data,
         };
         self.next_seq += 1;
@@ -261,7 +258,7 @@ async fn post_batches(
     let mut last_seq = 0;
     let mut hard_stop = ctx.hard_stop.clone();
     let mut stopped = stop.subscribe();
-    let path = format!("/internal/tasks/{}/stream", task.job_id);
+    let path = paths::stream(task.job_id);
     loop {
         let Some(first) = rx.recv().await else {
             return Streamed {
@@ -346,15 +343,15 @@ fn event_size(event: &Event) -> usize {
 }
 
 /// The failure a stream that ended early earns the attempt.
-fn stream_failure(err: &CallError) -> (&'static str, String, bool) {
+fn stream_failure(err: &CallError) -> (FailureCode, String, bool) {
     match err {
         CallError::Status { status, .. } if *status < 500 && *status != 429 => (
-            "events_refused",
+            FailureCode::EventsRefused,
             format!("the scheduler refused the attempt's events: {err}"),
             false,
         ),
         _ => (
-            "events_undeliverable",
+            FailureCode::EventsUndeliverable,
             format!("the attempt's events could not be delivered: {err}"),
             true,
         ),
@@ -440,7 +437,7 @@ fn prepare_workspace(config: &Config, task: &Task, slot: Slot) -> Result<PathBuf
         Ok(()) => Ok(workspace),
         Err(err) => Err(Report::failed(
             json!({}),
-            "spawn_failed",
+            FailureCode::SpawnFailed,
             format!("cannot create the workspace: {err}"),
             true,
         )),
@@ -454,7 +451,7 @@ fn network_for(config: &Config, asked: Option<Network>) -> Result<Network, Repor
     if network == Network::None && !process::can_isolate_network() {
         return Err(Report::failed(
             json!({}),
-            "network_unavailable",
+            FailureCode::NetworkUnavailable,
             "the job asked for network \"none\", but this runner cannot create network namespaces (it must run as root or in gVisor)".into(),
             false,
         ));
@@ -483,14 +480,24 @@ async fn run_tool(
     slot: Slot,
 ) -> Option<Report> {
     if let Err(err) = tools::check_input(spec.tool, &spec.input) {
-        return Some(Report::failed(json!({}), &err.code, err.message, false));
+        return Some(Report::failed(
+            json!({}),
+            FailureCode::parse(&err.code),
+            err.message,
+            false,
+        ));
     }
     if spec.tool == ToolName::Bash {
         let input: tools::BashInput = match serde_json::from_value(spec.input.clone()) {
             Ok(input) => input,
             Err(err) => {
                 let err = tools::ToolError::invalid_input(spec.tool, err);
-                return Some(Report::failed(json!({}), &err.code, err.message, false));
+                return Some(Report::failed(
+                    json!({}),
+                    FailureCode::parse(&err.code),
+                    err.message,
+                    false,
+                ));
             }
         };
         let bash = BashSpec {
@@ -516,7 +523,7 @@ async fn run_tool(
     let mut events = EventSender { tx, next_seq: 1 };
     let name = tools::name_of(spec.tool);
     events
-        .send(event_kind::STARTED, json!({ "tool": name }))
+        .send(EventKind::Started, json!({ "tool": name }))
         .await;
     let timeout = timeout_of(config, task, None);
     let mut stop_rx = stop.subscribe();
@@ -554,7 +561,7 @@ async fn run_tool(
     };
     events
         .send(
-            event_kind::EXITED,
+            EventKind::Exited,
             json!({ "tool": name, "ok": answer.is_ok() }),
         )
         .await;
@@ -578,7 +585,12 @@ async fn run_tool(
             retryable: true,
             final_seq: 0,
         },
-        (_, Err(err)) => Report::failed(json!({}), &err.code, err.message, err.retryable),
+        (_, Err(err)) => Report::failed(
+            json!({}),
+            FailureCode::parse(&err.code),
+            err.message,
+            err.retryable,
+        ),
     };
     report.final_seq = streamed.last_seq;
     Some(report)
@@ -629,7 +641,7 @@ async fn run_bash(
         Err(err) => {
             return Some(Report::failed(
                 json!({}),
-                "spawn_failed",
+                FailureCode::SpawnFailed,
                 format!("cannot hand the script to bash: {err}"),
                 true,
             ))
@@ -662,7 +674,7 @@ async fn run_bash(
             let _ = std::fs::remove_dir_all(&workspace);
             return Some(Report::failed(
                 json!({}),
-                "spawn_failed",
+                FailureCode::SpawnFailed,
                 format!("cannot start the tool: {err}"),
                 true,
             ));
@@ -675,9 +687,7 @@ async fn run_bash(
     let (tx, rx) = mpsc::channel(1024);
     let batches = tokio::spawn(post_batches(ctx.clone(), task.clone(), rx, stop.clone()));
     let mut events = EventSender { tx, next_seq: 1 };
-    events
-        .send(event_kind::STARTED, json!({ "pid": pid }))
-        .await;
+    events.send(EventKind::Started, json!({ "pid": pid })).await;
 
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -710,11 +720,11 @@ async fn run_bash(
                 let kept = budget.take(n);
                 let cut = kept < n;
                 if let Some(data) = out_stream.event(&out_buf[..kept], n == 0 || cut) {
-                    events.send(event_kind::STDOUT, data).await;
+                    events.send(EventKind::Stdout, data).await;
                 }
                 if cut && !truncated {
                     truncated = true;
-                    events.send(event_kind::TRUNCATED, json!({"stream": "stdout", "limit_bytes": budget.limit()})).await;
+                    events.send(EventKind::Truncated, json!({"stream": "stdout", "limit_bytes": budget.limit()})).await;
                 }
             }
             n = read_some(&mut stderr, &mut err_buf) => {
@@ -725,11 +735,11 @@ async fn run_bash(
                 let kept = budget.take(n);
                 let cut = kept < n;
                 if let Some(data) = err_stream.event(&err_buf[..kept], n == 0 || cut) {
-                    events.send(event_kind::STDERR, data).await;
+                    events.send(EventKind::Stderr, data).await;
                 }
                 if cut && !truncated {
                     truncated = true;
-                    events.send(event_kind::TRUNCATED, json!({"stream": "stderr", "limit_bytes": budget.limit()})).await;
+                    events.send(EventKind::Truncated, json!({"stream": "stderr", "limit_bytes": budget.limit()})).await;
                 }
             }
             exit = child.wait(), if status.is_none() => {
@@ -770,7 +780,7 @@ async fn run_bash(
     let (exit_code, signal) = exit_of(status, usage);
     events
         .send(
-            event_kind::EXITED,
+            EventKind::Exited,
             json!({"exit_code": exit_code, "signal": signal}),
         )
         .await;
@@ -809,13 +819,13 @@ async fn run_bash(
         }
         _ if stopped == Some(StopReason::Shutdown) => Report::failed(
             output,
-            "runner_shutdown",
+            FailureCode::RunnerShutdown,
             "the runner shut down before the tool finished".into(),
             true,
         ),
         _ if timed_out => Report::failed(
             output,
-            "timed_out",
+            FailureCode::TimedOut,
             format!("the tool ran longer than {} ms", timeout.as_millis()),
             false,
         ),
@@ -863,12 +873,12 @@ fn failure_of(
     signal: Option<&str>,
     usage: Option<ToolUsage>,
     limits: &sluice_protocol::Limits,
-) -> (&'static str, String, bool) {
+) -> (FailureCode, String, bool) {
     const SIGXCPU: i32 = 128 + 24;
     const SIGXFSZ: i32 = 128 + 25;
     if signal == Some("SIGXCPU") || (signal.is_none() && exit_code == Some(SIGXCPU)) {
         return (
-            "cpu_limit",
+            FailureCode::CpuLimit,
             format!(
                 "the tool used up its CPU time limit of {} s",
                 limits.cpu_seconds.unwrap_or_default()
@@ -878,7 +888,7 @@ fn failure_of(
     }
     if signal == Some("SIGXFSZ") || (signal.is_none() && exit_code == Some(SIGXFSZ)) {
         return (
-            "file_size_limit",
+            FailureCode::FileSizeLimit,
             format!(
                 "the tool wrote past its file size limit of {} bytes",
                 limits.file_size_bytes.unwrap_or_default()
@@ -891,7 +901,7 @@ fn failure_of(
         // retried like any other failure.
         if usage.max_rss_bytes as f64 >= limit as f64 * MEMORY_LIMIT_SHARE {
             return (
-                "memory_limit",
+                FailureCode::MemoryLimit,
                 format!(
                     "the tool failed at {} MiB of its {} MiB memory limit (it probably ran out of memory)",
                     usage.max_rss_bytes >> 20,
@@ -902,9 +912,13 @@ fn failure_of(
         }
     }
     match (exit_code, signal) {
-        (Some(code), _) => ("exit_code", format!("the script exited with {code}"), true),
+        (Some(code), _) => (
+            FailureCode::ExitCode,
+            format!("the script exited with {code}"),
+            true,
+        ),
         (None, name) => (
-            "signal",
+            FailureCode::Signal,
             format!(
                 "the script was killed by {}",
                 name.unwrap_or("an unknown signal")
@@ -982,17 +996,23 @@ mod tests {
         };
         assert_eq!(
             failure_of(Some(1), None, usage(95), &limits).0,
-            "memory_limit"
+            FailureCode::MemoryLimit
         );
-        assert_eq!(failure_of(Some(1), None, usage(10), &limits).0, "exit_code");
+        assert_eq!(
+            failure_of(Some(1), None, usage(10), &limits).0,
+            FailureCode::ExitCode
+        );
         assert_eq!(
             failure_of(None, Some("SIGXCPU"), None, &limits).0,
-            "cpu_limit"
+            FailureCode::CpuLimit
         );
         assert_eq!(
             failure_of(Some(153), None, None, &limits).0,
-            "file_size_limit"
+            FailureCode::FileSizeLimit
         );
-        assert_eq!(failure_of(None, Some("SIGKILL"), None, &limits).0, "signal");
+        assert_eq!(
+            failure_of(None, Some("SIGKILL"), None, &limits).0,
+            FailureCode::Signal
+        );
     }
 }

@@ -16,10 +16,10 @@ use sqlx::PgPool;
 
 use crate::config::ServeConfig;
 use crate::dev::{APP_DATABASE, APP_ROLE};
-use crate::lifecycle::LeaseTimings;
 use crate::postgres::{Cluster, ClusterConfig};
 use crate::secret::Secret;
 use crate::server::Server;
+use crate::service::lifecycle::LeaseTimings;
 use crate::store::{self, bench as sql, jobs};
 use crate::{dev, Error, Result};
 

@@ -1,20 +1,27 @@
-//! A small client of the public API, behind `sluice enqueue` (and usable from tests).
+//! A client of the public API, typed with [`sluice_protocol::api`]'s requests and answers:
+//! behind `sluice enqueue`, and usable from tests and tools.
 
 use std::time::Duration;
 
-use serde_json::Value;
-use sluice_protocol::{ErrorBody, JobState};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sluice_protocol::api::{
+    paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Job, JobStateChange,
+    QueueList, QueuePaused,
+};
+use sluice_protocol::{ErrorBody, ErrorCode, JobId};
 
 use crate::secret::Secret;
 
 /// Errors talking to the public API.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The scheduler answered with an error body.
+    /// The scheduler answered with an error body (or, from something in between, without one:
+    /// then the code is `Other("http_error")`).
     #[error("{status}: {code}: {message}")]
     Api {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// The scheduler could not be reached.
@@ -46,19 +53,24 @@ impl ApiClient {
         }
     }
 
-    async fn send(
+    async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
-        request: reqwest::RequestBuilder,
-        url: &str,
-    ) -> Result<(u16, Value), ClientError> {
-        let response = request
-            .bearer_auth(self.token.expose())
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?;
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(u16, T), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.token.expose());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| ClientError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
         let status = response.status().as_u16();
         let bytes = response
             .bytes()
@@ -68,7 +80,7 @@ impl ApiClient {
             let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => (body.error.code, body.error.message),
                 Err(_) => (
-                    "http_error".into(),
+                    ErrorCode::Other("http_error".into()),
                     String::from_utf8_lossy(&bytes).into_owned(),
                 ),
             };
@@ -83,29 +95,84 @@ impl ApiClient {
         Ok((status, value))
     }
 
-    /// `POST /api/jobs` with a full request body; returns the status and `{id, state}`.
-    pub async fn enqueue(&self, request: &Value) -> Result<(u16, Value), ClientError> {
-        let url = format!("{}/api/jobs", self.base);
-        self.send(self.http.post(&url).json(request), &url).await
+    /// `POST /api/jobs`: the job, and whether this call created it (201) rather than finding
+    /// its idempotency key stored (200).
+    pub async fn enqueue(
+        &self,
+        request: &EnqueueRequest,
+    ) -> Result<(EnqueueResponse, bool), ClientError> {
+        let (status, response) = self
+            .call(reqwest::Method::POST, paths::JOBS, Some(request))
+            .await?;
+        Ok((response, status == 201))
+    }
+
+    /// `POST /api/jobs/batch`: all or none, in order.
+    pub async fn enqueue_batch(
+        &self,
+        jobs: Vec<EnqueueRequest>,
+    ) -> Result<Vec<EnqueueResponse>, ClientError> {
+        let request = BatchRequest::Wrapped { jobs };
+        let (_, response): (_, BatchResponse) = self
+            .call(reqwest::Method::POST, paths::JOBS_BATCH, Some(&request))
+            .await?;
+        Ok(response.jobs)
     }
 
     /// `GET /api/jobs/:id`.
-    pub async fn get_job(&self, id: i64) -> Result<Value, ClientError> {
-        let url = format!("{}/api/jobs/{id}", self.base);
-        Ok(self.send(self.http.get(&url), &url).await?.1)
+    pub async fn get_job(&self, id: JobId) -> Result<Job, ClientError> {
+        let path = paths::job(id);
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, &path, None)
+            .await?
+            .1)
+    }
+
+    /// `POST /api/jobs/:id/cancel`.
+    pub async fn cancel(&self, id: JobId) -> Result<JobStateChange, ClientError> {
+        let path = paths::cancel(id);
+        Ok(self
+            .call::<(), _>(reqwest::Method::POST, &path, None)
+            .await?
+            .1)
+    }
+
+    /// `POST /api/jobs/:id/retry`.
+    pub async fn retry(&self, id: JobId) -> Result<JobStateChange, ClientError> {
+        let path = paths::retry(id);
+        Ok(self
+            .call::<(), _>(reqwest::Method::POST, &path, None)
+            .await?
+            .1)
+    }
+
+    /// `GET /api/queues`.
+    pub async fn queues(&self) -> Result<QueueList, ClientError> {
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, paths::QUEUES, None)
+            .await?
+            .1)
+    }
+
+    /// `POST /api/queues/:name/pause` or `…/resume`.
+    pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<QueuePaused, ClientError> {
+        let path = if paused {
+            paths::pause(queue)
+        } else {
+            paths::resume(queue)
+        };
+        Ok(self
+            .call::<(), _>(reqwest::Method::POST, &path, None)
+            .await?
+            .1)
     }
 
     /// Polls the job until it is terminal, backing off from 20 ms to 500 ms between looks.
-    pub async fn wait_terminal(&self, id: i64) -> Result<Value, ClientError> {
+    pub async fn wait_terminal(&self, id: JobId) -> Result<Job, ClientError> {
         let mut pause = Duration::from_millis(20);
         loop {
             let job = self.get_job(id).await?;
-            let state = job
-                .get("state")
-                .and_then(Value::as_str)
-                .and_then(JobState::parse)
-                .ok_or_else(|| ClientError::Protocol(format!("job without a state: {job}")))?;
-            if state.is_terminal() {
+            if job.state.is_terminal() {
                 return Ok(job);
             }
             tokio::time::sleep(pause).await;

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::api::listener::{connection_budget, raise_descriptor_limit, ListenerLimits};
-use crate::lifecycle::LeaseTimings;
 use crate::secret::Secret;
+use crate::service::lifecycle::LeaseTimings;
 
 /// Everything `sluice serve` needs; built by the CLI, by `sluice dev` and by tests.
 #[derive(Debug, Clone)]

@@ -22,10 +22,10 @@ use serde_json::Value;
 use sluice_protocol::{JobId, JobState};
 
 use crate::config::ServeConfig;
-use crate::lifecycle::LeaseTimings;
 use crate::postgres::{self, Cluster, ClusterConfig};
 use crate::secret::Secret;
 use crate::server::Server;
+use crate::service::lifecycle::LeaseTimings;
 use crate::store::{self, events, jobs};
 use crate::{Error, Result};
 

@@ -1,7 +1,7 @@
 //! The scheduler's one error type. Variants are what a caller can act on; the HTTP layer maps
 //! each to a status in one place (`api::AppError`).
 
-use sluice_protocol::error_code;
+use sluice_protocol::ErrorCode;
 
 /// Errors of the scheduler library.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,9 @@ pub enum Error {
     /// The client took too long to send its request.
     #[error("timed out {0}")]
     Timeout(&'static str),
+    /// No wire version both the runner and this scheduler speak; the message names both.
+    #[error("{0}")]
+    ProtocolMismatch(String),
     /// The request conflicts with stored state (other than a lost lease).
     #[error("{0}")]
     Conflict(String),
@@ -61,21 +64,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// The stable machine-readable code sent in `{"error":{"code"}}`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Error::NotFound(_) => error_code::NOT_FOUND,
-            Error::LeaseLost => error_code::LEASE_LOST,
-            Error::Unauthorized(_) => error_code::UNAUTHORIZED,
-            Error::Forbidden(_) => error_code::FORBIDDEN,
-            Error::Malformed(_) => error_code::MALFORMED,
-            Error::Invalid { .. } => error_code::INVALID,
-            Error::InvalidSpec(_) => error_code::INVALID_SPEC,
-            Error::TooLarge { .. } => error_code::TOO_LARGE,
-            Error::Timeout(_) => error_code::TIMEOUT,
-            Error::Conflict(_) => error_code::CONFLICT,
-            Error::Unavailable(_) => error_code::UNAVAILABLE,
-            Error::Busy(_) => error_code::BUSY,
-            Error::Setup(_) | Error::Internal(_) => error_code::INTERNAL,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::LeaseLost => ErrorCode::LeaseLost,
+            Error::Unauthorized(_) => ErrorCode::Unauthorized,
+            Error::Forbidden(_) => ErrorCode::Forbidden,
+            Error::Malformed(_) => ErrorCode::Malformed,
+            Error::Invalid { .. } => ErrorCode::Invalid,
+            Error::InvalidSpec(_) => ErrorCode::InvalidSpec,
+            Error::TooLarge { .. } => ErrorCode::TooLarge,
+            Error::Timeout(_) => ErrorCode::Timeout,
+            Error::Conflict(_) => ErrorCode::Conflict,
+            Error::ProtocolMismatch(_) => ErrorCode::ProtocolMismatch,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Busy(_) => ErrorCode::Busy,
+            Error::Setup(_) | Error::Internal(_) => ErrorCode::Internal,
         }
     }
 

@@ -24,11 +24,10 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod error;
-pub mod lifecycle;
-pub mod maintenance;
 pub mod postgres;
 pub mod secret;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod wake;
 

@@ -11,8 +11,10 @@ use serde_json::{json, Value};
 use sluice::client::{ApiClient, ClientError};
 use sluice::config::ServeConfig;
 use sluice::dev::DevConfig;
-use sluice::lifecycle::LeaseTimings;
 use sluice::secret::Secret;
+use sluice::service::lifecycle::LeaseTimings;
+use sluice_protocol::api::EnqueueRequest;
+use sluice_protocol::JobState;
 
 /// sluice: a Postgres-backed job system whose runners execute tools in sandboxes.
 #[derive(Parser)]
@@ -382,35 +384,32 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
                 "set SLUICE_API_TOKEN (or run `sluice dev` here, which writes .sluice/dev.env)"
             )
         })?;
+    let request: EnqueueRequest = serde_json::from_value(request)
+        .map_err(|e| anyhow::anyhow!("the request is not a valid enqueue request: {e}"))?;
     let client = ApiClient::new(&api_url, token);
-    let (_, created) = client.enqueue(&request).await.map_err(describe)?;
-    let id = created
-        .get("id")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| anyhow::anyhow!("unexpected answer: {created}"))?;
+    let (created, _) = client.enqueue(&request).await.map_err(describe)?;
     if !args.wait {
-        println!("{created}");
+        println!("{}", serde_json::to_string(&created)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let id = created.id;
     let job = client.wait_terminal(id).await.map_err(describe)?;
-    let result = job.get("result").cloned().unwrap_or(Value::Null);
+    let result = job.result.clone().unwrap_or(Value::Null);
     if let Some(out) = result.get("stdout_tail").and_then(Value::as_str) {
         print!("{out}");
     }
     if let Some(err) = result.get("stderr_tail").and_then(Value::as_str) {
         eprint!("{err}");
     }
-    let state = job
-        .get("state")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown");
-    let attempts = job.get("attempt").and_then(Value::as_i64).unwrap_or(0);
-    if state == "succeeded" {
+    if job.state == JobState::Succeeded {
         return Ok(ExitCode::SUCCESS);
     }
     let exit_code = result.get("exit_code").and_then(Value::as_i64);
-    let error = job.get("error").cloned().unwrap_or(Value::Null);
-    eprintln!("job {id} {state} after {attempts} attempt(s): {error}");
+    let error = job.error.clone().unwrap_or(Value::Null);
+    eprintln!(
+        "job {id} {} after {} attempt(s): {error}",
+        job.state, job.attempt
+    );
     Ok(match exit_code {
         Some(code) if (1..=255).contains(&code) => ExitCode::from(code as u8),
         _ => ExitCode::FAILURE,

@@ -9,8 +9,9 @@ use tokio::task::JoinSet;
 
 use crate::api::{self, listener, AppState};
 use crate::config::ServeConfig;
+use crate::service::maintenance;
 use crate::wake::{self, Wake};
-use crate::{maintenance, store, Error, Result};
+use crate::{store, Error, Result};
 
 /// A running scheduler.
 pub struct Server {

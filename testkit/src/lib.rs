@@ -752,7 +752,7 @@ impl Api {
 
     /// Enqueues a spec with extra request fields; panics unless the answer is 201.
     pub async fn enqueue(&self, request: Value) -> i64 {
-        let (status, body) = self.post("/api/jobs", &request).await;
+        let (status, body) = self.post(protocol::api::paths::JOBS, &request).await;
         assert_eq!(status, 201, "enqueue answered {status}: {body}");
         body["id"].as_i64().expect("job id")
     }
@@ -760,7 +760,9 @@ impl Api {
     /// Waits until the job is terminal and returns it.
     pub async fn wait_terminal(&self, id: i64, timeout: Duration) -> Value {
         wait_until(&format!("job {id} to end"), timeout, || async move {
-            let (status, job) = self.get(&format!("/api/jobs/{id}")).await;
+            let (status, job) = self
+                .get(&protocol::api::paths::job(protocol::JobId(id)))
+                .await;
             if status != 200 {
                 return Err(format!("{status}: {job}"));
             }
@@ -813,8 +815,9 @@ impl FakeRunner {
         let http = reqwest::Client::new();
         let response = http
             .post(format!(
-                "{}/internal/runners/register",
-                scheduler.internal_url
+                "{}{}",
+                scheduler.internal_url,
+                protocol::paths::REGISTER
             ))
             .bearer_auth(&scheduler.runner_secret)
             .json(&protocol::RegisterRequest {
@@ -822,6 +825,7 @@ impl FakeRunner {
                 labels: Default::default(),
                 slots: 4,
                 version: "test".into(),
+                protocol: Some(protocol::PROTOCOL_VERSION),
             })
             .send()
             .await
@@ -850,13 +854,21 @@ impl FakeRunner {
         .await
     }
 
+    /// POSTs a typed request body to an internal path with this runner's token.
+    pub async fn send<B: serde::Serialize>(&self, path: &str, body: &B) -> (u16, Value) {
+        let body = serde_json::to_value(body).expect("a wire type serialises");
+        self.post(path, &body).await
+    }
+
     /// Claims up to `max` tasks, waiting up to `wait_ms`.
     pub async fn claim(&self, max: u32, wait_ms: u64) -> Vec<protocol::Task> {
+        let request = protocol::ClaimRequest {
+            max,
+            wait_ms,
+            complete: Vec::new(),
+        };
         let (status, body) = self
-            .post(
-                &format!("/internal/runners/{}/claim", self.pod_name),
-                &json!({"max": max, "wait_ms": wait_ms}),
-            )
+            .send(&protocol::paths::claim(&self.pod_name), &request)
             .await;
         assert_eq!(status, 200, "claim answered {status}: {body}");
         serde_json::from_value::<protocol::ClaimResponse>(body)
@@ -866,15 +878,31 @@ impl FakeRunner {
 
     /// Completes a task as succeeded with `output`; returns status and body.
     pub async fn complete(&self, task: &protocol::Task, output: Value) -> (u16, Value) {
-        self.post(
-            &format!("/internal/tasks/{}/complete", task.job_id),
-            &json!({
-                "attempt": task.attempt,
-                "lease_token": task.lease_token,
-                "outcome": "succeeded",
-                "output": output,
-            }),
-        )
-        .await
+        let completion = protocol::Completion {
+            job_id: None,
+            attempt: task.attempt,
+            lease_token: task.lease_token,
+            outcome: protocol::Outcome::Succeeded,
+            output,
+            error: None,
+            retryable: true,
+            final_seq: None,
+        };
+        self.send(&protocol::paths::complete(task.job_id), &completion)
+            .await
+    }
+
+    /// Sends a heartbeat listing `running`; returns status and body.
+    pub async fn heartbeat(
+        &self,
+        running: &[protocol::LeaseRef],
+        seq: Option<u64>,
+    ) -> (u16, Value) {
+        let request = protocol::HeartbeatRequest {
+            running: running.to_vec(),
+            seq,
+        };
+        self.send(&protocol::paths::heartbeat(&self.pod_name), &request)
+            .await
     }
 }

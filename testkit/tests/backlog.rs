@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice::store::jobs;
+use sluice_protocol::api::paths as api_paths;
 use sluice_testkit::{wait_until, Scheduler, TestDb, Timings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +24,9 @@ async fn a_20k_backlog_drains_exactly_once_on_the_claim_index() {
         .map(|_| json!({"spec": {"kind": "noop"}}))
         .collect();
     for _ in 0..jobs_total / 1000 {
-        let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": batch })).await;
+        let (status, body) = api
+            .post(api_paths::JOBS_BATCH, &json!({ "jobs": batch }))
+            .await;
         assert_eq!(status, 201, "{body}");
     }
     let enqueued_in = started.elapsed();

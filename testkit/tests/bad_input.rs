@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sluice_protocol::{api::paths as api_paths, paths, JobId};
 use sluice_testkit::{wait_until, Api, FakeRunner, Scheduler, TestDb, Timings};
 
 /// POSTs `body` and asserts the status, the error code and that the message names `field`.
@@ -189,12 +190,12 @@ async fn every_enqueue_field_is_held_to_its_range_and_refuses_nul() {
         ),
     ];
     for (body, status, code, field) in cases {
-        refused(&api, "/api/jobs", body, status, code, field).await;
+        refused(&api, api_paths::JOBS, body, status, code, field).await;
     }
     // A batch names the member.
     refused(
         &api,
-        "/api/jobs/batch",
+        api_paths::JOBS_BATCH,
         json!({"jobs": [{"spec": noop}, {"spec": noop, "priority": 99999}]}),
         400,
         "invalid_request",
@@ -203,7 +204,7 @@ async fn every_enqueue_field_is_held_to_its_range_and_refuses_nul() {
     .await;
     refused(
         &api,
-        "/api/jobs/batch",
+        api_paths::JOBS_BATCH,
         json!({"jobs": [{"spec": noop}, {"spec": {"kind": "bash", "script": "\u{0}"}}]}),
         400,
         "invalid_spec",
@@ -213,14 +214,16 @@ async fn every_enqueue_field_is_held_to_its_range_and_refuses_nul() {
     let many: Vec<Value> = (0..10_001)
         .map(|_| json!({"spec": {"kind": "noop"}}))
         .collect();
-    let (status, _) = api.post("/api/jobs/batch", &json!({ "jobs": many })).await;
+    let (status, _) = api
+        .post(api_paths::JOBS_BATCH, &json!({ "jobs": many }))
+        .await;
     assert!(status == 400 || status == 413, "{status}");
     assert_eq!(db.count("SELECT count(*) FROM sluice.jobs").await, 0);
 
     // The largest accepted values are accepted.
     let (status, body) = api
         .post(
-            "/api/jobs",
+            api_paths::JOBS,
             &json!({"spec": bash(json!({"timeout_ms": 2_592_000_000u64})),
                     "timeout_ms": 2_592_000_000u64, "priority": -32768, "max_attempts": 1000,
                     "delay_ms": 31_622_400_000u64}),
@@ -320,7 +323,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     };
     refused(
         &internal,
-        &format!("/internal/tasks/{id}/stream"),
+        &paths::stream(JobId(id)),
         with(json!({"events": [{"seq": 1, "kind": "stdout", "data": {"text": "a\u{0}b"}}]})),
         400,
         "invalid_request",
@@ -329,7 +332,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     .await;
     refused(
         &internal,
-        &format!("/internal/tasks/{id}/stream"),
+        &paths::stream(JobId(id)),
         with(json!({"events": [{"seq": 1, "kind": "x".repeat(100), "data": {}}]})),
         400,
         "invalid_request",
@@ -338,7 +341,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     .await;
     refused(
         &internal,
-        &format!("/internal/tasks/{id}/complete"),
+        &paths::complete(JobId(id)),
         with(json!({"outcome": "succeeded", "output": {"text": "\u{0}"}})),
         400,
         "invalid_request",
@@ -347,7 +350,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     .await;
     refused(
         &internal,
-        &format!("/internal/tasks/{id}/complete"),
+        &paths::complete(JobId(id)),
         with(json!({"outcome": "succeeded", "final_seq": -1})),
         400,
         "invalid_request",
@@ -358,7 +361,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     let leases: Vec<Value> = (0..10_001).map(|_| held.clone()).collect();
     refused(
         &internal,
-        &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+        &paths::heartbeat(&runner.pod_name),
         json!({"running": leases}),
         400,
         "invalid_request",
@@ -367,7 +370,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     .await;
     refused(
         &internal,
-        &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+        &paths::heartbeat(&runner.pod_name),
         json!({"running": [held.clone(), held.clone()]}),
         400,
         "invalid_request",
@@ -376,7 +379,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     .await;
     refused(
         &internal,
-        &format!("/internal/runners/{}/claim", runner.pod_name),
+        &paths::claim(&runner.pod_name),
         json!({"max": 0}),
         400,
         "invalid_request",
@@ -390,7 +393,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     };
     refused(
         &registration,
-        "/internal/runners/register",
+        paths::REGISTER,
         json!({"pod_name": "p\u{0}", "slots": 1}),
         400,
         "invalid_request",
@@ -399,7 +402,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     .await;
     refused(
         &registration,
-        "/internal/runners/register",
+        paths::REGISTER,
         json!({"pod_name": "p", "slots": 1, "labels": {"k": "v\u{0}"}}),
         400,
         "invalid_request",
@@ -407,7 +410,7 @@ async fn runner_requests_with_nul_or_out_of_range_values_are_refused_and_change_
     )
     .await;
     assert_eq!(db.count("SELECT count(*) FROM sluice.job_events").await, 0);
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["state"], "running", "{job}");
 }
 
@@ -426,7 +429,7 @@ async fn a_finished_stream_stays_closed_and_a_different_replay_is_a_conflict() {
     // Completed without final_seq: the stream is closed.
     let (status, _) = runner
         .post(
-            &format!("/internal/tasks/{id}/stream"),
+            &paths::stream(JobId(id)),
             &json!({"attempt": task.attempt, "lease_token": task.lease_token,
                     "events": [{"seq": 1, "kind": "stdout", "data": {"text": "late"}}]}),
         )
@@ -443,7 +446,7 @@ async fn a_finished_stream_stays_closed_and_a_different_replay_is_a_conflict() {
     let (status, body) = runner.complete(&task, json!({"n": 2})).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "conflict", "{body}");
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["result"], json!({"n": 1}), "the first result stands");
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_protocol::Task;
+use sluice_protocol::{api::paths as api_paths, paths, JobId};
 use sluice_testkit::{FakeRunner, Scheduler, TestDb, Timings};
 
 fn completion(task: &Task, outcome: &str, output: Value) -> Value {
@@ -24,7 +25,7 @@ async fn enqueue_noops(scheduler: &Scheduler, count: usize) {
         .collect();
     let (status, body) = scheduler
         .api()
-        .post("/api/jobs/batch", &json!({ "jobs": jobs }))
+        .post(api_paths::JOBS_BATCH, &json!({ "jobs": jobs }))
         .await;
     assert_eq!(status, 201, "{body}");
 }
@@ -39,7 +40,7 @@ async fn a_claim_carrying_completions_applies_them_and_refills_in_one_answer() {
     let first = runner.claim(3, 2000).await;
     assert_eq!(first.len(), 3);
 
-    let path = format!("/internal/runners/{}/claim", runner.pod_name);
+    let path = paths::claim(&runner.pod_name);
     let (status, body) = runner
         .post(
             &path,
@@ -64,7 +65,7 @@ async fn a_claim_carrying_completions_applies_them_and_refills_in_one_answer() {
     let refill = body["tasks"].as_array().expect("tasks");
     assert_eq!(refill.len(), 3, "the freed slots are refilled: {body}");
     for task in &first {
-        let (_, job) = api.get(&format!("/api/jobs/{}", task.job_id)).await;
+        let (_, job) = api.get(&api_paths::job(task.job_id)).await;
         assert_eq!(job["state"], "succeeded");
         assert_eq!(job["result"]["n"], json!(task.job_id));
     }
@@ -121,7 +122,7 @@ async fn batch_completions_are_fenced_and_idempotent_entry_by_entry() {
         completion(&rest[0], "succeeded", json!({"ok": true})),
         stale,
     ]});
-    let path = format!("/internal/runners/{}/complete", runner.pod_name);
+    let path = paths::complete_many(&runner.pod_name);
     let (status, body) = runner.post(&path, &batch).await;
     assert_eq!(status, 200, "{body}");
     let states: Vec<Value> = body["completed"]
@@ -143,17 +144,17 @@ async fn batch_completions_are_fenced_and_idempotent_entry_by_entry() {
     assert_eq!(again["completed"][0]["state"], "scheduled");
     assert_eq!(again["completed"][1]["state"], "succeeded");
     assert_eq!(again["completed"][2]["error"]["code"], "lease_lost");
-    let (_, job) = api.get(&format!("/api/jobs/{retried}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(retried))).await;
     let attempts = job["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 1, "{job}");
     assert_eq!(attempts[0]["outcome"], "failed", "{job}");
-    let (_, job) = api.get(&format!("/api/jobs/{}", rest[1].job_id)).await;
+    let (_, job) = api.get(&api_paths::job(rest[1].job_id)).await;
     assert_eq!(job["state"], "running", "a stale token changed nothing");
 
     // Another runner cannot complete this runner's attempts, batch or not.
     let (status, body) = other
         .post(
-            &format!("/internal/runners/{}/complete", other.pod_name),
+            &paths::complete_many(&other.pod_name),
             &json!({"completions": [completion(&rest[1], "succeeded", json!({}))]}),
         )
         .await;
@@ -162,7 +163,7 @@ async fn batch_completions_are_fenced_and_idempotent_entry_by_entry() {
     // …nor use this runner's path.
     let (status, _) = other.post(&path, &json!({"completions": []})).await;
     assert_eq!(status, 403);
-    let (_, job) = api.get(&format!("/api/jobs/{}", rest[1].job_id)).await;
+    let (_, job) = api.get(&api_paths::job(rest[1].job_id)).await;
     assert_eq!(job["state"], "running");
 }
 
@@ -173,7 +174,7 @@ async fn malformed_batches_are_refused_whole() {
     enqueue_noops(&scheduler, 1).await;
     let runner = FakeRunner::register(&scheduler, "r").await;
     let task = runner.claim(1, 2000).await.remove(0);
-    let path = format!("/internal/runners/{}/complete", runner.pod_name);
+    let path = paths::complete_many(&runner.pod_name);
 
     let twice = json!({"completions": [
         completion(&task, "succeeded", json!({})),
@@ -209,15 +210,12 @@ async fn malformed_batches_are_refused_whole() {
         );
     }
     // Nothing of the refused batches was applied.
-    let (_, job) = scheduler
-        .api()
-        .get(&format!("/api/jobs/{}", task.job_id))
-        .await;
+    let (_, job) = scheduler.api().get(&api_paths::job(task.job_id)).await;
     assert_eq!(job["state"], "running");
     // A claim carrying a malformed batch is refused too, and leases nothing.
     let (status, _) = runner
         .post(
-            &format!("/internal/runners/{}/claim", runner.pod_name),
+            &paths::claim(&runner.pod_name),
             &json!({"max": 1, "complete": twice["completions"]}),
         )
         .await;
@@ -243,7 +241,9 @@ async fn real_sidecars_drain_a_burst_exactly_once_with_batched_completions() {
             "max_attempts": 1,
         }));
     }
-    let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+    let (status, body) = api
+        .post(api_paths::JOBS_BATCH, &json!({ "jobs": jobs }))
+        .await;
     assert_eq!(status, 201, "{body}");
 
     sluice_testkit::wait_until("the burst to drain", Duration::from_secs(120), || async {

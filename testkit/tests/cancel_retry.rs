@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sluice_protocol::{api::paths as api_paths, paths, JobId};
 use sluice_testkit::{live_processes_where, wait_until, Runner, Scheduler, TestDb, Timings};
 use uuid::Uuid;
 
@@ -130,11 +131,9 @@ async fn cancel_and_retry_rounds(runner_slots: &[u32]) {
         .await;
 
         let cancelled_at = Instant::now();
-        let (status, body) = api
-            .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
-            .await;
+        let (status, body) = api.post(&api_paths::cancel(JobId(id)), &json!({})).await;
         assert_eq!(status, 200, "{body}");
-        let (status, body) = api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await;
+        let (status, body) = api.post(&api_paths::retry(JobId(id)), &json!({})).await;
         assert_eq!(status, 200, "{body}");
 
         // The cancelled attempt's tools are gone within one heartbeat (plus the time to
@@ -192,11 +191,9 @@ async fn a_retry_waits_at_most_until_the_stopped_attempts_lease_would_end() {
     let silent = sluice_testkit::FakeRunner::register(&scheduler, "silent").await;
     let task = silent.claim(1, 2000).await.remove(0);
     assert_eq!(task.job_id.0, id);
-    let (status, _) = api
-        .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
-        .await;
+    let (status, _) = api.post(&api_paths::cancel(JobId(id)), &json!({})).await;
     assert_eq!(status, 200);
-    let (status, body) = api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await;
+    let (status, body) = api.post(&api_paths::retry(JobId(id)), &json!({})).await;
     assert_eq!(status, 200);
     assert_eq!(
         body["state"], "scheduled",
@@ -257,7 +254,7 @@ async fn a_retry_racing_a_cancel_sees_its_stop() {
     .unwrap();
     let retry = tokio::spawn({
         let api = api.clone();
-        async move { api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await }
+        async move { api.post(&api_paths::retry(JobId(id)), &json!({})).await }
     });
     wait_until(
         "the retry to wait for the row",
@@ -298,9 +295,7 @@ async fn only_a_later_heartbeat_confirms_a_stop() {
         .await;
     let runner = sluice_testkit::FakeRunner::register(&scheduler, "numbered").await;
     let task = runner.claim(1, 2000).await.remove(0);
-    let (status, _) = api
-        .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
-        .await;
+    let (status, _) = api.post(&api_paths::cancel(JobId(id)), &json!({})).await;
     assert_eq!(status, 200);
     let heartbeat = |seq: u64, listed: bool| {
         let runner = &runner;
@@ -308,7 +303,7 @@ async fn only_a_later_heartbeat_confirms_a_stop() {
         async move {
             let (status, body) = runner
                 .post(
-                    &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+                    &paths::heartbeat(&runner.pod_name),
                     &json!({"running": leases, "seq": seq}),
                 )
                 .await;
@@ -323,7 +318,7 @@ async fn only_a_later_heartbeat_confirms_a_stop() {
     // A stale heartbeat built before the attempt was known: no confirmation.
     heartbeat(4, false).await;
     assert_eq!(stops().await, 1);
-    let (status, body) = api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await;
+    let (status, body) = api.post(&api_paths::retry(JobId(id)), &json!({})).await;
     assert_eq!(
         (status, body["state"].as_str()),
         (200, Some("scheduled")),
@@ -332,6 +327,6 @@ async fn only_a_later_heartbeat_confirms_a_stop() {
     // The next heartbeat no longer lists it: the tool is gone, the retry may start.
     heartbeat(6, false).await;
     assert_eq!(stops().await, 0);
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["state"], "available", "{job}");
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use sluice_protocol::{api::paths as api_paths, paths};
 use sluice_testkit::{FakeRunner, Scheduler, TestDb, Timings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -65,7 +66,7 @@ async fn thousands_of_stalled_connections_leave_health_enqueue_and_claims_workin
     assert_eq!(status, 200);
     let (status, body) = promptly(
         "an enqueue",
-        api.post("/api/jobs", &json!({"spec": {"kind": "noop"}})),
+        api.post(api_paths::JOBS, &json!({"spec": {"kind": "noop"}})),
     )
     .await;
     assert_eq!(status, 201, "{body}");
@@ -115,10 +116,7 @@ async fn a_full_public_listener_refuses_new_connections_but_runners_keep_theirs(
     // The internal listener counts apart.
     let (status, _) = promptly(
         "a heartbeat",
-        runner.post(
-            &format!("/internal/runners/{}/heartbeat", runner.pod_name),
-            &json!({"running": []}),
-        ),
+        runner.post(&paths::heartbeat(&runner.pod_name), &json!({"running": []})),
     )
     .await;
     assert_eq!(status, 200);

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sluice_protocol::{api::paths as api_paths, JobId};
 use sluice_testkit::{postgres_log, FakeRunner, Runner, Scheduler, TestDb, Timings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +40,9 @@ async fn heartbeats_claims_completions_reaper_enqueues_and_cancels_never_deadloc
                         }
                     })
                     .collect();
-                let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+                let (status, body) = api
+                    .post(api_paths::JOBS_BATCH, &json!({ "jobs": jobs }))
+                    .await;
                 assert_eq!(status, 201, "{body}");
                 ids.extend(
                     body["jobs"]
@@ -80,16 +83,19 @@ async fn heartbeats_claims_completions_reaper_enqueues_and_cancels_never_deadloc
                 .await
                 .unwrap();
                 for (id, state) in ids {
-                    let action = if state == "cancelled" || state == "failed" {
-                        "retry"
+                    let (action, path) = if state == "cancelled" || state == "failed" {
+                        ("retry", api_paths::retry(JobId(id)))
                     } else {
-                        "cancel"
+                        ("cancel", api_paths::cancel(JobId(id)))
                     };
-                    let (status, body) = api
-                        .post(&format!("/api/jobs/{id}/{action}"), &json!({}))
-                        .await;
+                    let (status, body) = api.post(&path, &json!({})).await;
+                    // On an overloaded machine a wait of over a second for a pooled
+                    // connection answers 503 `unavailable` (retry later): overload, not a
+                    // deadlock. A rolled-back statement would be 503 `busy`; either kind of
+                    // deadlock is also caught in the Postgres log below.
+                    let overloaded = status == 503 && body["error"]["code"] == "unavailable";
                     assert!(
-                        status < 500,
+                        status < 500 || overloaded,
                         "{action} of job {id} answered {status}: {body}"
                     );
                     acted += 1;

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sluice_protocol::api::paths as api_paths;
 use sluice_testkit::{poll_until, wait_until, Runner, Scheduler, TempDir, TestDb, Timings};
 use uuid::Uuid;
 
@@ -134,7 +135,9 @@ async fn f01_killing_sidecars_mid_task_loses_nothing_and_runs_nothing_twice() {
         })
         .collect();
     for chunk in jobs.chunks(500) {
-        let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": chunk })).await;
+        let (status, body) = api
+            .post(api_paths::JOBS_BATCH, &json!({ "jobs": chunk }))
+            .await;
         assert_eq!(status, 201, "{body}");
     }
 

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
+use sluice_protocol::{api::paths as api_paths, paths, JobId};
 use sluice_testkit::{wait_until, FakeRunner, Scheduler, TestDb, Timings};
 
 #[tokio::test]
@@ -43,7 +44,7 @@ async fn a_stale_complete_after_the_lease_was_reclaimed_is_refused_and_changes_n
     assert_eq!(body["error"]["code"], "lease_lost");
     let (status, body) = first
         .post(
-            &format!("/internal/tasks/{id}/stream"),
+            &paths::stream(JobId(id)),
             &json!({"attempt": 1, "lease_token": stale.lease_token, "events": [{"seq": 1, "kind": "stdout", "data": {"text": "late"}}]}),
         )
         .await;
@@ -51,7 +52,7 @@ async fn a_stale_complete_after_the_lease_was_reclaimed_is_refused_and_changes_n
         (status, body["error"]["code"].as_str()),
         (409, Some("lease_lost"))
     );
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["state"], "running");
     assert_eq!(job["attempt"], 2);
     assert_eq!(job["attempts"][0]["outcome"], "lease_expired");
@@ -73,7 +74,7 @@ async fn a_stale_complete_after_the_lease_was_reclaimed_is_refused_and_changes_n
     let (status, _) = first.complete(&stale, json!({"from": "stale"})).await;
     assert_eq!(status, 409);
 
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["result"], json!({"from": "live"}));
     assert_eq!(
@@ -91,7 +92,9 @@ async fn sixteen_concurrent_claimers_claim_each_of_1000_jobs_exactly_once() {
     let jobs: Vec<_> = (0..1000)
         .map(|_| json!({"spec": {"kind": "noop"}}))
         .collect();
-    let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+    let (status, body) = api
+        .post(api_paths::JOBS_BATCH, &json!({ "jobs": jobs }))
+        .await;
     assert_eq!(status, 201, "{body}");
 
     let mut claimers = tokio::task::JoinSet::new();
@@ -166,17 +169,14 @@ async fn runners_act_only_with_their_own_token_on_their_own_leases() {
     assert_eq!(status, 409);
     let (status, _) = other
         .post(
-            &format!("/internal/runners/{}/heartbeat", other.pod_name),
+            &paths::heartbeat(&other.pod_name),
             &json!({"running": [task.lease()]}),
         )
         .await;
     assert_eq!(status, 200);
     // A runner token cannot be used on another pod's path.
     let (status, _) = other
-        .post(
-            "/internal/runners/owner/claim",
-            &json!({"max": 1, "wait_ms": 0}),
-        )
+        .post(&paths::claim("owner"), &json!({"max": 1, "wait_ms": 0}))
         .await;
     assert_eq!(status, 403);
     // A wrong token is 401 everywhere.
@@ -185,10 +185,10 @@ async fn runners_act_only_with_their_own_token_on_their_own_leases() {
         ..FakeRunner::register(&scheduler, "bogus").await
     };
     for path in [
-        "/internal/runners/bogus/claim".to_string(),
-        "/internal/runners/bogus/heartbeat".to_string(),
-        format!("/internal/tasks/{id}/complete"),
-        format!("/internal/tasks/{id}/stream"),
+        paths::claim("bogus"),
+        paths::heartbeat("bogus"),
+        paths::complete(JobId(id)),
+        paths::stream(JobId(id)),
     ] {
         let (status, body) = bogus.post(&path, &json!({})).await;
         assert_eq!(status, 401, "{path}: {body}");
@@ -196,7 +196,7 @@ async fn runners_act_only_with_their_own_token_on_their_own_leases() {
     // The owner's heartbeat renews it, and it completes.
     let (status, body) = owner
         .post(
-            &format!("/internal/runners/{}/heartbeat", owner.pod_name),
+            &paths::heartbeat(&owner.pod_name),
             &json!({"running": [task.lease()]}),
         )
         .await;
@@ -204,7 +204,7 @@ async fn runners_act_only_with_their_own_token_on_their_own_leases() {
     assert_eq!(body["cancel"], json!([]), "{body}");
     let (status, _) = owner.complete(&task, json!({"ok": true})).await;
     assert_eq!(status, 200);
-    let (_, job) = scheduler.api().get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = scheduler.api().get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["result"], json!({"ok": true}));
     // Tokens are stored hashed, never in plain text.
     let (stored,): (i64,) = sqlx::query_as(
@@ -299,9 +299,7 @@ async fn a_heartbeat_of_many_leases_answers_each_at_its_place() {
     tasks.swap(3, 40);
     let cancelled: HashSet<i64> = tasks[..3].iter().map(|t| t.job_id.0).collect();
     for id in &cancelled {
-        let (status, body) = api
-            .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
-            .await;
+        let (status, body) = api.post(&api_paths::cancel(JobId(*id)), &json!({})).await;
         assert_eq!(status, 200, "{body}");
     }
     let completed: HashSet<i64> = tasks[10..13].iter().map(|t| t.job_id.0).collect();
@@ -318,7 +316,7 @@ async fn a_heartbeat_of_many_leases_answers_each_at_its_place() {
     let leases: Vec<_> = tasks.iter().map(|t| t.lease()).collect();
     let (status, body) = runner
         .post(
-            &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+            &paths::heartbeat(&runner.pod_name),
             &json!({ "running": leases }),
         )
         .await;
@@ -374,7 +372,7 @@ async fn a_heartbeat_skips_a_locked_row_and_says_it_was_not_renewed() {
         async move {
             runner
                 .post(
-                    &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+                    &paths::heartbeat(&runner.pod_name),
                     &json!({ "running": leases }),
                 )
                 .await

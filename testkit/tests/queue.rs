@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sluice_protocol::{api::paths as api_paths, paths, JobId};
 use sluice_testkit::{wait_until, FakeRunner, Scheduler, TestDb, Timings};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -11,7 +12,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 async fn heartbeat(runner: &FakeRunner, task: &sluice_protocol::Task) -> Value {
     let (status, body) = runner
         .post(
-            &format!("/internal/runners/{}/heartbeat", runner.pod_name),
+            &paths::heartbeat(&runner.pod_name),
             &json!({"running": [task.lease()]}),
         )
         .await;
@@ -28,23 +29,21 @@ async fn cancelling_a_queued_job_ends_it_at_once_and_a_finished_one_is_a_conflic
         .enqueue(json!({"spec": {"kind": "noop"}, "delay_ms": 60000}))
         .await;
 
-    let (status, body) = api
-        .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
-        .await;
+    let (status, body) = api.post(&api_paths::cancel(JobId(id)), &json!({})).await;
     assert_eq!(
         (status, body["state"].as_str()),
         (200, Some("cancelled")),
         "{body}"
     );
-    let (status, _) = api
-        .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
-        .await;
+    let (status, _) = api.post(&api_paths::cancel(JobId(id)), &json!({})).await;
     assert_eq!(status, 200, "cancelling twice is harmless");
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["state"], "cancelled");
     assert_eq!(job["error"]["code"], "cancelled");
 
-    let (status, body) = api.post("/api/jobs/424242/cancel", &json!({})).await;
+    let (status, body) = api
+        .post(&api_paths::cancel(JobId(424242)), &json!({}))
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("not_found"))
@@ -55,14 +54,12 @@ async fn cancelling_a_queued_job_ends_it_at_once_and_a_finished_one_is_a_conflic
     let task = runner.claim(1, 2000).await.remove(0);
     assert_eq!(task.job_id.0, done);
     runner.complete(&task, json!({})).await;
-    let (status, body) = api
-        .post(&format!("/api/jobs/{done}/cancel"), &json!({}))
-        .await;
+    let (status, body) = api.post(&api_paths::cancel(JobId(done)), &json!({})).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (409, Some("conflict"))
     );
-    let (_, job) = api.get(&format!("/api/jobs/{done}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(done))).await;
     assert_eq!(job["state"], "succeeded", "a terminal state never changes");
 }
 
@@ -77,16 +74,14 @@ async fn cancelling_a_running_job_orders_its_runner_to_stop_and_refuses_its_resu
     let runner = FakeRunner::register(&scheduler, "r").await;
     let task = runner.claim(1, 2000).await.remove(0);
 
-    let (status, _) = api
-        .post(&format!("/api/jobs/{id}/cancel"), &json!({}))
-        .await;
+    let (status, _) = api.post(&api_paths::cancel(JobId(id)), &json!({})).await;
     assert_eq!(status, 200);
     let orders = heartbeat(&runner, &task).await;
     assert_eq!(orders["cancel"][0]["job_id"], id, "{orders}");
     assert_eq!(orders["cancel"][0]["reason"], "cancelled", "{orders}");
     let (status, _) = runner.complete(&task, json!({"late": true})).await;
     assert_eq!(status, 409);
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["state"], "cancelled");
     assert_eq!(job["attempts"][0]["outcome"], "cancelled");
     assert_eq!(job["result"], Value::Null);
@@ -104,7 +99,7 @@ async fn a_failed_job_can_be_retried_and_runs_another_attempt() {
     let task = runner.claim(1, 2000).await.remove(0);
     let (status, body) = runner
         .post(
-            &format!("/internal/tasks/{id}/complete"),
+            &paths::complete(JobId(id)),
             &json!({"attempt": task.attempt, "lease_token": task.lease_token,
                     "outcome": "failed", "error": {"code": "exit_code", "message": "exit 1"}}),
         )
@@ -115,7 +110,7 @@ async fn a_failed_job_can_be_retried_and_runs_another_attempt() {
         "{body}"
     );
 
-    let (status, body) = api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await;
+    let (status, body) = api.post(&api_paths::retry(JobId(id)), &json!({})).await;
     assert_eq!(
         (status, body["state"].as_str()),
         (200, Some("available")),
@@ -124,11 +119,11 @@ async fn a_failed_job_can_be_retried_and_runs_another_attempt() {
     let again = runner.claim(1, 2000).await.remove(0);
     assert_eq!((again.job_id.0, again.attempt.0), (id, 2));
     runner.complete(&again, json!({"second": true})).await;
-    let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(id))).await;
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["attempts"].as_array().unwrap().len(), 2);
 
-    let (status, body) = api.post(&format!("/api/jobs/{id}/retry"), &json!({})).await;
+    let (status, body) = api.post(&api_paths::retry(JobId(id)), &json!({})).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (409, Some("conflict"))
@@ -148,7 +143,7 @@ async fn a_job_past_its_timeout_fails_as_timed_out_even_if_its_runner_is_silent(
     // The runner keeps its lease alive but never reports: the deadline still ends the job.
     let job = wait_until("the job to time out", DEADLINE, || async {
         heartbeat(&runner, &task).await;
-        let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+        let (_, job) = api.get(&api_paths::job(JobId(id))).await;
         Ok((job["state"] == "failed").then_some(job.clone())).map_err(|_: ()| job.to_string())
     })
     .await;
@@ -163,7 +158,7 @@ async fn a_paused_queue_is_skipped_until_resumed() {
     let db = TestDb::new().await;
     let scheduler = Scheduler::start(&db, Timings::TEST).await;
     let api = scheduler.api();
-    let (status, _) = api.post("/api/queues/reports/pause", &json!({})).await;
+    let (status, _) = api.post(&api_paths::pause("reports"), &json!({})).await;
     assert_eq!(status, 200);
     let paused = api
         .enqueue(json!({"queue": "reports", "spec": {"kind": "noop"}}))
@@ -174,7 +169,7 @@ async fn a_paused_queue_is_skipped_until_resumed() {
     let tasks = runner.claim(10, 300).await;
     let ids: Vec<i64> = tasks.iter().map(|t| t.job_id.0).collect();
     assert_eq!(ids, vec![open]);
-    let (_, queues) = api.get("/api/queues").await;
+    let (_, queues) = api.get(api_paths::QUEUES).await;
     let reports = queues["queues"]
         .as_array()
         .unwrap()
@@ -185,7 +180,7 @@ async fn a_paused_queue_is_skipped_until_resumed() {
     assert_eq!(reports["paused"], true);
     assert_eq!(reports["jobs"]["available"], 1);
 
-    api.post("/api/queues/reports/resume", &json!({})).await;
+    api.post(&api_paths::resume("reports"), &json!({})).await;
     let tasks = runner.claim(10, 2000).await;
     assert_eq!(
         tasks.iter().map(|t| t.job_id.0).collect::<Vec<_>>(),
@@ -209,7 +204,7 @@ async fn claims_follow_priority_then_age_and_respect_delays() {
     let delayed = api
         .enqueue(json!({"spec": {"kind": "noop"}, "delay_ms": 400}))
         .await;
-    let (_, job) = api.get(&format!("/api/jobs/{delayed}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(delayed))).await;
     assert_eq!(job["state"], "scheduled");
 
     let runner = FakeRunner::register(&scheduler, "r").await;
@@ -226,7 +221,7 @@ async fn claims_follow_priority_then_age_and_respect_delays() {
     })
     .await;
     assert_eq!(task.job_id.0, delayed);
-    let (_, job) = api.get(&format!("/api/jobs/{delayed}")).await;
+    let (_, job) = api.get(&api_paths::job(JobId(delayed))).await;
     let run_at = job["run_at"].as_str().unwrap();
     let started_at = job["started_at"].as_str().unwrap();
     let created_at = job["created_at"].as_str().unwrap();
@@ -289,7 +284,7 @@ async fn finished_jobs_are_pruned_after_their_queues_retention() {
     for task in runner.claim(2, 2000).await {
         runner
             .post(
-                &format!("/internal/tasks/{}/stream", task.job_id),
+                &paths::stream(task.job_id),
                 &json!({"attempt": task.attempt, "lease_token": task.lease_token,
                         "events": [{"seq": 1, "kind": "stdout", "data": {"text": "x"}}]}),
             )
@@ -297,11 +292,11 @@ async fn finished_jobs_are_pruned_after_their_queues_retention() {
         runner.complete(&task, json!({})).await;
     }
     wait_until("the short-retention job to be pruned", DEADLINE, || async {
-        let (status, _) = api.get(&format!("/api/jobs/{short}")).await;
+        let (status, _) = api.get(&api_paths::job(JobId(short))).await;
         Ok::<_, String>((status == 404).then_some(()))
     })
     .await;
-    let (status, job) = api.get(&format!("/api/jobs/{kept}")).await;
+    let (status, job) = api.get(&api_paths::job(JobId(kept))).await;
     assert_eq!((status, job["state"].as_str()), (200, Some("succeeded")));
     // Its attempts and events went with it; the other job's stayed.
     let (attempts,): (i64,) =
@@ -334,7 +329,8 @@ async fn max_running_caps_a_queue_across_concurrent_claimers() {
     let jobs: Vec<Value> = (0..6)
         .map(|_| json!({"queue": "limited", "spec": {"kind": "noop"}}))
         .collect();
-    api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+    api.post(api_paths::JOBS_BATCH, &json!({ "jobs": jobs }))
+        .await;
     let open = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
 
     let mut claimers = Vec::new();

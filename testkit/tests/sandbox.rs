@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sluice_protocol::{api::paths as api_paths, JobId};
 use sluice_testkit::{wait_until, Api, Runner, Scheduler, TestDb, Timings};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -14,7 +15,9 @@ async fn enqueue_batch(api: &Api, specs: Vec<Value>) -> Vec<i64> {
         .into_iter()
         .map(|spec| json!({ "spec": spec }))
         .collect();
-    let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+    let (status, body) = api
+        .post(api_paths::JOBS_BATCH, &json!({ "jobs": jobs }))
+        .await;
     assert_eq!(status, 201, "{body}");
     body["jobs"]
         .as_array()
@@ -124,7 +127,7 @@ async fn tool_jobs_run_every_tool_and_report_refusals_as_non_retryable_failures(
     // An unknown tool is refused at enqueue.
     let (status, body) = api
         .post(
-            "/api/jobs",
+            api_paths::JOBS,
             &json!({"spec": {"kind": "tool", "tool": "rm_rf", "input": {}}}),
         )
         .await;
@@ -164,7 +167,7 @@ async fn s09_plant_and_snoop_pairs_on_one_warm_runner_find_no_residue() {
     wait_all_terminal(&db, &ids).await;
     let mut residue = Vec::new();
     for (index, id) in ids.iter().enumerate() {
-        let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+        let (_, job) = api.get(&api_paths::job(JobId(*id))).await;
         assert_eq!(job["state"], "succeeded", "{job}");
         let out = job["result"]["stdout_tail"]
             .as_str()

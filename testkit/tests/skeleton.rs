@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sluice_protocol::{api::paths as api_paths, paths, JobId};
 use sluice_testkit::{Scheduler, TestDb, Timings};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -193,7 +194,9 @@ async fn a_batch_is_enqueued_in_order_in_one_transaction() {
     let jobs: Vec<Value> = (0..5)
         .map(|i| json!({"spec": {"kind": "bash", "script": format!("echo {i}")}, "priority": i}))
         .collect();
-    let (status, body) = api.post("/api/jobs/batch", &json!({ "jobs": jobs })).await;
+    let (status, body) = api
+        .post(api_paths::JOBS_BATCH, &json!({ "jobs": jobs }))
+        .await;
     assert_eq!(status, 201, "{body}");
     let ids: Vec<i64> = body["jobs"]
         .as_array()
@@ -203,7 +206,7 @@ async fn a_batch_is_enqueued_in_order_in_one_transaction() {
         .collect();
     assert_eq!(ids.len(), 5);
     for (i, id) in ids.iter().enumerate() {
-        let (_, job) = api.get(&format!("/api/jobs/{id}")).await;
+        let (_, job) = api.get(&api_paths::job(JobId(*id))).await;
         assert_eq!(job["spec"]["script"], format!("echo {i}"));
         assert_eq!(job["priority"], i as i64);
     }
@@ -213,7 +216,7 @@ async fn a_batch_is_enqueued_in_order_in_one_transaction() {
         {"spec": {"kind": "bash", "script": "echo ok"}},
         {"spec": {"kind": "nope"}},
     ]});
-    let (status, body) = api.post("/api/jobs/batch", &mixed).await;
+    let (status, body) = api.post(api_paths::JOBS_BATCH, &mixed).await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]
@@ -238,8 +241,8 @@ async fn a_repeated_idempotency_key_returns_the_first_job() {
     let scheduler = Scheduler::start(&db, Timings::TEST).await;
     let api = scheduler.api();
     let request = json!({"spec": {"kind": "noop"}, "idempotency_key": "order-42"});
-    let (first_status, first) = api.post("/api/jobs", &request).await;
-    let (second_status, second) = api.post("/api/jobs", &request).await;
+    let (first_status, first) = api.post(api_paths::JOBS, &request).await;
+    let (second_status, second) = api.post(api_paths::JOBS, &request).await;
     assert_eq!(first_status, 201, "{first}");
     assert_eq!(second_status, 200, "{second}");
     assert_eq!(first["id"], second["id"]);
@@ -348,7 +351,7 @@ async fn bad_input_gets_a_json_error_and_writes_nothing() {
 
     // Reads need the token too, unknown jobs are 404, unknown paths are JSON 404s.
     let api = scheduler.api();
-    let (status, body) = api.get("/api/jobs/999999").await;
+    let (status, body) = api.get(&api_paths::job(JobId(999999))).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("not_found"))
@@ -367,7 +370,7 @@ async fn bad_input_gets_a_json_error_and_writes_nothing() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 401);
     // The internal routes are not served on the public listener.
-    let (status, _) = api.post("/internal/runners/register", &json!({})).await;
+    let (status, _) = api.post(paths::REGISTER, &json!({})).await;
     assert_eq!(status, 404);
     // Health needs no token.
     let health = http
@@ -376,4 +379,65 @@ async fn bad_input_gets_a_json_error_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(health.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn registration_agrees_on_a_wire_protocol_version_or_names_both() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let http = reqwest::Client::new();
+    let register = |protocol: Value| {
+        let http = http.clone();
+        let url = format!("{}{}", scheduler.internal_url, paths::REGISTER);
+        let secret = scheduler.runner_secret.clone();
+        async move {
+            let mut body = json!({"pod_name": "versions", "slots": 1, "version": "test"});
+            if !protocol.is_null() {
+                body["protocol"] = protocol;
+            }
+            let response = http
+                .post(url)
+                .bearer_auth(secret)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    // A runner that sends no version (before versions were sent) gets every form there is.
+    let (status, body) = register(Value::Null).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["protocol"], sluice_protocol::PROTOCOL_VERSION);
+    // Each served version is answered with itself.
+    for version in sluice_protocol::OLDEST_PROTOCOL_VERSION..=sluice_protocol::PROTOCOL_VERSION {
+        let (status, body) = register(json!(version)).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["protocol"], version);
+    }
+    // Anything else is refused, naming both sides' versions.
+    for unknown in [0, 3, 4096] {
+        let (status, body) = register(json!(unknown)).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "protocol_mismatch", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&unknown.to_string()) && message.contains("1 to 2"),
+            "{message}"
+        );
+    }
+    let (status, body) = register(json!(-1)).await;
+    assert_eq!(status, 400, "{body}");
+
+    // The real sidecar sends its version and works in the forms of the answer.
+    let runner = scheduler.runner("versioned", 1).await;
+    let id = scheduler
+        .api()
+        .enqueue(json!({"spec": {"kind": "noop"}}))
+        .await;
+    let job = scheduler.api().wait_terminal(id, DEADLINE).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let log = runner.log_text();
+    assert!(log.contains("(wire protocol 2)"), "{log}");
 }

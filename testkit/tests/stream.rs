@@ -3,6 +3,7 @@
 //! past the completed attempt's `final_seq` are refused.
 
 use serde_json::{json, Value};
+use sluice_protocol::{api::paths as api_paths, paths, JobId};
 use sluice_testkit::{FakeRunner, Scheduler, TestDb, Timings};
 
 /// A small deterministic generator, so a failing seed can be replayed.
@@ -42,7 +43,8 @@ async fn duplicated_and_shuffled_stream_posts_store_each_event_exactly_once() {
         .map(|_| json!({"spec": {"kind": "noop"}}))
         .collect();
     for chunk in jobs.chunks(1000) {
-        api.post("/api/jobs/batch", &json!({ "jobs": chunk })).await;
+        api.post(api_paths::JOBS_BATCH, &json!({ "jobs": chunk }))
+            .await;
     }
     let runner = FakeRunner::register(&scheduler, "dup").await;
     let mut tasks = Vec::new();
@@ -68,7 +70,7 @@ async fn duplicated_and_shuffled_stream_posts_store_each_event_exactly_once() {
             for _ in 0..=(rng.next() % 3) {
                 let (status, body) = runner
                     .post(
-                        &format!("/internal/tasks/{}/stream", task.job_id),
+                        &paths::stream(task.job_id),
                         &json!({"attempt": task.attempt, "lease_token": task.lease_token, "events": batch}),
                     )
                     .await;
@@ -85,7 +87,7 @@ async fn duplicated_and_shuffled_stream_posts_store_each_event_exactly_once() {
         // The same completion twice is accepted once; a different outcome is refused.
         let complete = json!({"attempt": task.attempt, "lease_token": task.lease_token,
                               "outcome": "succeeded", "output": {"n": 1}, "final_seq": 50});
-        let path = format!("/internal/tasks/{}/complete", task.job_id);
+        let path = paths::complete(task.job_id);
         let (first, _) = runner.post(&path, &complete).await;
         let (again, body) = runner.post(&path, &complete).await;
         assert_eq!((first, again), (200, 200), "{body}");
@@ -122,7 +124,7 @@ async fn events_arriving_after_complete_are_kept_up_to_final_seq_only() {
         async move {
             runner
                 .post(
-                    &format!("/internal/tasks/{id}/stream"),
+                    &paths::stream(JobId(id)),
                     &json!({"attempt": task.attempt, "lease_token": task.lease_token, "events": events}),
                 )
                 .await
@@ -132,7 +134,7 @@ async fn events_arriving_after_complete_are_kept_up_to_final_seq_only() {
     // complete (final_seq 3) overtakes events 2 and 3.
     let (status, _) = runner
         .post(
-            &format!("/internal/tasks/{id}/complete"),
+            &paths::complete(JobId(id)),
             &json!({"attempt": task.attempt, "lease_token": task.lease_token,
                     "outcome": "succeeded", "final_seq": 3}),
         )
@@ -157,10 +159,7 @@ async fn events_arriving_after_complete_are_kept_up_to_final_seq_only() {
     let (status, _) = stream(json!([{"seq": 0, "kind": "stdout"}])).await;
     assert_eq!(status, 400);
     let (status, _) = runner
-        .post(
-            &format!("/internal/tasks/{id}/stream"),
-            &json!({"attempt": 1}),
-        )
+        .post(&paths::stream(JobId(id)), &json!({"attempt": 1}))
         .await;
     assert_eq!(status, 400);
     assert_eq!(db.count("SELECT count(*) FROM sluice.job_events").await, 3);

@@ -12,19 +12,15 @@ pub mod internal;
 pub mod listener;
 pub mod public;
 
-use std::sync::Arc;
-
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
-use sluice_protocol::{ErrorBody, ErrorDetail};
-use sqlx::PgPool;
+use sluice_protocol::api::Health;
+use sluice_protocol::{ErrorBody, ErrorCode, ErrorDetail};
 
-use crate::config::ServeConfig;
-use crate::wake::Wake;
 use crate::Error;
 
 /// Largest request body the public listener accepts.
@@ -34,21 +30,8 @@ pub const INTERNAL_BODY_LIMIT_BYTES: usize = sluice_protocol::bounds::MAX_INTERN
 /// How long a client may take to send a request body, once its headers are in.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Shared state of both listeners.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    pub wake: Wake,
-    pub config: Arc<ServeConfig>,
-    /// Flips to `true` when the scheduler shuts down, ending long polls early.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
-    /// Whether some queue has a `max_running` cap, refreshed by every maintenance tick; while
-    /// it is false, claims skip the capped (serialised) path. A stale `false` only delays
-    /// capped queues' jobs by a tick: the fast path never takes them.
-    pub capped_queues: Arc<std::sync::atomic::AtomicBool>,
-    /// Runner tokens recently looked up, so that the hot task calls skip a round trip.
-    pub runner_tokens: Arc<crate::store::runners::TokenCache>,
-}
+/// Shared state of both listeners: the services' context.
+pub type AppState = crate::service::Context;
 
 /// The HTTP face of [`Error`].
 #[derive(Debug)]
@@ -74,9 +57,10 @@ impl IntoResponse for AppError {
             Error::LeaseLost | Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::Malformed(_) | Error::Invalid { .. } | Error::InvalidSpec(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Error::Malformed(_)
+            | Error::Invalid { .. }
+            | Error::InvalidSpec(_)
+            | Error::ProtocolMismatch(_) => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Unavailable(_) | Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -101,7 +85,7 @@ impl IntoResponse for AppError {
         };
         let body = ErrorBody {
             error: ErrorDetail {
-                code: err.code().to_string(),
+                code: err.code(),
                 message,
             },
         };
@@ -203,9 +187,16 @@ pub async fn not_found() -> AppError {
 pub async fn method_not_allowed() -> Response {
     let body = ErrorBody {
         error: ErrorDetail {
-            code: "method_not_allowed".into(),
+            code: ErrorCode::MethodNotAllowed,
             message: "method not allowed on this path".into(),
         },
     };
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
+/// `GET /healthz` on either listener: the process answers.
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }

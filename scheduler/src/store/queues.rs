@@ -1,14 +1,15 @@
 //! Queues: created on first use by the jobs trigger; paused queues are skipped by the claim.
 
-use serde::Serialize;
-use serde_json::Value;
+use std::collections::BTreeMap;
+
+use sqlx::types::Json;
 use sqlx::PgPool;
 
 use crate::Result;
 
 /// A queue with its settings and how many jobs it holds per state.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct QueueView {
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueRow {
     pub name: String,
     pub paused: bool,
     pub max_running: Option<i32>,
@@ -17,11 +18,11 @@ pub struct QueueView {
     pub default_timeout_ms: Option<i64>,
     pub retention_seconds: f64,
     /// `{"available": n, "running": n, …}` over the jobs stored now.
-    pub jobs: Value,
+    pub jobs: Json<BTreeMap<String, i64>>,
 }
 
 /// Every queue, by name.
-pub async fn list(pool: &PgPool) -> Result<Vec<QueueView>> {
+pub async fn list(pool: &PgPool) -> Result<Vec<QueueRow>> {
     Ok(sqlx::query_as(
         "SELECT q.name, q.paused, q.max_running, q.default_priority, q.default_max_attempts,
                 q.default_timeout_ms, extract(epoch FROM q.retention)::float8 AS retention_seconds,

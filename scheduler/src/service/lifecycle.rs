@@ -1,4 +1,5 @@
-//! The job lifecycle's policy: how long leases last, how failed attempts back off.
+//! The job lifecycle's policy: how long leases last, how failed attempts back off, what a
+//! completion asks of the store.
 //!
 //! The transitions themselves are guarded SQL statements in [`crate::store::jobs`]; this
 //! module holds the numbers they are given, so the whole policy reads in one place:
@@ -20,6 +21,10 @@
 //! moves a job names the state it moves it from.
 
 use std::time::Duration;
+
+use sluice_protocol::{Completion, JobId, RunnerId};
+
+use crate::store::jobs;
 
 /// Timings that runners and the reaper share.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +54,35 @@ pub fn retry_backoff(failed_attempt: i32) -> Duration {
     let base_ms = 1000u64.saturating_mul(1u64 << exponent).min(3_600_000);
     let jitter = 0.75 + fastrand::f64() * 0.5;
     Duration::from_millis((base_ms as f64 * jitter) as u64)
+}
+
+/// What a completion asks of the store: apply it under its lease, with the retry back-off
+/// its attempt earned should it fail retryably. `job` is the completion's job (named by the
+/// path for a single completion, by the completion in a batch).
+pub fn store_completion(runner: RunnerId, job: JobId, c: &Completion) -> jobs::Completion<'_> {
+    jobs::Completion {
+        runner,
+        job,
+        attempt: c.attempt,
+        lease_token: c.lease_token,
+        outcome: c.outcome,
+        output: &c.output,
+        error: c
+            .error
+            .as_ref()
+            .map(|e| serde_json::to_value(e).unwrap_or_default()),
+        retryable: c.retryable,
+        final_seq: c.final_seq,
+        retry_backoff: retry_backoff(c.attempt.0),
+    }
+}
+
+/// [`store_completion`] for a batch whose completions name their jobs (checked before).
+pub fn store_completions(runner: RunnerId, items: &[Completion]) -> Vec<jobs::Completion<'_>> {
+    items
+        .iter()
+        .map(|c| store_completion(runner, c.job_id.unwrap_or(JobId(0)), c))
+        .collect()
 }
 
 #[cfg(test)]

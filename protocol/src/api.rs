@@ -1,0 +1,187 @@
+//! The public API (`/api/*`): what applications, operators and the `sluice` CLI send and get,
+//! typed end to end. Apart from the runner wire types ([`crate::wire`]): the two contracts
+//! change for different readers. Errors answer with [`crate::ErrorBody`] on both.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::ids::{JobId, JobState};
+
+/// Every path of the public API, defined once: the `*_ROUTE` constants are the scheduler's
+/// route patterns, the functions build a concrete path.
+pub mod paths {
+    /// `POST`: enqueue one job ([`super::EnqueueRequest`] → [`super::EnqueueResponse`]).
+    pub const JOBS: &str = "/api/jobs";
+    /// `POST`: enqueue many in one transaction ([`super::BatchRequest`]).
+    pub const JOBS_BATCH: &str = "/api/jobs/batch";
+    /// `GET`: one job with its attempts ([`super::Job`]).
+    pub const JOB_ROUTE: &str = "/api/jobs/{id}";
+    /// `POST`: cancel ([`super::JobStateChange`]).
+    pub const JOB_CANCEL_ROUTE: &str = "/api/jobs/{id}/cancel";
+    /// `POST`: retry a failed or cancelled job ([`super::JobStateChange`]).
+    pub const JOB_RETRY_ROUTE: &str = "/api/jobs/{id}/retry";
+    /// `GET`: every queue ([`super::QueueList`]).
+    pub const QUEUES: &str = "/api/queues";
+    /// `POST`: pause a queue ([`super::QueuePaused`]).
+    pub const QUEUE_PAUSE_ROUTE: &str = "/api/queues/{name}/pause";
+    /// `POST`: resume a queue ([`super::QueuePaused`]).
+    pub const QUEUE_RESUME_ROUTE: &str = "/api/queues/{name}/resume";
+    /// `GET`: liveness ([`super::Health`]), without a token.
+    pub const HEALTHZ: &str = "/healthz";
+    /// `GET`: readiness (Postgres reachable), without a token.
+    pub const READYZ: &str = "/readyz";
+
+    pub fn job(id: crate::JobId) -> String {
+        JOB_ROUTE.replace("{id}", &id.to_string())
+    }
+    pub fn cancel(id: crate::JobId) -> String {
+        JOB_CANCEL_ROUTE.replace("{id}", &id.to_string())
+    }
+    pub fn retry(id: crate::JobId) -> String {
+        JOB_RETRY_ROUTE.replace("{id}", &id.to_string())
+    }
+    pub fn pause(queue: &str) -> String {
+        QUEUE_PAUSE_ROUTE.replace("{name}", queue)
+    }
+    pub fn resume(queue: &str) -> String {
+        QUEUE_RESUME_ROUTE.replace("{name}", queue)
+    }
+}
+
+/// `POST /api/jobs`: a job to enqueue. Every field but `spec` is optional; what is left out
+/// comes from the queue's defaults. Unknown fields are refused (a typo is not silently
+/// ignored). Ranges: [`crate::bounds`].
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    pub spec: Value,
+    /// Lower runs first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// A repeated key answers with the first job (200) instead of enqueuing another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /api/jobs/batch`: `{"jobs":[…]}`, or a bare array.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum BatchRequest {
+    Wrapped { jobs: Vec<EnqueueRequest> },
+    Bare(Vec<EnqueueRequest>),
+}
+
+impl BatchRequest {
+    /// The jobs, whichever form carried them.
+    pub fn into_jobs(self) -> Vec<EnqueueRequest> {
+        match self {
+            BatchRequest::Wrapped { jobs } | BatchRequest::Bare(jobs) => jobs,
+        }
+    }
+}
+
+/// What an enqueue answers: 201 with a new job, 200 with the first job of a repeated
+/// idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnqueueResponse {
+    pub id: JobId,
+    pub state: JobState,
+}
+
+/// What a batch answers: one entry per job, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResponse {
+    pub jobs: Vec<EnqueueResponse>,
+}
+
+/// `GET /api/jobs/:id`: a job and its attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub queue: String,
+    pub state: JobState,
+    pub spec: Value,
+    pub priority: i32,
+    /// The latest attempt's number (0 before the first claim).
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub timeout_ms: Option<i64>,
+    pub idempotency_key: Option<String>,
+    /// The last attempt's output.
+    pub result: Option<Value>,
+    /// Why the job failed (`{"code","message"}`), while it is failed or cancelled.
+    pub error: Option<Value>,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Oldest first; the running one (if any) last, without `finished_at` or `outcome`.
+    pub attempts: Vec<AttemptInfo>,
+}
+
+/// One attempt of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptInfo {
+    pub attempt: i32,
+    pub runner_id: Option<Uuid>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// `succeeded`, `failed`, `lease_expired`, `cancelled` or `timed_out`.
+    pub outcome: Option<String>,
+    pub error: Option<Value>,
+}
+
+/// What a cancel or a retry answers: the job's state now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStateChange {
+    pub id: JobId,
+    pub state: JobState,
+}
+
+/// A queue with its settings and how many jobs it holds per state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Queue {
+    pub name: String,
+    pub paused: bool,
+    pub max_running: Option<i32>,
+    pub default_priority: i32,
+    pub default_max_attempts: i32,
+    pub default_timeout_ms: Option<i64>,
+    pub retention_seconds: f64,
+    /// `{"available": n, "running": n, …}` over the jobs stored now.
+    pub jobs: BTreeMap<String, i64>,
+}
+
+/// `GET /api/queues`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueList {
+    pub queues: Vec<Queue>,
+}
+
+/// What pausing or resuming a queue answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePaused {
+    pub name: String,
+    pub paused: bool,
+}
+
+/// `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` (alive) or `ready` (Postgres reachable).
+    pub status: String,
+}

@@ -1,0 +1,232 @@
+//! Handing work to runners and taking its results back: the claim long-poll and the
+//! completions (one, a batch, or carried on a claim).
+//!
+//! A claim leases up to `max` jobs at once or waits, between short statements, for a
+//! notification (NOTIFY on insert, promotion and reclaim) or the poll interval, up to its
+//! `wait_ms`; no transaction or connection is held while it waits. A claim carrying
+//! completions applies them and claims in one statement and answers at once.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sluice_protocol::{
+    bounds, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
+    CompleteResponse, Completion, CompletionResult, ErrorDetail, JobId, JobState, Task,
+};
+use tokio::time::Instant;
+
+use super::{lifecycle, Context};
+use crate::store::jobs;
+use crate::store::runners::RunnerIdentity;
+use crate::{Error, Result};
+
+/// Most tasks one claim may take.
+pub const MAX_CLAIM: u32 = 1000;
+/// Most completions one request may carry.
+pub const MAX_COMPLETIONS: usize = 1000;
+
+/// Leases up to `request.max` tasks to `runner`, applying the completions the request
+/// carries first (in the same statement); waits up to `wait_ms` (capped by the configuration)
+/// when there is nothing to lease and nothing was carried.
+pub async fn claim(
+    ctx: &Context,
+    runner: &RunnerIdentity,
+    request: &ClaimRequest,
+) -> Result<ClaimResponse> {
+    if request.max == 0 || request.max > MAX_CLAIM {
+        return Err(Error::invalid(
+            "max",
+            format!("must be between 1 and {MAX_CLAIM}"),
+        ));
+    }
+    check_completions(&request.complete)?;
+    let config = &ctx.config;
+    // A claim that carries completions answers at once: their results must not wait.
+    let wait = if request.complete.is_empty() {
+        Duration::from_millis(request.wait_ms).min(config.max_claim_wait)
+    } else {
+        Duration::ZERO
+    };
+    let deadline = Instant::now() + wait;
+    let mut wake = ctx.wake.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut carried = Some(&request.complete);
+    let mut completed = Vec::new();
+    loop {
+        // Mark the current wake-up as seen before looking, so a job inserted between the
+        // claim and the wait still wakes us.
+        wake.borrow_and_update();
+        let mut claimed = match carried.take().filter(|c| !c.is_empty()) {
+            Some(items) => {
+                let (results, claimed) = jobs::complete_and_claim(
+                    &ctx.pool,
+                    runner.id,
+                    &lifecycle::store_completions(runner.id, items),
+                    request.max as i32,
+                    config.timings.lease,
+                )
+                .await?;
+                completed = completion_results(runner, items, results)?;
+                claimed
+            }
+            None => {
+                jobs::claim_available(
+                    &ctx.pool,
+                    runner.id,
+                    request.max as i32,
+                    config.timings.lease,
+                )
+                .await?
+            }
+        };
+        let room = request.max as usize - claimed.len();
+        if room > 0 && ctx.capped_queues.load(Ordering::Relaxed) {
+            claimed.extend(
+                jobs::claim_capped(&ctx.pool, runner.id, room as i32, config.timings.lease).await?,
+            );
+        }
+        let now = Instant::now();
+        if !claimed.is_empty() || now >= deadline || *shutdown.borrow() {
+            let tasks = claimed
+                .into_iter()
+                .map(|job| Task {
+                    job_id: job.id,
+                    attempt: job.attempt,
+                    lease_token: job.lease_token,
+                    queue: job.queue,
+                    spec: job.spec,
+                    timeout_ms: job.timeout_ms.map(|ms| ms as u64),
+                })
+                .collect();
+            return Ok(ClaimResponse { tasks, completed });
+        }
+        let poll = (now + config.claim_poll_interval).min(deadline);
+        tokio::select! {
+            _ = wake.changed() => {}
+            _ = tokio::time::sleep_until(poll) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Applies one attempt's completion (`POST /internal/tasks/:id/complete`): the job named by
+/// the path, which a `job_id` in the body must not contradict.
+pub async fn complete(
+    ctx: &Context,
+    runner: &RunnerIdentity,
+    job: JobId,
+    mut completion: Completion,
+) -> Result<CompleteResponse> {
+    if completion.job_id.is_some_and(|named| named != job) {
+        return Err(Error::invalid("job_id", "names another job than the path"));
+    }
+    completion.job_id = Some(job);
+    check_completion(&completion, "")?;
+    let state = jobs::complete_if_leased(
+        &ctx.pool,
+        lifecycle::store_completion(runner.id, job, &completion),
+    )
+    .await?;
+    tracing::info!(job_id = %job, attempt = %completion.attempt, runner_id = %runner.id, %state, "attempt completed");
+    Ok(CompleteResponse { state })
+}
+
+/// Applies many completions of one runner in one statement and one commit.
+pub async fn complete_many(
+    ctx: &Context,
+    runner: &RunnerIdentity,
+    request: &CompleteManyRequest,
+) -> Result<CompleteManyResponse> {
+    check_completions(&request.completions)?;
+    let results = jobs::complete_many_if_leased(
+        &ctx.pool,
+        runner.id,
+        &lifecycle::store_completions(runner.id, &request.completions),
+    )
+    .await?;
+    let completed = completion_results(runner, &request.completions, results)?;
+    Ok(CompleteManyResponse { completed })
+}
+
+/// A batch of completions names its jobs, each attempt once, not too many, and each can be
+/// stored.
+fn check_completions(items: &[Completion]) -> Result<()> {
+    if items.len() > MAX_COMPLETIONS {
+        return Err(Error::invalid(
+            "completions",
+            format!("at most {MAX_COMPLETIONS} per request"),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let Some(job) = item.job_id else {
+            return Err(Error::invalid(
+                format!("completions[{index}].job_id"),
+                "a completion in a batch names its job",
+            ));
+        };
+        if !seen.insert((job, item.attempt)) {
+            return Err(Error::invalid(
+                "completions",
+                format!(
+                    "attempt {} of job {job} appears more than once",
+                    item.attempt
+                ),
+            ));
+        }
+        check_completion(item, &format!("completions[{index}]"))?;
+    }
+    Ok(())
+}
+
+/// A completion the store can apply: no NUL anywhere (Postgres refuses it), no negative
+/// `final_seq`. `field` prefixes the names in the message.
+fn check_completion(completion: &Completion, field: &str) -> Result<()> {
+    let name = |part: &str| bounds::field_path(field, part);
+    if completion.final_seq.is_some_and(|seq| seq < 0) {
+        return Err(Error::invalid(name("final_seq"), "must be >= 0"));
+    }
+    Error::if_nul(&name("output"), &completion.output)?;
+    if let Some(error) = &completion.error {
+        Error::if_nul_str(&name("error.code"), error.code.as_str())?;
+        Error::if_nul_str(&name("error.message"), &error.message)?;
+    }
+    Ok(())
+}
+
+/// The per-completion answers; a lost lease or a conflicting replay is an answer, any other
+/// error fails the request.
+fn completion_results(
+    runner: &RunnerIdentity,
+    items: &[Completion],
+    results: Vec<Result<JobState>>,
+) -> Result<Vec<CompletionResult>> {
+    items
+        .iter()
+        .zip(results)
+        .map(|(item, result)| {
+            let job_id = item.job_id.unwrap_or(JobId(0));
+            let (state, error) = match result {
+                Ok(state) => {
+                    tracing::debug!(%job_id, attempt = %item.attempt, runner_id = %runner.id, %state, "attempt completed");
+                    (Some(state), None)
+                }
+                Err(err @ (Error::LeaseLost | Error::Conflict(_))) => (
+                    None,
+                    Some(ErrorDetail {
+                        code: err.code(),
+                        message: err.to_string(),
+                    }),
+                ),
+                Err(other) => return Err(other),
+            };
+            Ok(CompletionResult {
+                job_id,
+                attempt: item.attempt,
+                state,
+                error,
+            })
+        })
+        .collect()
+}
