@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice_testkit::{start_postgres, stop_postgres, wait_until, Scheduler, TestDb, Timings};
+use sluice_testkit::{
+    start_postgres, stop_postgres, wait_until, FakeRunner, Scheduler, TestDb, Timings,
+};
 
 /// One test at a time: they stop and start the shared cluster.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -199,8 +201,8 @@ async fn f20_an_outage_longer_than_the_lease_reclaims_no_live_runners_work() {
         reaper_interval_ms: 200,
     };
     let scheduler = Scheduler::start(&db, timings).await;
-    let _runner = scheduler.runner("f20", 4).await;
     let api = scheduler.api();
+    let _runner = scheduler.runner("f20", 4).await;
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.push(
@@ -221,6 +223,13 @@ async fn f20_an_outage_longer_than_the_lease_reclaims_no_live_runners_work() {
     })
     .await;
 
+    // A runner that takes a job just before the outage and goes silent: after it, its lease
+    // must still be reclaimed (the outage extension gives it one term, not forever). The
+    // real runner's slots are all busy, so this job is the silent one's.
+    let silent = FakeRunner::register(&scheduler, "silent").await;
+    let abandoned = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    assert_eq!(silent.claim(1, 2000).await[0].job_id.0, abandoned);
+
     restart_postgres_blocking(true).await;
     let down = Instant::now();
     // Keep it away for 2.5 leases: poll the API until that long has passed.
@@ -238,14 +247,26 @@ async fn f20_an_outage_longer_than_the_lease_reclaims_no_live_runners_work() {
     .await;
     restart_postgres_blocking(false).await;
 
-    for id in ids {
+    for &id in &ids {
         let job = api.wait_terminal(id, Duration::from_secs(30)).await;
         assert_eq!(job["state"], "succeeded", "{job}");
         assert_eq!(job["attempt"], 1, "reclaimed during the outage: {job}");
     }
-    assert_eq!(
-        db.count("SELECT count(*) FROM sluice.job_attempts WHERE outcome = 'lease_expired'")
-            .await,
-        0
+    let reclaimed_live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sluice.job_attempts WHERE outcome = 'lease_expired' AND job_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reclaimed_live, 0);
+    // The silent runner's job was given its extra term, then reclaimed and run elsewhere.
+    let job = api.wait_terminal(abandoned, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    let log = scheduler.log_text();
+    assert!(
+        log.contains("gave expired leases one more term"),
+        "the outage extension ran: {log}"
     );
 }

@@ -94,27 +94,36 @@ pub async fn run_pass(
 ) -> PassReport {
     let mut report = PassReport::default();
 
+    // After an outage, first give the leases that expired meanwhile one more term, so the
+    // reclaim below spares runners that kept working but could not heartbeat.
+    if after_outage {
+        let extended = async {
+            let Some(mut tx) = lead(pool).await? else {
+                return Ok(None);
+            };
+            let count = jobs::extend_expired_leases(&mut tx, lease).await?;
+            tx.commit().await?;
+            Ok(Some(count))
+        }
+        .await;
+        report.extended = report.record("extend", extended);
+    }
+
     let reclaimed = async {
         let Some(mut tx) = lead(pool).await? else {
             return Ok(None);
-        };
-        let extended = if after_outage {
-            jobs::extend_expired_leases(&mut tx, lease).await?
-        } else {
-            0
         };
         let reclaimed = jobs::reclaim_expired(&mut tx, BATCH).await?;
         if reclaimed.requeued > 0 {
             jobs::notify_available(&mut tx).await?;
         }
         tx.commit().await?;
-        Ok(Some((extended, reclaimed)))
+        Ok(Some(reclaimed))
     }
     .await;
     match reclaimed {
-        Ok(Some((extended, reclaimed))) => {
+        Ok(Some(reclaimed)) => {
             report.led = true;
-            report.extended = extended;
             report.requeued = reclaimed.requeued;
             report.failed = reclaimed.failed;
         }
@@ -220,11 +229,12 @@ pub async fn run(
         }
         loop {
             let report = run_pass(&pool, &wake, lease, after_outage).await;
-            // The outage extension is done once a reclaim step ran as leader after the
-            // database came back (or repeated while it stays away).
+            // The outage extension is done once a pass ran as leader after the database came
+            // back (or repeated while it stays away). An extension that fails for another
+            // reason is logged and not repeated: it must never hold reclaims off for good.
             if report.unavailable {
                 after_outage = true;
-            } else if report.led && !report.failed_steps.contains(&"reclaim") {
+            } else if report.led {
                 after_outage = false;
             }
             if !report.full() || !report.failed_steps.is_empty() {

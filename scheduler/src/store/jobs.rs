@@ -840,7 +840,6 @@ pub async fn extend_expired_leases(conn: &mut PgConnection, lease: Duration) -> 
              SELECT id FROM sluice.jobs
              WHERE state = 'running' AND lease_expires_at < now()
              FOR UPDATE SKIP LOCKED
-         )
          ), stops AS (
              -- The same for attempts stopped before the outage whose runners could not
              -- confirm the stop meanwhile: their retries keep waiting another term.
