@@ -32,3 +32,50 @@ pub mod store;
 pub mod wake;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod invariants {
+    //! The layering rules that no crate boundary enforces here, checked on the source.
+
+    use std::path::{Path, PathBuf};
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("read src") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_store_runs_sql() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&root, &mut files);
+        let store = root.join("store");
+        let offenders: Vec<String> = files
+            .iter()
+            .filter(|path| !path.starts_with(&store))
+            .filter(|path| {
+                let text = std::fs::read_to_string(path).expect("read source");
+                // Spelled in pieces, so this file does not match itself.
+                [
+                    concat!("sqlx::", "query"),
+                    concat!("query_", "as("),
+                    concat!("query_", "scalar("),
+                    concat!(".exe", "cute("),
+                ]
+                .iter()
+                .any(|needle| text.contains(needle))
+            })
+            .map(|path| path.display().to_string())
+            .collect();
+        assert!(
+            offenders.is_empty(),
+            "SQL outside store/: {offenders:?} (move the statement into a store module)"
+        );
+    }
+}

@@ -4,7 +4,8 @@
 //! its guard in the name (`jobs::complete_if_leased`), taking plain typed parameters. Callers
 //! never see a query string, and every value is a bind parameter.
 //!
-//! - [`jobs`] — enqueue, claim, heartbeat renewal, completion, reclaim, promotion, reads.
+//! - [`jobs`] — the job lifecycle, a file per operation family (insert, claim, complete,
+//!   lease, control, maintain, read), each statement a whole `const`.
 //! - [`runners`] — registration and token lookup.
 //! - [`events`] — the per-attempt event stream.
 //! - [`queues`] — queue settings (pause/resume) and counts.

@@ -1,0 +1,76 @@
+//! Reads for the public API: a job, and its attempts.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sluice_protocol::JobId;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::Result;
+
+/// Job $1.
+pub const GET_JOB: &str =
+    "SELECT id, queue, state::text AS state, spec, priority, attempt, max_attempts,
+           timeout_ms, idempotency_key, result, error, run_at, created_at, started_at,
+           finished_at
+    FROM sluice.jobs WHERE id = $1";
+
+/// The attempts of job $1, oldest first: the finished ones, then the running one (from the
+/// job row, without outcome).
+pub const LIST_ATTEMPTS: &str = "SELECT attempt, runner_id, started_at, finished_at, outcome, error
+    FROM sluice.job_attempts WHERE job_id = $1
+    UNION ALL
+    SELECT attempt, runner_id, started_at, NULL, NULL, NULL
+    FROM sluice.jobs WHERE id = $1 AND state = 'running'
+    ORDER BY attempt";
+
+pub(super) const STATEMENTS: &[(&str, &str)] =
+    &[("GET_JOB", GET_JOB), ("LIST_ATTEMPTS", LIST_ATTEMPTS)];
+
+/// A job row as the public API shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobView {
+    pub id: i64,
+    pub queue: String,
+    pub state: String,
+    pub spec: Value,
+    pub priority: i32,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub timeout_ms: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub result: Option<Value>,
+    pub error: Option<Value>,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One attempt of a job, as the public API shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptView {
+    pub attempt: i32,
+    pub runner_id: Option<Uuid>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub error: Option<Value>,
+}
+
+/// A job by id.
+pub async fn get(pool: &PgPool, id: JobId) -> Result<Option<JobView>> {
+    Ok(sqlx::query_as(GET_JOB)
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// The attempts of a job, oldest first: the finished ones, then the running one (from the
+/// job row, without outcome).
+pub async fn list_attempts(pool: &PgPool, id: JobId) -> Result<Vec<AttemptView>> {
+    Ok(sqlx::query_as(LIST_ATTEMPTS)
+        .bind(id.0)
+        .fetch_all(pool)
+        .await?)
+}
