@@ -11,17 +11,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use sluice_protocol::RunnerId;
+use sluice::config::ServeConfig;
+use sluice::server::Server;
+use sluice::service::lifecycle::LeaseTimings;
+use sluice::store::{self, jobs};
+use sluice::{Error, Result};
+use sluice_protocol::{RunnerId, Secret};
 use sqlx::PgPool;
 
-use crate::config::ServeConfig;
-use crate::dev::{APP_DATABASE, APP_ROLE};
-use crate::postgres::{Cluster, ClusterConfig};
-use crate::secret::Secret;
-use crate::server::Server;
-use crate::service::lifecycle::LeaseTimings;
-use crate::store::{self, bench as sql, jobs};
-use crate::{dev, Error, Result};
+use crate::cluster::{self, Cluster, ClusterConfig};
+use crate::dev;
+use crate::provision::{provision_app_database, APP_DATABASE, APP_ROLE};
+use crate::store::bench as sql;
 
 /// Options of `sluice bench`.
 #[derive(Debug, Clone)]
@@ -152,7 +153,7 @@ pub fn run(config: BenchConfig) -> Result<Vec<Measurement>> {
         .build()
         .map_err(|e| Error::Internal(e.to_string()))?;
     if let Some((superuser, superuser_in_app_db, password)) = &provision {
-        runtime.block_on(crate::dev::provision_app_database(
+        runtime.block_on(provision_app_database(
             superuser,
             superuser_in_app_db,
             password,
@@ -269,7 +270,7 @@ async fn measure_all(
         pool,
         http: reqwest::Client::new(),
         specs: (0..1000).map(|_| json!({"kind": "noop"})).collect(),
-        pgbench: crate::postgres::find_tool("pgbench"),
+        pgbench: cluster::find_tool("pgbench"),
     };
     let mut results = Vec::new();
     if bench.wants("enqueue") {

@@ -1,12 +1,11 @@
-//! Statements only `sluice bench` runs: the bare-SQL reference it measures sluice against,
-//! and the user-facing plain INSERT enqueue path.
-
-use serde_json::Value;
-use sqlx::PgPool;
+//! Statements only `sluice bench` runs: the bare-SQL reference it measures sluice against
+//! (its own table, `sluice_bench_reference`, which the product's schema does not know), the
+//! user-facing plain INSERT enqueue path, and the probes that time a drain.
 
 use chrono::{DateTime, Utc};
-
-use crate::{Error, Result};
+use serde_json::Value;
+use sluice::{Error, Result};
+use sqlx::PgPool;
 
 /// Creates (empty) the reference table: a bigserial key and a jsonb payload, nothing else.
 pub async fn reset_reference_table(pool: &PgPool) -> Result<()> {

@@ -1,0 +1,10 @@
+//! The tooling's SQL: statements only `sluice dev`, `sluice bench` and the testkit run, never
+//! `sluice serve`. As in the server's `sluice::store`, each operation is a named function,
+//! each statement whole (a reader can copy it into `psql`), every value a bind parameter.
+//!
+//! - [`bench`](mod@bench) — the bench's own reference table, its plain-INSERT paths and its
+//!   probes.
+//! - [`provision`] — a private cluster's scheduler role and database.
+
+pub mod bench;
+pub mod provision;
