@@ -16,9 +16,11 @@ use sluice::server::Server;
 use sluice::service::lifecycle::LeaseTimings;
 use sluice::store::{self, jobs};
 use sluice::{Error, Result};
+use sluice_protocol::api::EnqueueRequest;
 use sluice_protocol::{RunnerId, Secret};
 use sqlx::PgPool;
 
+use crate::client::{ApiClient, ClientError};
 use crate::cluster::{self, Cluster, ClusterConfig};
 use crate::dev;
 use crate::provision::{provision_app_database, APP_DATABASE, APP_ROLE};
@@ -218,7 +220,8 @@ struct Bench<'a> {
     serve: ServeConfig,
     server: Server,
     pool: PgPool,
-    http: reqwest::Client,
+    /// The public API of the scheduler under test.
+    api: ApiClient,
     /// 1,000 noop specs, the unit of every bulk insert.
     specs: Vec<Value>,
     pgbench: Option<PathBuf>,
@@ -227,10 +230,6 @@ struct Bench<'a> {
 impl Bench<'_> {
     fn wants(&self, section: &str) -> bool {
         self.config.only.is_empty() || self.config.only.iter().any(|s| s == section)
-    }
-
-    fn api(&self) -> String {
-        format!("http://{}", self.server.api_addr)
     }
 }
 
@@ -260,6 +259,10 @@ async fn measure_all(
             ..Default::default()
         },
     );
+    let api = ApiClient::new(
+        &format!("http://{}", server.api_addr),
+        serve.api_token.clone(),
+    );
     let bench = Bench {
         config,
         sizes: Sizes::new(config.quick),
@@ -268,7 +271,7 @@ async fn measure_all(
         serve,
         server,
         pool,
-        http: reqwest::Client::new(),
+        api,
         specs: (0..1000).map(|_| json!({"kind": "noop"})).collect(),
         pgbench: cluster::find_tool("pgbench"),
     };
@@ -309,8 +312,10 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let api = bench.api();
-    let token = bench.serve.api_token.expose().to_string();
+    let request = EnqueueRequest {
+        spec: spec.clone(),
+        ..Default::default()
+    };
     let mut bare = Vec::new();
     let mut via_sql = Vec::new();
     let mut via_http = Vec::new();
@@ -332,19 +337,13 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.one_by_one {
-            let response = bench
-                .http
-                .post(format!("{api}/api/jobs"))
-                .bearer_auth(&token)
-                .json(&json!({"spec": spec}))
-                .send()
+            let (_, created) = bench
+                .api
+                .enqueue(&request)
                 .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            if response.status().as_u16() != 201 {
-                return Err(Error::Internal(format!(
-                    "enqueue answered {}",
-                    response.status()
-                )));
+                .map_err(|e| refused("enqueue", e))?;
+            if !created {
+                return Err(Error::Internal("enqueue answered 200 OK".into()));
             }
         }
         via_http.push(sizes.one_by_one as f64 / started.elapsed().as_secs_f64());
@@ -399,12 +398,24 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     Ok(results)
 }
 
+/// `what` failed: the scheduler's refusal (`enqueue answered 503: …`), or why it was not reached.
+fn refused(what: &str, err: ClientError) -> Error {
+    match err {
+        ClientError::Api { .. } => Error::Internal(format!("{what} answered {err}")),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
 /// Bulk enqueue, 1,000 per call: bare multi-row INSERT (and pgbench's), SQL, the batch API.
 async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     let (pool, sizes, specs) = (&bench.pool, &bench.sizes, &bench.specs);
-    let api = bench.api();
-    let token = bench.serve.api_token.expose().to_string();
-    let batch_body = json!({"jobs": specs.iter().map(|s| json!({"spec": s})).collect::<Vec<_>>()});
+    let batch: Vec<EnqueueRequest> = specs
+        .iter()
+        .map(|spec| EnqueueRequest {
+            spec: spec.clone(),
+            ..Default::default()
+        })
+        .collect();
     let mut bare_bulk = Vec::new();
     let mut sql_bulk = Vec::new();
     let mut named_bulk = Vec::new();
@@ -434,20 +445,11 @@ async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.bulk_calls {
-            let response = bench
-                .http
-                .post(format!("{api}/api/jobs/batch"))
-                .bearer_auth(&token)
-                .json(&batch_body)
-                .send()
+            bench
+                .api
+                .enqueue_batch(batch.clone())
                 .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            if response.status().as_u16() != 201 {
-                return Err(Error::Internal(format!(
-                    "batch answered {}",
-                    response.status()
-                )));
-            }
+                .map_err(|e| refused("batch", e))?;
         }
         http_bulk.push((sizes.bulk_calls * 1000) as f64 / started.elapsed().as_secs_f64());
     }

@@ -9,7 +9,7 @@
 //!   [`provision::provision_app_database`] over [`store::provision`]'s statements.
 //! - [`dev`] — `sluice dev`: cluster, scheduler, local runners, an example job.
 //! - [`bench`](mod@bench) — `sluice bench`: throughput and latency next to the bare-SQL limit.
-//! - [`client`] — a typed client of the public API, behind `sluice enqueue`.
+//! - [`client`] — a typed client of the public API, behind `sluice enqueue` and the bench.
 //! - [`store`] — every SQL statement of the tooling (the bench's own tables and references,
 //!   provisioning). The product's statements stay in the server's `sluice::store`.
 //!
