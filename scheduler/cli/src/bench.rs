@@ -375,8 +375,7 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         ),
     ];
     if let Some(pgbench) = &bench.pgbench {
-        let script =
-            "INSERT INTO sluice_bench_reference (payload) VALUES ('{\"kind\":\"noop\"}');\n";
+        let script = sql::PGBENCH_INSERT_ONE;
         let mut rates = Vec::new();
         for _ in 0..sizes.runs {
             sql::reset_reference_table(pool).await?;
@@ -485,8 +484,7 @@ async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         ),
     ];
     if let Some(pgbench) = &bench.pgbench {
-        let script = "INSERT INTO sluice_bench_reference (payload) \
-                      SELECT '{\"kind\":\"noop\"}'::jsonb FROM generate_series(1, 1000);\n";
+        let script = sql::PGBENCH_INSERT_THOUSAND;
         let mut rates = Vec::new();
         for _ in 0..sizes.runs {
             sql::reset_reference_table(pool).await?;
@@ -572,9 +570,7 @@ async fn queue_core(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     let mut results = vec![core.clone()];
     if let Some(pgbench) = &bench.pgbench {
         // The limit of any SKIP LOCKED queue on this server: claim 100 and delete them.
-        let script = "WITH picked AS (SELECT id FROM sluice_bench_reference ORDER BY id \
-                      LIMIT 100 FOR UPDATE SKIP LOCKED) \
-                      DELETE FROM sluice_bench_reference r USING picked WHERE r.id = picked.id;\n";
+        let script = sql::PGBENCH_CLAIM_AND_DELETE;
         let mut rates = Vec::new();
         for _ in 0..sizes.runs {
             sql::reset_reference_table(pool).await?;

@@ -28,6 +28,7 @@ use sluice::{Error, Result};
 use sluice_protocol::Secret;
 
 use crate::provision::scram_verifier;
+use crate::store::provision::superuser_password_statement;
 
 /// Where the server binaries are.
 #[derive(Debug, Clone)]
@@ -509,10 +510,7 @@ fn set_superuser_password(
     if let Some(mut stdin) = child.stdin.take() {
         // The verifier, not the password (see store::provision): the statement holds no
         // secret even where a server logs statements.
-        let statement = format!(
-            "ALTER ROLE postgres PASSWORD '{}';\n",
-            scram_verifier(password.expose())
-        );
+        let statement = superuser_password_statement(&scram_verifier(password.expose()));
         let _ = stdin.write_all(statement.as_bytes());
     }
     let output = child

@@ -145,3 +145,11 @@ pub async fn take_schema(superuser_in_database: &PgPool, role: &str) -> Result<(
     tx.commit().await?;
     Ok(())
 }
+
+/// The statement that sets the superuser's password to `verifier` (a [`scram_verifier`]), for
+/// a server in single-user mode: that reads statements from stdin and takes no bind
+/// parameters, so the verifier is quoted in. It comes from [`scram_verifier`], never from
+/// input, and holds no quote (base64, digits, `SCRAM-SHA-256`, `$` and `:`).
+pub fn superuser_password_statement(verifier: &str) -> String {
+    format!("ALTER ROLE postgres PASSWORD '{verifier}';\n")
+}
