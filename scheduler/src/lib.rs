@@ -1,30 +1,29 @@
-//! The sluice scheduler: the public job API, the queue store, the runner protocol, the reaper,
-//! and the `sluice` command line (`migrate`, `serve`, `enqueue`, `dev`).
+//! The sluice scheduler as a library: the public job API, the runner protocol, the services
+//! behind them and the queue store — everything `sluice serve` runs, and nothing else.
 //!
 //! # Layout
 //!
-//! - [`store`] — every SQL statement, as named operations (`jobs::claim_available`,
-//!   `jobs::complete_if_leased`, `jobs::reclaim_expired`, …). Nothing else sees a query string.
-//! - [`lifecycle`] — the job state machine's policy: retry back-off, lease timings.
 //! - [`api`] — the two HTTP listeners: the public API (`/api/*`, bearer token) and the internal
 //!   runner API (`/internal/*`, runner tokens). Only this module knows HTTP status codes.
+//! - [`service`] — the policy between the handlers and the store: dispatch (claims and
+//!   completions), runner sessions, jobs and queues, the lifecycle's timings and back-off, and
+//!   the leader-elected maintenance loop.
+//! - [`store`] — every SQL statement of the scheduler, as named operations
+//!   (`jobs::claim_available`, `jobs::complete_if_leased`, `jobs::reclaim_expired`, …).
+//!   Nothing else sees a query string.
 //! - [`wake`] — one shared `LISTEN sluice_jobs` connection that wakes long-polling claims.
-//! - [`maintenance`] — the leader-elected loop that reclaims expired leases and promotes
-//!   scheduled jobs.
+//! - [`config`] — [`config::ServeConfig`], everything a scheduler needs to start.
 //! - [`server`] — wires the above into a running scheduler (`sluice serve`).
-//! - [`postgres`] — a private Postgres cluster from the system's binaries (`sluice dev`, tests).
-//! - [`dev`] — `sluice dev`: cluster, scheduler, two local runners, an example job.
-//! - [`bench`] — `sluice bench`: throughput and latency next to the bare-SQL limit.
-//! - [`client`] — the small HTTP client behind `sluice enqueue`.
+//! - [`error`] — the one [`Error`] type and its [`Result`] alias.
 //! - [`secret`] — a wrapper that keeps tokens out of logs.
+//!
+//! **Architecture Invariant:** the tooling — the `sluice` command line, `sluice dev`,
+//! `sluice bench`, the private Postgres manager and the public-API client — lives in the
+//! `sluice-cli` crate (`scheduler/cli/`), which depends on this one; nothing here depends on it.
 
 pub mod api;
-pub mod bench;
-pub mod client;
 pub mod config;
-pub mod dev;
 pub mod error;
-pub mod postgres;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice::postgres::{Cluster, ClusterConfig};
+use sluice_cli::cluster::{Cluster, ClusterConfig};
 use sluice_protocol as protocol;
 use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -235,10 +235,10 @@ fn start_cluster() -> Result<(Cluster, ClusterConfig, String), String> {
         let admin = PgPool::connect(&cluster.url("postgres"))
             .await
             .map_err(|e| e.to_string())?;
-        sluice::store::provision::ensure_role(&admin, APP_ROLE, &app_password)
+        sluice_cli::store::provision::ensure_role(&admin, APP_ROLE, &app_password)
             .await
             .map_err(|e| e.to_string())?;
-        sluice::store::provision::ensure_database(&admin, "sluice_template", APP_ROLE)
+        sluice_cli::store::provision::ensure_database(&admin, "sluice_template", APP_ROLE)
             .await
             .map_err(|e| e.to_string())?;
         admin.close().await;

@@ -9,13 +9,9 @@
 //! - [`runners`] — registration and token lookup.
 //! - [`events`] — the per-attempt event stream.
 //! - [`queues`] — queue settings (pause/resume) and counts.
-//! - [`provision`] — a private cluster's application role and database.
-//! - [`bench`] — the bare-SQL reference and plain-INSERT paths `sluice bench` measures.
 
-pub mod bench;
 pub mod events;
 pub mod jobs;
-pub mod provision;
 pub mod queues;
 pub mod runners;
 

@@ -1,4 +1,8 @@
-//! The `sluice` binary: parses the command line and calls the library.
+//! The `sluice` binary: parses the command line and calls the libraries — the server library
+//! (`sluice`) for `migrate` and `serve`, the tooling (`sluice_cli`) for `enqueue`, `dev` and
+//! `bench`.
+
+#![forbid(unsafe_code)]
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -8,17 +12,22 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
-use sluice::client::{ApiClient, ClientError};
 use sluice::config::ServeConfig;
-use sluice::dev::DevConfig;
-use sluice::secret::Secret;
 use sluice::service::lifecycle::LeaseTimings;
+use sluice_cli::client::{ApiClient, ClientError};
+use sluice_cli::dev::DevConfig;
 use sluice_protocol::api::EnqueueRequest;
-use sluice_protocol::JobState;
+use sluice_protocol::{JobState, Secret};
 
 /// sluice: a Postgres-backed job system whose runners execute tools in sandboxes.
 #[derive(Parser)]
-#[command(name = "sluice", version, about)]
+// `about` is the text `sluice --help` has always opened with (the server crate's description
+// when the binary lived there), kept as it was when the binary moved to sluice-cli.
+#[command(
+    name = "sluice",
+    version,
+    about = "The sluice scheduler: public API, queue, reaper, runner protocol, and the `sluice` CLI."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,7 +62,7 @@ struct BenchArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<Secret>,
     /// Run only these parts (comma-separated): enqueue, bulk, core, e2e, spawn, claim.
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(sluice::bench::SECTIONS))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(sluice_cli::bench::SECTIONS))]
     only: Vec<String>,
 }
 
@@ -205,7 +214,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => {
             init_tracing("warn");
-            sluice::bench::run(sluice::bench::BenchConfig {
+            sluice_cli::bench::run(sluice_cli::bench::BenchConfig {
                 quick: args.quick,
                 json: args.json,
                 database_url: args.database_url,
@@ -246,7 +255,7 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
 }
 
 fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
-    sluice::dev::run(DevConfig {
+    sluice_cli::dev::run(DevConfig {
         dir: args.dir,
         database_url: args.database_url,
         listen: args.listen,

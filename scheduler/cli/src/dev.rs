@@ -21,16 +21,18 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use sluice_protocol::{JobId, JobState};
 
-use crate::config::ServeConfig;
-use crate::postgres::{self, Cluster, ClusterConfig};
-use crate::secret::Secret;
-use crate::server::Server;
-use crate::service::lifecycle::LeaseTimings;
-use crate::store::{self, events, jobs};
-use crate::{Error, Result};
+use sluice::config::ServeConfig;
+use sluice::server::Server;
+use sluice::service::lifecycle::LeaseTimings;
+use sluice::store::{self, events, jobs};
+use sluice::{Error, Result};
+use sluice_protocol::Secret;
+
+use crate::cluster::{data_dir_for, Cluster, ClusterConfig};
+use crate::provision::{provision_app_database, APP_DATABASE, APP_ROLE};
 
 /// The example job `sluice dev` runs first.
-pub const EXAMPLE_JOB: &str = include_str!("../../examples/hello.json");
+pub const EXAMPLE_JOB: &str = include_str!("../../../examples/hello.json");
 
 /// Options of `sluice dev`.
 #[derive(Debug, Clone)]
@@ -61,7 +63,7 @@ pub fn run(config: DevConfig) -> Result<()> {
     let database_url = match &config.database_url {
         Some(url) => url.clone(),
         None => {
-            let data_dir = postgres::data_dir_for(&dir.join("pg").join("data"))?;
+            let data_dir = data_dir_for(&dir.join("pg").join("data"))?;
             let credentials = ClusterCredentials::load_or_create(&dir.join("postgres.env"))?;
             println!("starting Postgres in {}", data_dir.display());
             let started_cluster = Cluster::start(&ClusterConfig {
@@ -218,10 +220,6 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// The role the scheduler logs in as, and the database it owns (see [`store::provision`]).
-pub const APP_ROLE: &str = "sluice";
-pub const APP_DATABASE: &str = "sluice";
-
 /// The private cluster's passwords, kept in `.sluice/postgres.env` (mode 0600): the
 /// superuser's (never used by the scheduler) and the scheduler role's.
 struct ClusterCredentials {
@@ -263,25 +261,6 @@ impl ClusterCredentials {
         write_private_file(path, &text)?;
         Ok(credentials)
     }
-}
-
-/// The scheduler's role and its database, made (or taken over from an earlier sluice's
-/// superuser-owned one) with the superuser.
-pub async fn provision_app_database(
-    superuser: &Secret,
-    superuser_in_app_db: &Secret,
-    password: &Secret,
-) -> Result<()> {
-    let options = store::connect_options(superuser.expose())?;
-    let pool = store::pool(options, &store::PoolConfig::default());
-    store::provision::ensure_role(&pool, APP_ROLE, password).await?;
-    store::provision::ensure_database(&pool, APP_DATABASE, APP_ROLE).await?;
-    pool.close().await;
-    let options = store::connect_options(superuser_in_app_db.expose())?;
-    let pool = store::pool(options, &store::PoolConfig::default());
-    store::provision::take_schema(&pool, APP_ROLE).await?;
-    pool.close().await;
-    Ok(())
 }
 
 /// Writes `text` to `path`, readable by its owner only from the first byte on.

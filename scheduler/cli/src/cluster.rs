@@ -9,7 +9,7 @@
 //! mode for a cluster made before, which also turns its `trust` lines into SCRAM). A tool
 //! running on the same machine cannot log in, let alone as a superuser (S-13); the
 //! scheduler logs in as a role that owns its database and nothing more
-//! ([`crate::store::provision`]).
+//! ([`crate::provision`]).
 //! As root, initdb and the server run as the `postgres` user (Postgres refuses root), and the
 //! data directory must be reachable by that user; [`data_dir_for`] falls back to a temp dir
 //! when the requested one is not.
@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
+use sluice::{Error, Result};
+use sluice_protocol::Secret;
 
-use crate::secret::Secret;
-use crate::{Error, Result};
+use crate::provision::scram_verifier;
+use crate::store::provision::superuser_password_statement;
 
 /// Where the server binaries are.
 #[derive(Debug, Clone)]
@@ -508,10 +510,7 @@ fn set_superuser_password(
     if let Some(mut stdin) = child.stdin.take() {
         // The verifier, not the password (see store::provision): the statement holds no
         // secret even where a server logs statements.
-        let statement = format!(
-            "ALTER ROLE postgres PASSWORD '{}';\n",
-            crate::store::provision::scram_verifier(password.expose())
-        );
+        let statement = superuser_password_statement(&scram_verifier(password.expose()));
         let _ = stdin.write_all(statement.as_bytes());
     }
     let output = child

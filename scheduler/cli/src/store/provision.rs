@@ -1,5 +1,5 @@
-//! Setting up a private cluster's application role and database (`sluice dev`, the testkit,
-//! `sluice bench`), run with a superuser connection.
+//! The statements that set up a private cluster's application role and database (`sluice
+//! dev`, the testkit, `sluice bench`), run with a superuser connection.
 //!
 //! The scheduler logs in as `role`, a plain login role (no superuser, no CREATEDB, no
 //! CREATEROLE, no `pg_execute_server_program`) that owns its database and therefore the
@@ -8,13 +8,14 @@
 //!
 //! Names reach the server as bind parameters, and the server itself quotes them into the DDL
 //! (`format('%I', …)`), which takes no parameters. A password never reaches the server at
-//! all: it gets the SCRAM-SHA-256 verifier computed here ([`scram_verifier`]), so not even a
-//! statement log or an error's context line can hold it.
+//! all: it gets the SCRAM-SHA-256 verifier computed by the client ([`scram_verifier`]), so
+//! not even a statement log or an error's context line can hold it.
 
+use sluice::Result;
+use sluice_protocol::Secret;
 use sqlx::PgPool;
 
-use crate::secret::Secret;
-use crate::Result;
+use crate::provision::scram_verifier;
 
 /// Creates the login role `role` with `password` (or sets the password of an existing one,
 /// and takes every privileged attribute away from it).
@@ -145,78 +146,10 @@ pub async fn take_schema(superuser_in_database: &PgPool, role: &str) -> Result<(
     Ok(())
 }
 
-/// The SCRAM-SHA-256 verifier Postgres stores for `password` (RFC 5802 / 7677, as Postgres
-/// builds it: 4096 iterations, a random 16-byte salt). `ALTER ROLE … PASSWORD '<verifier>'`
-/// stores it as is.
-pub fn scram_verifier(password: &str) -> String {
-    use base64::Engine;
-    use sha2::{Digest, Sha256};
-    const ITERATIONS: u32 = 4096;
-    let salt = *uuid::Uuid::new_v4().as_bytes();
-    // Hi(): PBKDF2 with HMAC-SHA-256, one block.
-    let mut block = salt.to_vec();
-    block.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = hmac_sha256(password.as_bytes(), &block);
-    let mut salted = u;
-    for _ in 1..ITERATIONS {
-        u = hmac_sha256(password.as_bytes(), &u);
-        for (s, x) in salted.iter_mut().zip(u) {
-            *s ^= x;
-        }
-    }
-    let client_key = hmac_sha256(&salted, b"Client Key");
-    let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-    let server_key = hmac_sha256(&salted, b"Server Key");
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    format!(
-        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
-        b64(&salt),
-        b64(&stored_key),
-        b64(&server_key)
-    )
-}
-
-/// HMAC-SHA-256 (RFC 2104).
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| block.map(|b| b ^ byte);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hmac_matches_rfc_4231() {
-        // Test case 2.
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(
-            hex,
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-    }
-
-    #[test]
-    fn a_verifier_has_postgres_shape_and_never_the_password() {
-        let verifier = scram_verifier("CANARY-password");
-        assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
-        assert!(!verifier.contains("CANARY"));
-        assert_ne!(verifier, scram_verifier("CANARY-password"), "salted");
-    }
+/// The statement that sets the superuser's password to `verifier` (a [`scram_verifier`]), for
+/// a server in single-user mode: that reads statements from stdin and takes no bind
+/// parameters, so the verifier is quoted in. It comes from [`scram_verifier`], never from
+/// input, and holds no quote (base64, digits, `SCRAM-SHA-256`, `$` and `:`).
+pub fn superuser_password_statement(verifier: &str) -> String {
+    format!("ALTER ROLE postgres PASSWORD '{verifier}';\n")
 }

@@ -1,12 +1,27 @@
-//! Statements only `sluice bench` runs: the bare-SQL reference it measures sluice against,
-//! and the user-facing plain INSERT enqueue path.
-
-use serde_json::Value;
-use sqlx::PgPool;
+//! Statements only `sluice bench` runs: the bare-SQL reference it measures sluice against
+//! (its own table, `sluice_bench_reference`, which the product's schema does not know), the
+//! user-facing plain INSERT enqueue path, and the probes that time a drain. The `PGBENCH_*`
+//! scripts are the same references run by `pgbench`.
 
 use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sluice::{Error, Result};
+use sqlx::PgPool;
 
-use crate::{Error, Result};
+/// pgbench's single-row INSERT into the reference table (the one-by-one enqueue reference).
+pub const PGBENCH_INSERT_ONE: &str =
+    "INSERT INTO sluice_bench_reference (payload) VALUES ('{\"kind\":\"noop\"}');\n";
+
+/// pgbench's 1,000-row INSERT into the reference table (the bulk enqueue reference).
+pub const PGBENCH_INSERT_THOUSAND: &str = "INSERT INTO sluice_bench_reference (payload) \
+     SELECT '{\"kind\":\"noop\"}'::jsonb FROM generate_series(1, 1000);\n";
+
+/// pgbench's bare SKIP LOCKED drain: claim 100 reference rows and delete them (the limit of
+/// any SKIP LOCKED queue on the server).
+pub const PGBENCH_CLAIM_AND_DELETE: &str =
+    "WITH picked AS (SELECT id FROM sluice_bench_reference ORDER BY id \
+     LIMIT 100 FOR UPDATE SKIP LOCKED) \
+     DELETE FROM sluice_bench_reference r USING picked WHERE r.id = picked.id;\n";
 
 /// Creates (empty) the reference table: a bigserial key and a jsonb payload, nothing else.
 pub async fn reset_reference_table(pool: &PgPool) -> Result<()> {

@@ -11,17 +11,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use sluice_protocol::RunnerId;
+use sluice::config::ServeConfig;
+use sluice::server::Server;
+use sluice::service::lifecycle::LeaseTimings;
+use sluice::store::{self, jobs};
+use sluice::{Error, Result};
+use sluice_protocol::api::EnqueueRequest;
+use sluice_protocol::{RunnerId, Secret};
 use sqlx::PgPool;
 
-use crate::config::ServeConfig;
-use crate::dev::{APP_DATABASE, APP_ROLE};
-use crate::postgres::{Cluster, ClusterConfig};
-use crate::secret::Secret;
-use crate::server::Server;
-use crate::service::lifecycle::LeaseTimings;
-use crate::store::{self, bench as sql, jobs};
-use crate::{dev, Error, Result};
+use crate::client::{ApiClient, ClientError};
+use crate::cluster::{self, Cluster, ClusterConfig};
+use crate::dev;
+use crate::provision::{provision_app_database, APP_DATABASE, APP_ROLE};
+use crate::store::bench as sql;
 
 /// Options of `sluice bench`.
 #[derive(Debug, Clone)]
@@ -152,7 +155,7 @@ pub fn run(config: BenchConfig) -> Result<Vec<Measurement>> {
         .build()
         .map_err(|e| Error::Internal(e.to_string()))?;
     if let Some((superuser, superuser_in_app_db, password)) = &provision {
-        runtime.block_on(crate::dev::provision_app_database(
+        runtime.block_on(provision_app_database(
             superuser,
             superuser_in_app_db,
             password,
@@ -217,7 +220,8 @@ struct Bench<'a> {
     serve: ServeConfig,
     server: Server,
     pool: PgPool,
-    http: reqwest::Client,
+    /// The public API of the scheduler under test.
+    api: ApiClient,
     /// 1,000 noop specs, the unit of every bulk insert.
     specs: Vec<Value>,
     pgbench: Option<PathBuf>,
@@ -226,10 +230,6 @@ struct Bench<'a> {
 impl Bench<'_> {
     fn wants(&self, section: &str) -> bool {
         self.config.only.is_empty() || self.config.only.iter().any(|s| s == section)
-    }
-
-    fn api(&self) -> String {
-        format!("http://{}", self.server.api_addr)
     }
 }
 
@@ -259,6 +259,10 @@ async fn measure_all(
             ..Default::default()
         },
     );
+    let api = ApiClient::new(
+        &format!("http://{}", server.api_addr),
+        serve.api_token.clone(),
+    );
     let bench = Bench {
         config,
         sizes: Sizes::new(config.quick),
@@ -267,9 +271,9 @@ async fn measure_all(
         serve,
         server,
         pool,
-        http: reqwest::Client::new(),
+        api,
         specs: (0..1000).map(|_| json!({"kind": "noop"})).collect(),
-        pgbench: crate::postgres::find_tool("pgbench"),
+        pgbench: cluster::find_tool("pgbench"),
     };
     let mut results = Vec::new();
     if bench.wants("enqueue") {
@@ -308,8 +312,10 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let api = bench.api();
-    let token = bench.serve.api_token.expose().to_string();
+    let request = EnqueueRequest {
+        spec: spec.clone(),
+        ..Default::default()
+    };
     let mut bare = Vec::new();
     let mut via_sql = Vec::new();
     let mut via_http = Vec::new();
@@ -331,19 +337,13 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.one_by_one {
-            let response = bench
-                .http
-                .post(format!("{api}/api/jobs"))
-                .bearer_auth(&token)
-                .json(&json!({"spec": spec}))
-                .send()
+            let (_, created) = bench
+                .api
+                .enqueue(&request)
                 .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            if response.status().as_u16() != 201 {
-                return Err(Error::Internal(format!(
-                    "enqueue answered {}",
-                    response.status()
-                )));
+                .map_err(|e| refused("enqueue", e))?;
+            if !created {
+                return Err(Error::Internal("enqueue answered 200 OK".into()));
             }
         }
         via_http.push(sizes.one_by_one as f64 / started.elapsed().as_secs_f64());
@@ -375,8 +375,7 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         ),
     ];
     if let Some(pgbench) = &bench.pgbench {
-        let script =
-            "INSERT INTO sluice_bench_reference (payload) VALUES ('{\"kind\":\"noop\"}');\n";
+        let script = sql::PGBENCH_INSERT_ONE;
         let mut rates = Vec::new();
         for _ in 0..sizes.runs {
             sql::reset_reference_table(pool).await?;
@@ -398,12 +397,24 @@ async fn enqueue_one_by_one(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     Ok(results)
 }
 
+/// `what` failed: the scheduler's refusal (`enqueue answered 503: …`), or why it was not reached.
+fn refused(what: &str, err: ClientError) -> Error {
+    match err {
+        ClientError::Api { .. } => Error::Internal(format!("{what} answered {err}")),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
 /// Bulk enqueue, 1,000 per call: bare multi-row INSERT (and pgbench's), SQL, the batch API.
 async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     let (pool, sizes, specs) = (&bench.pool, &bench.sizes, &bench.specs);
-    let api = bench.api();
-    let token = bench.serve.api_token.expose().to_string();
-    let batch_body = json!({"jobs": specs.iter().map(|s| json!({"spec": s})).collect::<Vec<_>>()});
+    let batch: Vec<EnqueueRequest> = specs
+        .iter()
+        .map(|spec| EnqueueRequest {
+            spec: spec.clone(),
+            ..Default::default()
+        })
+        .collect();
     let mut bare_bulk = Vec::new();
     let mut sql_bulk = Vec::new();
     let mut named_bulk = Vec::new();
@@ -433,20 +444,11 @@ async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         sql::truncate_jobs(pool).await?;
         let started = Instant::now();
         for _ in 0..sizes.bulk_calls {
-            let response = bench
-                .http
-                .post(format!("{api}/api/jobs/batch"))
-                .bearer_auth(&token)
-                .json(&batch_body)
-                .send()
+            bench
+                .api
+                .enqueue_batch(batch.clone())
                 .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            if response.status().as_u16() != 201 {
-                return Err(Error::Internal(format!(
-                    "batch answered {}",
-                    response.status()
-                )));
-            }
+                .map_err(|e| refused("batch", e))?;
         }
         http_bulk.push((sizes.bulk_calls * 1000) as f64 / started.elapsed().as_secs_f64());
     }
@@ -482,8 +484,7 @@ async fn enqueue_bulk(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         ),
     ];
     if let Some(pgbench) = &bench.pgbench {
-        let script = "INSERT INTO sluice_bench_reference (payload) \
-                      SELECT '{\"kind\":\"noop\"}'::jsonb FROM generate_series(1, 1000);\n";
+        let script = sql::PGBENCH_INSERT_THOUSAND;
         let mut rates = Vec::new();
         for _ in 0..sizes.runs {
             sql::reset_reference_table(pool).await?;
@@ -569,9 +570,7 @@ async fn queue_core(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
     let mut results = vec![core.clone()];
     if let Some(pgbench) = &bench.pgbench {
         // The limit of any SKIP LOCKED queue on this server: claim 100 and delete them.
-        let script = "WITH picked AS (SELECT id FROM sluice_bench_reference ORDER BY id \
-                      LIMIT 100 FOR UPDATE SKIP LOCKED) \
-                      DELETE FROM sluice_bench_reference r USING picked WHERE r.id = picked.id;\n";
+        let script = sql::PGBENCH_CLAIM_AND_DELETE;
         let mut rates = Vec::new();
         for _ in 0..sizes.runs {
             sql::reset_reference_table(pool).await?;

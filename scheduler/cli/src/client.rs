@@ -9,9 +9,7 @@ use sluice_protocol::api::{
     paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Job, JobStateChange,
     QueueList, QueuePaused,
 };
-use sluice_protocol::{ErrorBody, ErrorCode, JobId};
-
-use crate::secret::Secret;
+use sluice_protocol::{ErrorBody, ErrorCode, JobId, Secret};
 
 /// Errors talking to the public API.
 #[derive(Debug, thiserror::Error)]
