@@ -21,6 +21,9 @@ use crate::Result;
 
 /// Rows one statement touches at most, so that a pass never holds many locks for long.
 const BATCH: i64 = 1000;
+/// Passes in a row whose outage extension may fail (other than for the database being away)
+/// before reclaims go on without it.
+const MAX_EXTENSION_TRIES: u32 = 5;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -95,7 +98,8 @@ pub async fn run_pass(
     let mut report = PassReport::default();
 
     // After an outage, first give the leases that expired meanwhile one more term, so the
-    // reclaim below spares runners that kept working but could not heartbeat.
+    // reclaim below spares runners that kept working but could not heartbeat. Until that
+    // has been done, nothing is reclaimed.
     if after_outage {
         let extended = async {
             let Some(mut tx) = lead(pool).await? else {
@@ -108,8 +112,12 @@ pub async fn run_pass(
         .await;
         report.extended = report.record("extend", extended);
     }
+    let extension_pending = report.failed_steps.contains(&"extend");
 
     let reclaimed = async {
+        if extension_pending {
+            return Ok(None);
+        }
         let Some(mut tx) = lead(pool).await? else {
             return Ok(None);
         };
@@ -217,6 +225,7 @@ pub async fn run(
 ) {
     let mut ticker = tokio::time::interval(interval);
     let mut after_outage = false;
+    let mut failed_extensions = 0;
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -229,11 +238,22 @@ pub async fn run(
         }
         loop {
             let report = run_pass(&pool, &wake, lease, after_outage).await;
-            // The outage extension is done once a pass ran as leader after the database came
-            // back (or repeated while it stays away). An extension that fails for another
-            // reason is logged and not repeated: it must never hold reclaims off for good.
+            // The outage extension is done once a pass ran it as leader after the database
+            // came back (it is repeated while the database stays away). One that keeps
+            // failing for another reason is given up after a few passes, with an error: it
+            // must never hold reclaims off for good.
             if report.unavailable {
                 after_outage = true;
+                failed_extensions = 0;
+            } else if report.failed_steps.contains(&"extend") {
+                failed_extensions += 1;
+                if failed_extensions >= MAX_EXTENSION_TRIES {
+                    tracing::error!(
+                        tries = failed_extensions,
+                        "the outage extension keeps failing; reclaiming without it"
+                    );
+                    after_outage = false;
+                }
             } else if report.led {
                 after_outage = false;
             }
