@@ -1,33 +1,39 @@
 //! The sluice runner sidecar: registers with a scheduler's internal API, claims tasks for its
-//! free slots, forks their tools under limits, streams their output, heartbeats their leases
-//! and reports their completion. It never talks to Postgres.
+//! free slots, runs each attempt's tool in the sandbox, streams its output, heartbeats its
+//! lease and reports its completion. It never talks to Postgres, and holds no `unsafe`
+//! code: every raw syscall is in the `sluice-sandbox` crate.
 //!
-//! # Layout
+//! # Layout, outside in
 //!
-//! - [`config`] — flags and environment, validated at start; [`config::Secret`].
-//! - [`client`] — the internal-API HTTP client with retries and back-off.
-//! - [`runner`] — registration, the claim loop, heartbeats, self-fencing, draining.
-//! - [`slots`] — the task slots, each with a uid of its own, locked host-wide.
-//! - [`task`] — one task: dispatch on the spec's kind, event batching, completion.
-//! - [`process`] — forking tools (session, death signal, no-new-privs, rlimits, clean env)
-//!   and killing their process groups.
-//! - [`outbox`] — completions on their way, carried by claims or sent in batches.
-//! - [`output`] — the per-attempt output cap and the tails kept for results.
-//! - [`tools`] — the five tools' definitions, path confinement, the file tools, `web_fetch`,
-//!   and the confined child that runs them.
+//! - [`session`] — registration, the claim loop, heartbeats and the fence, draining.
+//! - [`attempt`] — one claimed attempt from claim to delivered completion, top to bottom.
+//! - [`exec`] — the executors (bash, confined tool) with their one shape, and the policy a
+//!   runner applies to tools (environment, limits, timeout, network).
+//! - [`tools`] — the five tools' definitions, the file tools, `web_fetch`, and the confined
+//!   child that runs them.
+//! - [`leases`] — the held leases, by `(job, attempt)`; [`outbox`] — completions on their way,
+//!   carried by claims or sent in batches; [`slots`] — the slots, each with a uid of its own.
+//! - [`client`] — the internal-API HTTP client with retries and back-off; [`config`] — flags
+//!   and environment, validated at start; [`bench`] — the spawn-path benchmark.
+//!
+//! Dependencies point inward only: `session` → `attempt` → `exec` → `tools` and the sandbox;
+//! `leases`, `outbox`, `slots`, `client` and `config` are leaves the outer layers share.
 
+#![forbid(unsafe_code)]
+
+pub mod attempt;
+pub mod bench;
 pub mod client;
 pub mod config;
+pub mod exec;
+pub mod leases;
 pub mod outbox;
-pub mod output;
-pub mod process;
-pub mod runner;
+pub mod session;
 pub mod slots;
-pub mod task;
 pub mod tools;
 
 pub use config::Config;
-pub use runner::run;
+pub use session::run;
 
 /// Errors of the sidecar library.
 #[derive(Debug, thiserror::Error)]

@@ -1,17 +1,19 @@
 //! The `sluice-runner` binary: reads its configuration and runs the sidecar until SIGTERM or
 //! SIGINT, then drains.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
-    // A confined tool call (see tools::exec): no logging, no configuration, no runtime.
+    // A confined tool call (see tools::child): no logging, no configuration, no runtime.
     if std::env::args_os()
         .nth(1)
-        .is_some_and(|a| a == sluice_runner::tools::exec::CHILD_ARG)
+        .is_some_and(|a| a == sluice_runner::tools::child::CHILD_ARG)
     {
-        return sluice_runner::tools::exec::child_main();
+        return sluice_runner::tools::child::child_main();
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -73,7 +75,7 @@ fn main() -> ExitCode {
 
 /// `--bench-spawn N`: the spawn path's overhead and this process's idle RSS, as JSON.
 fn bench_spawn(count: usize, args: sluice_runner::config::Args) -> ExitCode {
-    let user = match sluice_runner::process::ToolUser::resolve(&args.tool_user) {
+    let user = match sluice_sandbox::ToolUser::resolve(&args.tool_user) {
         Ok(user) => user,
         Err(err) => {
             eprintln!("error: SLUICE_RUNNER_TOOL_USER: {err}");
@@ -100,9 +102,10 @@ fn bench_spawn(count: usize, args: sluice_runner::config::Args) -> ExitCode {
         }
     };
     let limits = sluice_protocol::Limits::default();
-    let measured = runtime.block_on(sluice_runner::process::measure_spawn(
-        count, &workspace, &limits, user,
-    ));
+    let measured = runtime.block_on(async {
+        let sandbox = sluice_sandbox::Sandbox::start();
+        sluice_runner::bench::measure_spawn(&sandbox, count, &workspace, &limits, user).await
+    });
     let _ = std::fs::remove_dir_all(&workspace);
     match measured {
         Ok(t) => {

@@ -1,6 +1,6 @@
 //! Completions on their way to the scheduler, batched.
 //!
-//! A finished task puts its completion here and frees its slot. The claim loop, which is
+//! A finished attempt puts its completion here and frees its slot. The claim loop, which is
 //! waiting for exactly that slot, carries every pending completion on its next claim, so a
 //! runner refilling its slots reports and refills them in one request and one commit. While
 //! the claim loop cannot carry them — its claim is long-polling, it is backing off, or it has
@@ -42,7 +42,7 @@ pub enum Delivery {
 }
 
 /// One completion waiting to be sent, and where its answer goes.
-pub struct Pending {
+pub struct Queued {
     pub completion: Completion,
     /// Its size as JSON, for batches that fit the scheduler's body limit.
     bytes: usize,
@@ -83,7 +83,7 @@ fn refused(completion: Completion, code: FailureCode, message: String) -> Comple
 
 #[derive(Default)]
 struct Inner {
-    pending: Vec<Pending>,
+    pending: Vec<Queued>,
     /// The claim loop is waiting for a slot and will carry what is pending when it gets one.
     carrier: bool,
     /// The flusher has stopped: nothing more will be sent.
@@ -94,6 +94,8 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     flush: Notify,
+    /// Turns true when the registration ends: the flusher stops.
+    ended: watch::Sender<bool>,
     /// The scheduler takes completions on claims and in batches (protocol 2 on); else each
     /// goes to `/internal/tasks/:id/complete` alone.
     batched: bool,
@@ -106,6 +108,7 @@ impl Outbox {
         Outbox {
             inner: Mutex::default(),
             flush: Notify::new(),
+            ended: watch::channel(false).0,
             batched,
         }
     }
@@ -119,7 +122,7 @@ impl Outbox {
             return answer;
         }
         let (completion, bytes) = sendable(completion);
-        inner.pending.push(Pending {
+        inner.pending.push(Queued {
             completion,
             bytes,
             reply,
@@ -149,7 +152,7 @@ impl Outbox {
     /// carries completions is answered at once, so the claim loop stays the carrier for what
     /// comes in meanwhile; a claim that carries none may wait long, so the flusher takes
     /// over for its time.
-    pub fn carry(&self, max: usize) -> Vec<Pending> {
+    pub fn carry(&self, max: usize) -> Vec<Queued> {
         let mut inner = self.inner.lock().expect("lock");
         let taken = take_front(&mut inner.pending, max);
         inner.carrier = !taken.is_empty();
@@ -172,7 +175,7 @@ impl Outbox {
     /// Hands the completions a claim carried their answers. A claim answered without any
     /// broke the protocol it agreed to: they go back to the flusher, which sends them again
     /// (completions are idempotent).
-    pub fn answered_by_claim(&self, carried: Vec<Pending>, results: Vec<CompletionResult>) {
+    pub fn answered_by_claim(&self, carried: Vec<Queued>, results: Vec<CompletionResult>) {
         if !carried.is_empty() && results.is_empty() {
             tracing::error!("the scheduler answered a claim without its completions' results; sending them again");
             self.release_carrier();
@@ -183,7 +186,7 @@ impl Outbox {
     }
 
     /// Returns completions whose request failed, to be sent again by the flusher.
-    pub fn put_back(&self, mut items: Vec<Pending>) {
+    pub fn put_back(&self, mut items: Vec<Queued>) {
         if items.is_empty() {
             return;
         }
@@ -195,7 +198,7 @@ impl Outbox {
         }
     }
 
-    fn take_for_flush(&self) -> Vec<Pending> {
+    fn take_for_flush(&self) -> Vec<Queued> {
         let mut inner = self.inner.lock().expect("lock");
         if inner.carrier {
             return Vec::new();
@@ -203,9 +206,15 @@ impl Outbox {
         take_front(&mut inner.pending, MAX_BATCH)
     }
 
-    /// Sends pending completions whenever the claim loop cannot carry them, until
-    /// `session_end` or `hard_stop` turns true; then answers what is left, and anything
-    /// submitted later, as not delivered. A request is retried for `budget` at most.
+    /// The registration has ended: the flusher stops sending.
+    pub fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    /// Sends pending completions whenever the claim loop cannot carry them, until the
+    /// registration [ends](Outbox::end) or `hard_stop` turns true; then answers what is left,
+    /// and anything submitted later, as not delivered. A request is retried for `budget` at
+    /// most.
     pub async fn flusher(
         &self,
         client: Client,
@@ -213,8 +222,8 @@ impl Outbox {
         token: Secret,
         budget: Duration,
         hard_stop: watch::Receiver<bool>,
-        session_end: watch::Receiver<bool>,
     ) {
+        let session_end = self.ended.subscribe();
         self.flush_until(client, path, token, budget, hard_stop, session_end)
             .await;
         let left = {
@@ -314,7 +323,7 @@ async fn send_one_by_one(
     token: &Secret,
     budget: Duration,
     hard_stop: &mut watch::Receiver<bool>,
-    batch: Vec<Pending>,
+    batch: Vec<Queued>,
 ) {
     for pending in batch {
         let mut completion = pending.completion;
@@ -359,7 +368,7 @@ async fn send_one_by_one(
 
 /// The first completions, at most `max` of them and [`MAX_BATCH_BYTES`] together (at least
 /// one, which alone is within [`bounds::MAX_COMPLETION_BYTES`]).
-fn take_front(pending: &mut Vec<Pending>, max: usize) -> Vec<Pending> {
+fn take_front(pending: &mut Vec<Queued>, max: usize) -> Vec<Queued> {
     let mut bytes = 0;
     let mut count = 0;
     for item in pending.iter().take(max) {
@@ -375,7 +384,7 @@ fn take_front(pending: &mut Vec<Pending>, max: usize) -> Vec<Pending> {
 
 /// Hands each completion its answer from the scheduler's results (matched by job and
 /// attempt; one the scheduler did not answer is reported as not delivered).
-pub fn resolve(batch: Vec<Pending>, results: Vec<CompletionResult>) {
+pub fn resolve(batch: Vec<Queued>, results: Vec<CompletionResult>) {
     for pending in batch {
         let c = &pending.completion;
         let result = results
@@ -398,7 +407,7 @@ pub fn resolve(batch: Vec<Pending>, results: Vec<CompletionResult>) {
 }
 
 /// Answers a batch whose request failed for good.
-pub fn fail(batch: Vec<Pending>, err: &CallError) {
+pub fn fail(batch: Vec<Queued>, err: &CallError) {
     for pending in batch {
         let delivery = if err.is_lease_lost() {
             Delivery::LeaseLost

@@ -12,13 +12,13 @@
 //! the locks when the process dies, however it dies.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::process::ToolUser;
+use sluice_sandbox::ToolUser;
 
 /// A slot: its index, and the user its tools run as (`None` when the sidecar is not root and
 /// cannot switch users: then every tool shares the sidecar's identity).
@@ -33,7 +33,7 @@ pub struct Slots {
     permits: Arc<Semaphore>,
     free: Mutex<Vec<Slot>>,
     /// The uid locks, held for the runner's life.
-    _locks: Vec<File>,
+    _locks: Vec<Flock<File>>,
 }
 
 /// A slot in use; it goes back to the pool when dropped.
@@ -150,7 +150,7 @@ impl UidRange {
     }
 
     /// Locks `count` uids of the range that no other process holds.
-    fn allocate(&self, count: usize) -> Result<(Vec<ToolUser>, Vec<File>), String> {
+    fn allocate(&self, count: usize) -> Result<(Vec<ToolUser>, Vec<Flock<File>>), String> {
         std::fs::create_dir_all(&self.lock_dir)
             .map_err(|e| format!("creating {}: {e}", self.lock_dir.display()))?;
         let mut users = Vec::with_capacity(count);
@@ -166,13 +166,10 @@ impl UidRange {
                 .write(true)
                 .open(&path)
                 .map_err(|e| format!("opening {}: {e}", path.display()))?;
-            // SAFETY: flock on a descriptor this function owns.
-            let locked = unsafe {
-                nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB)
-            };
-            if locked == 0 {
+            // Held by another runner: try the next uid.
+            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 users.push(ToolUser { uid, gid: uid });
-                locks.push(file);
+                locks.push(lock);
             }
         }
         if users.len() < count {

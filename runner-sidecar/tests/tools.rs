@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_protocol::{Limits, ToolName};
-use sluice_runner::process::ToolUser;
-use sluice_runner::tools::confine::{self, Access, Workspace};
-use sluice_runner::tools::exec::{self, Call, Ended};
+use sluice_runner::exec::tool::{self as exec, Answer, Call};
 use sluice_runner::tools::{self, Policy, ToolError};
+use sluice_sandbox::confine::{self, Access, Workspace};
+use sluice_sandbox::{Sandbox, ToolUser};
 
 const CANARY: &str = "OUTSIDE-CANARY-7f3a";
 
@@ -423,12 +423,13 @@ async fn call(
     exec::use_binary(Path::new(env!("CARGO_BIN_EXE_sluice-runner"))).unwrap();
     let (_tx, mut rx) = tokio::sync::watch::channel(None);
     let ended = exec::call(
+        &Sandbox::start(),
         Call {
             tool,
             input: &input,
             policy,
             workspace: ws,
-            env: sluice_runner::process::tool_env(ws, 1, 1, &Default::default()),
+            env: sluice_runner::exec::policy::tool_env(ws, 1, 1, &Default::default()),
             limits,
             user: tool_user(),
             network: sluice_protocol::Network::Full,
@@ -439,8 +440,8 @@ async fn call(
     )
     .await;
     match ended {
-        Ended::Answered(answer) => answer,
-        Ended::Stopped(reason) => panic!("stopped: {reason:?}"),
+        Answer::Answered(answer) => answer,
+        Answer::Stopped(reason) => panic!("stopped: {reason:?}"),
     }
 }
 

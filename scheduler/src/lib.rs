@@ -21,6 +21,8 @@
 //! `sluice bench`, the private Postgres manager and the public-API client — lives in the
 //! `sluice-cli` crate (`scheduler/cli/`), which depends on this one; nothing here depends on it.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod config;
 pub mod error;

@@ -14,6 +14,8 @@
 //! Binaries are found next to the test executable's `target/<profile>/` (override with
 //! `SLUICE_BIN_DIR`); `cargo test --workspace` builds them.
 
+#![forbid(unsafe_code)]
+
 pub mod proxy;
 
 use std::future::Future;
@@ -469,13 +471,7 @@ impl Timings {
 /// Kills the child when the thread that started it (the test's) ends, even if the test
 /// process itself is killed before `Drop` runs.
 fn die_with_test(command: &mut Command) {
-    // SAFETY: prctl is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
-    }
+    sluice_sandbox::die_with_parent(command.as_std_mut(), nix::sys::signal::Signal::SIGKILL);
 }
 
 /// A child process whose stderr goes to a log file, printed if the test fails.

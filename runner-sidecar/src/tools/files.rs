@@ -9,9 +9,9 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fstat, Mode, SFlag};
 use serde_json::{json, Value};
 
-use super::confine::{self, code, Access, FsError, Workspace};
 use super::glob::Glob;
 use super::{Encoding, GrepInput, Policy, ReadFileInput, ToolError, WriteFileInput};
+use sluice_sandbox::confine::{self, code, Access, FsError, Workspace};
 
 /// Bytes looked at for a NUL to call a file binary.
 const BINARY_PROBE: usize = 8 * 1024;

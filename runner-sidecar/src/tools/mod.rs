@@ -1,19 +1,18 @@
 //! The five tools, described once: name, description and JSON input schema (what the agent
 //! step offers a model), typed inputs, and how each call runs.
 //!
-//! `bash` runs through the task's streaming path ([`crate::task`]). The other four run in a
-//! confined child — this binary re-executed through [`exec`] with the same spawn path as a
-//! bash tool: own PID namespace, the tool user, rlimits, cleared environment, the workspace as
-//! cwd — so a file tool reads and writes with the tool user's rights only, and a `web_fetch`
-//! connects as the tool user (egress rules by uid apply to it).
+//! `bash` runs through the bash executor (`crate::exec::bash`). The other four run in a
+//! confined child — this binary re-executed by the tool executor (`crate::exec::tool`) with
+//! the same sandbox as a bash tool: own PID namespace, the tool user, rlimits, cleared
+//! environment, the workspace as cwd — so a file tool reads and writes with the tool user's
+//! rights only, and a `web_fetch` connects as the tool user (egress rules by uid apply).
 //!
-//! - [`confine`] — opening paths strictly beneath the workspace (`openat2` or the walk).
-//! - [`files`] — `read_file`, `write_file`, `grep`.
+//! - [`child`] — the child's side of a call (`sluice-runner __tool`).
+//! - [`files`] — `read_file`, `write_file`, `grep`, confined beneath the workspace by
+//!   `sluice_sandbox::confine` (`openat2` or the walk).
 //! - [`fetch`] — `web_fetch` with the address checks; [`html`] reduces pages to text.
-//! - [`exec`] — the child's side (`sluice-runner __tool`) and the sidecar's side of a call.
 
-pub mod confine;
-pub mod exec;
+pub mod child;
 pub mod fetch;
 pub mod files;
 pub mod glob;
@@ -233,8 +232,8 @@ impl ToolError {
     }
 }
 
-impl From<confine::FsError> for ToolError {
-    fn from(err: confine::FsError) -> ToolError {
+impl From<sluice_sandbox::confine::FsError> for ToolError {
+    fn from(err: sluice_sandbox::confine::FsError) -> ToolError {
         ToolError::new(err.code, err.message)
     }
 }
@@ -297,10 +296,12 @@ pub fn check_input(tool: ToolName, input: &Value) -> Result<(), ToolError> {
     }
 }
 
-/// Runs a confined call in this process: what the child does (see [`exec`]). Blocking.
+/// Runs a confined call in this process: what the child does (see [`child`]). Blocking.
 pub fn run_here(tool: ToolName, input: &Value, policy: &Policy) -> Result<Value, ToolError> {
     check_input(tool, input)?;
-    let workspace = || confine::Workspace::open(std::path::Path::new("."), policy.force_path_walk);
+    let workspace = || {
+        sluice_sandbox::confine::Workspace::open(std::path::Path::new("."), policy.force_path_walk)
+    };
     let input = input.clone();
     let parse_err = |e: serde_json::Error| ToolError::invalid_input(tool, e);
     match tool {

@@ -313,13 +313,8 @@ impl Cluster {
             )
             .stderr(log);
         run_as(&mut command, &user);
-        // SAFETY: prctl is async-signal-safe. It runs after the uid change (std applies
-        // setuid before pre_exec closures), which would otherwise clear the death signal.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGINT).map_err(std::io::Error::from)
-            });
-        }
+        // Postgres shuts down fast when the process that started it dies.
+        sluice_sandbox::die_with_parent(&mut command, Signal::SIGINT);
         let child = command
             .spawn()
             .map_err(|e| Error::Internal(format!("starting postgres: {e}")))?;

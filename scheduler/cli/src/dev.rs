@@ -11,7 +11,6 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -371,12 +370,8 @@ pub fn spawn_runner(launch: &RunnerLaunch<'_>) -> Result<Child> {
                 .map_err(|e| Error::Internal(e.to_string()))?,
         )
         .stderr(log);
-    // SAFETY: prctl is async-signal-safe. The spawning thread is the caller's main thread.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
-        });
-    }
+    // The runners drain when `sluice dev` dies (the spawning thread is its main thread).
+    sluice_sandbox::die_with_parent(&mut command, Signal::SIGTERM);
     command
         .spawn()
         .map_err(|e| Error::Internal(format!("starting {}: {e}", launch.binary.display())))

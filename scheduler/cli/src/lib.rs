@@ -16,6 +16,8 @@
 //! The `sluice` binary (`src/main.rs`) parses the command line and calls these, or the server
 //! library for `migrate` and `serve`.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod client;
 pub mod cluster;

@@ -1,0 +1,303 @@
+//! One claimed attempt, from its claim to its delivered completion, top to bottom in [`run`]:
+//!
+//! 1. what to run: the stored spec read by shape ([`Work`]); a spec this runner cannot run
+//!    ends the attempt at once with the reason;
+//! 2. where: the tool's network (a runner that cannot isolate one refuses `network: none`)
+//!    and a fresh workspace ([`workspace`]);
+//! 3. running it: the executor for its kind (`exec::bash`, `exec::tool`) with the attempt's
+//!    event stream ([`stream`]) and stop signal;
+//! 4. its end: the workspace wiped; an attempt stopped because the scheduler moved on (lease
+//!    lost, cancelled, timed out) is abandoned — nothing it sends would be accepted;
+//!    otherwise its [`Completion`] is queued in the outbox;
+//! 5. the slot freed — after the completion is queued, so the claim that refills the slot
+//!    carries it — and the lease kept in heartbeats until the scheduler has the completion.
+//!
+//! Every NUL character is scrubbed from what is sent (Postgres stores none): bytes that are
+//! not text travel as base64 (see `exec::output`).
+
+pub mod stream;
+pub mod workspace;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice_protocol::{
+    bounds, parse_stored_spec, BashSpec, Completion, Failure, FailureCode, JobSpec, Network,
+    Outcome, Task, ToolName, ToolSpec,
+};
+use sluice_sandbox::Sandbox;
+use tokio::sync::watch;
+
+use crate::client::{CallError, Client};
+use crate::config::{Config, Secret};
+use crate::exec::{self, policy, Ended, Exec, Stop, StopReason};
+use crate::leases::LeaseGuard;
+use crate::outbox::{Delivery, Outbox};
+use crate::slots::{Slot, SlotGuard};
+use crate::tools;
+use workspace::Workspace;
+
+/// What every attempt of one registration shares.
+pub struct AttemptContext {
+    pub config: Arc<Config>,
+    pub sandbox: Arc<Sandbox>,
+    pub client: Client,
+    /// The runner's token for this registration.
+    pub token: Secret,
+    /// Turns true at the end of a drain: stop retrying POSTs.
+    pub hard_stop: watch::Receiver<bool>,
+    /// Where finished attempts' completions go.
+    pub outbox: Arc<Outbox>,
+    /// How long event batches are retried while the scheduler answers with errors a retry
+    /// may fix.
+    pub delivery_budget: Duration,
+}
+
+/// Runs `task`'s attempt on `slot` until its completion is delivered (or the attempt is
+/// abandoned); `stop` carries a reason when it must stop early, `lease` keeps it in the
+/// heartbeats until the end.
+pub async fn run(
+    ctx: Arc<AttemptContext>,
+    task: Task,
+    stop: Stop,
+    slot: SlotGuard,
+    lease: LeaseGuard,
+) {
+    let started = Instant::now();
+    let Some(completion) = perform(&ctx, &task, &stop, slot.slot()).await else {
+        tracing::info!(job_id = %task.job_id, attempt = %task.attempt, "attempt abandoned");
+        return;
+    };
+    // Queued before the slot is freed, so the claim that refills the slot carries it.
+    let delivery = ctx.outbox.submit(completion);
+    drop(slot);
+    // The lease stays listed until the scheduler has the completion; the next heartbeat
+    // without it tells the scheduler the tool is gone.
+    match delivery.await {
+        Ok(Delivery::Applied(state)) => tracing::debug!(
+            job_id = %task.job_id,
+            attempt = %task.attempt,
+            state = %state,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "attempt completed"
+        ),
+        Ok(Delivery::LeaseLost) => {
+            tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, "lease lost before completion")
+        }
+        Ok(Delivery::NotDelivered(why)) => {
+            tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, error = %why, "completion not delivered")
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %task.job_id, attempt = %task.attempt, "completion not delivered")
+        }
+    }
+    drop(lease);
+}
+
+/// Runs the attempt's work to its completion; `None` when the attempt is abandoned.
+async fn perform(
+    ctx: &Arc<AttemptContext>,
+    task: &Task,
+    stop: &Stop,
+    slot: Slot,
+) -> Option<Completion> {
+    let config = &ctx.config;
+    let work = match Work::of(&task.spec) {
+        Ok(Work::Noop) => return Some(completion(task, Ended::succeeded(json!({})), 0)),
+        Ok(work) => work,
+        Err(refused) => return Some(completion(task, refused, 0)),
+    };
+    let Some(network) = policy::network_for(config, &ctx.sandbox, work.network()) else {
+        let refused = Ended::failed(
+            json!({}),
+            FailureCode::NetworkUnavailable,
+            "the job asked for network \"none\", but this runner cannot create network namespaces (it must run as root or in gVisor)",
+            false,
+        );
+        return Some(completion(task, refused, 0));
+    };
+    let workspace = match Workspace::prepare(&config.workdir, task, slot.user).await {
+        Ok(workspace) => workspace,
+        Err(err) => {
+            let failed = Ended::failed(
+                json!({}),
+                FailureCode::SpawnFailed,
+                format!("cannot create the workspace: {err}"),
+                true,
+            );
+            return Some(completion(task, failed, 0));
+        }
+    };
+    let (mut events, stream) = stream::start(ctx, task, stop);
+    let exec = Exec {
+        sandbox: &ctx.sandbox,
+        config,
+        task,
+        workspace: workspace.path(),
+        user: slot.user,
+        network,
+        events: &mut events,
+        stop,
+    };
+    let ended = match &work {
+        Work::Bash(spec) => exec::bash::run(exec, spec).await,
+        Work::Tool(spec) => exec::tool::run(exec, spec).await,
+        Work::Noop => Ended::succeeded(json!({})),
+    };
+    let streamed = stream.finish(events).await;
+    workspace.wipe().await;
+    if stop.reason().is_some_and(StopReason::abandons) {
+        return None;
+    }
+    let ended = match (&streamed.error, ended) {
+        // The events could not all be stored: the attempt ends with that, not as if it had
+        // been heard (a shutdown still reports the tool's own end).
+        (Some(err), ended) if !matches!(err, CallError::Shutdown) => {
+            let (code, message, retryable) = stream_failure(err);
+            Ended::failed(output_of(ended), code, message, retryable)
+        }
+        (
+            _,
+            Ended::Stopped {
+                reason: StopReason::Shutdown,
+                output,
+            },
+        ) => Ended::failed(
+            output,
+            FailureCode::RunnerShutdown,
+            "the runner shut down before the tool finished",
+            true,
+        ),
+        (_, Ended::Stopped { output, .. }) => Ended::failed(
+            output,
+            FailureCode::EventsUndeliverable,
+            "the attempt was stopped: its events could not be delivered",
+            true,
+        ),
+        (_, finished) => finished,
+    };
+    Some(completion(task, ended, streamed.last_seq))
+}
+
+/// What an attempt runs, read from its stored spec.
+enum Work {
+    Noop,
+    Bash(BashSpec),
+    /// A confined tool (a `bash` tool call runs as [`Work::Bash`]).
+    Tool(ToolSpec),
+}
+
+impl Work {
+    /// The work of `spec`, or the failure of a spec this runner cannot run (not retried:
+    /// another attempt would fail the same way).
+    fn of(spec: &Value) -> Result<Work, Ended> {
+        let refused =
+            |code: FailureCode, message: String| Ended::failed(json!({}), code, message, false);
+        match parse_stored_spec(spec) {
+            Err(err) => Err(refused(FailureCode::InvalidSpec, err.to_string())),
+            Ok(JobSpec::Noop(_)) => Ok(Work::Noop),
+            Ok(JobSpec::Bash(spec)) => Ok(Work::Bash(spec)),
+            Ok(JobSpec::Tool(spec)) => {
+                let input_error =
+                    |err: tools::ToolError| refused(FailureCode::parse(&err.code), err.message);
+                tools::check_input(spec.tool, &spec.input).map_err(input_error)?;
+                if spec.tool != ToolName::Bash {
+                    return Ok(Work::Tool(spec));
+                }
+                let input: tools::BashInput = serde_json::from_value(spec.input.clone())
+                    .map_err(|err| input_error(tools::ToolError::invalid_input(spec.tool, err)))?;
+                Ok(Work::Bash(BashSpec {
+                    script: input.command,
+                    env: Default::default(),
+                    timeout_ms: input.timeout_ms,
+                    limits: None,
+                    network: spec.network,
+                }))
+            }
+            // Kinds this runner version cannot run yet: the later issues replace this.
+            Ok(other) => Err(refused(
+                FailureCode::UnsupportedKind,
+                format!(
+                    "the {:?} kind is not supported by this runner version yet",
+                    other.kind()
+                ),
+            )),
+        }
+    }
+
+    /// The network its spec asks for.
+    fn network(&self) -> Option<Network> {
+        match self {
+            Work::Noop => None,
+            Work::Bash(spec) => spec.network,
+            Work::Tool(spec) => spec.network,
+        }
+    }
+}
+
+/// The output an executor ended with.
+fn output_of(ended: Ended) -> Value {
+    match ended {
+        Ended::Finished { output, .. } | Ended::Stopped { output, .. } => output,
+    }
+}
+
+/// The failure a stream that ended early earns the attempt.
+fn stream_failure(err: &CallError) -> (FailureCode, String, bool) {
+    match err {
+        CallError::Status { status, .. } if *status < 500 && *status != 429 => (
+            FailureCode::EventsRefused,
+            format!("the scheduler refused the attempt's events: {err}"),
+            false,
+        ),
+        _ => (
+            FailureCode::EventsUndeliverable,
+            format!("the attempt's events could not be delivered: {err}"),
+            true,
+        ),
+    }
+}
+
+/// The attempt's completion, with every NUL character replaced (Postgres stores none).
+/// `final_seq` is the last event `seq` that reached the scheduler (0: none): later events of
+/// the attempt are refused.
+fn completion(task: &Task, ended: Ended, final_seq: i64) -> Completion {
+    let (outcome, mut output, error, retryable) = match ended {
+        Ended::Finished {
+            output,
+            failure: None,
+            retryable,
+        } => (Outcome::Succeeded, output, None, retryable),
+        Ended::Finished {
+            output,
+            failure: Some(failure),
+            retryable,
+        } => (Outcome::Failed, output, Some(failure), retryable),
+        // Settled by `perform` before this; kept total.
+        Ended::Stopped { output, .. } => (
+            Outcome::Failed,
+            output,
+            Some(Failure {
+                code: FailureCode::RunnerShutdown,
+                message: "the attempt was stopped".into(),
+            }),
+            true,
+        ),
+    };
+    bounds::scrub_nul(&mut output);
+    let error = error.map(|e| Failure {
+        code: FailureCode::parse(&e.code.as_str().replace('\0', "\u{FFFD}")),
+        message: e.message.replace('\0', "\u{FFFD}"),
+    });
+    Completion {
+        job_id: Some(task.job_id),
+        attempt: task.attempt,
+        lease_token: task.lease_token,
+        outcome,
+        output,
+        error,
+        retryable,
+        final_seq: Some(final_seq),
+    }
+}
