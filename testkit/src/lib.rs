@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod procs;
 pub mod proxy;
 
 use std::future::Future;
@@ -162,7 +163,7 @@ fn sweep_stale_dirs(tmp: &Path) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if procs::Process::read(pid).is_none() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -356,35 +357,9 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Live (not zombie) processes whose environment sets `name`.
+/// Live processes that have `name` in their environment (see [`procs`]).
 pub fn processes_with_env(name: &str) -> Vec<i32> {
-    let needle = format!("{name}=");
-    live_processes_where(|environ| {
-        environ
-            .split(|b| *b == 0)
-            .any(|var| var.starts_with(needle.as_bytes()))
-    })
-}
-
-/// Live (not zombie) processes whose raw environment (`NAME=value\0…`) passes `keep`.
-pub fn live_processes_where(mut keep: impl FnMut(&[u8]) -> bool) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(false);
-        if alive && keep(&environ) {
-            found.push(pid);
-        }
-    }
-    found
+    procs::with_env(name)
 }
 
 /// A scratch directory removed on drop.

@@ -8,37 +8,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice_protocol::{api::paths as api_paths, paths, JobId};
-use sluice_testkit::{live_processes_where, wait_until, Runner, Scheduler, TestDb, Timings};
+use sluice_protocol::{api::paths as api_paths, JobId};
+use sluice_testkit::{procs, wait_until, Runner, Scheduler, TestDb, Timings};
 use uuid::Uuid;
-
-/// The value of `name` in a raw environment block.
-fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    let prefix = format!("{name}=");
-    environ
-        .split(|b| *b == 0)
-        .find_map(|var| var.strip_prefix(prefix.as_bytes()))
-}
 
 /// The attempts of each job whose tools are alive now (processes carrying `marker`).
 fn live_attempts(marker: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut live: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut seen = Vec::new();
-    live_processes_where(|environ| {
-        if env_value(environ, "F29_MARKER") == Some(marker.as_bytes()) {
-            if let (Some(job), Some(attempt)) =
-                (env_value(environ, "TASK_ID"), env_value(environ, "ATTEMPT"))
-            {
-                seen.push((
-                    String::from_utf8_lossy(job).into_owned(),
-                    String::from_utf8_lossy(attempt).into_owned(),
-                ));
-            }
+    for tool in procs::live() {
+        if tool.env("F29_MARKER") != Some(marker.as_bytes()) {
+            continue;
         }
-        false
-    });
-    for (job, attempt) in seen {
-        live.entry(job).or_default().insert(attempt);
+        if let (Some(job), Some(attempt)) = (tool.env("TASK_ID"), tool.env("ATTEMPT")) {
+            live.entry(String::from_utf8_lossy(job).into_owned())
+                .or_default()
+                .insert(String::from_utf8_lossy(attempt).into_owned());
+        }
     }
     live
 }
@@ -301,12 +286,7 @@ async fn only_a_later_heartbeat_confirms_a_stop() {
         let runner = &runner;
         let leases = if listed { vec![task.lease()] } else { vec![] };
         async move {
-            let (status, body) = runner
-                .post(
-                    &paths::heartbeat(&runner.pod_name),
-                    &json!({"running": leases, "seq": seq}),
-                )
-                .await;
+            let (status, body) = runner.heartbeat(&leases, Some(seq)).await;
             assert_eq!(status, 200, "{body}");
             body
         }

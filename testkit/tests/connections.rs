@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use sluice_protocol::{api::paths as api_paths, paths};
+use sluice_protocol::api::paths as api_paths;
 use sluice_testkit::{FakeRunner, Scheduler, TestDb, Timings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -114,10 +114,6 @@ async fn a_full_public_listener_refuses_new_connections_but_runners_keep_theirs(
         "a connection past the cap was not closed"
     );
     // The internal listener counts apart.
-    let (status, _) = promptly(
-        "a heartbeat",
-        runner.post(&paths::heartbeat(&runner.pod_name), &json!({"running": []})),
-    )
-    .await;
+    let (status, _) = promptly("a heartbeat", runner.heartbeat(&[], None)).await;
     assert_eq!(status, 200);
 }

@@ -7,33 +7,17 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use sluice_testkit::procs::{self, alive};
 use sluice_testkit::{bin, Scheduler, TempDir, TestDb, Timings};
 
-fn alive(pid: i32) -> bool {
-    // A zombie still answers kill(0); count it as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Processes whose command line mentions `needle`.
+/// Live processes (but this test) whose command line or environment mention `needle`.
 fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let haystack = String::from_utf8_lossy(&[cmdline, environ].concat()).into_owned();
-        if haystack.contains(needle) && alive(pid) && pid != std::process::id() as i32 {
-            found.push(pid);
-        }
-    }
-    found
+    let me = std::process::id() as i32;
+    procs::live()
+        .into_iter()
+        .filter(|p| p.pid != me && p.mentions(needle))
+        .map(|p| p.pid)
+        .collect()
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_protocol::api::paths as api_paths;
-use sluice_testkit::{poll_until, wait_until, Runner, Scheduler, TempDir, TestDb, Timings};
+use sluice_testkit::{poll_until, procs, wait_until, Runner, Scheduler, TempDir, TestDb, Timings};
 use uuid::Uuid;
 
 /// Heartbeat 150 ms, lease 600 ms, reaper 100 ms: R = lease + reaper + 1 s = 1.7 s.
@@ -16,36 +16,12 @@ const FAULT_TIMINGS: Timings = Timings {
     reaper_interval_ms: 100,
 };
 
-fn environ_contains(pid: i32, needle: &[u8]) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|env| env.windows(needle.len()).any(|w| w == needle))
-        .unwrap_or(false)
-}
-
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" {
-        return None; // a zombie is dead
-    }
-    fields.next()?.parse().ok()
-}
-
 /// Tool processes (carrying `marker` in their environment) that no live sidecar owns: no
 /// process in `live` is among their ancestors.
 fn orphaned_tools(marker: &str, live: &[i32]) -> Vec<i32> {
-    let needle = marker.as_bytes();
     let mut orphans = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if !environ_contains(pid, needle) || parent_of(pid).is_none() {
-            continue;
-        }
-        let mut ancestor = parent_of(pid);
+    for tool in procs::live().into_iter().filter(|p| p.has_var(marker)) {
+        let mut ancestor = Some(tool.ppid);
         let mut owned = false;
         while let Some(p) = ancestor {
             if live.contains(&p) {
@@ -55,10 +31,10 @@ fn orphaned_tools(marker: &str, live: &[i32]) -> Vec<i32> {
             if p <= 1 {
                 break;
             }
-            ancestor = parent_of(p);
+            ancestor = procs::parent_of(p);
         }
         if !owned {
-            orphans.push(pid);
+            orphans.push(tool.pid);
         }
     }
     orphans

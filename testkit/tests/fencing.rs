@@ -167,12 +167,7 @@ async fn runners_act_only_with_their_own_token_on_their_own_leases() {
     // Another runner cannot complete, stream or renew the owner's lease, even with its token.
     let (status, _) = other.complete(&task, json!({"stolen": true})).await;
     assert_eq!(status, 409);
-    let (status, _) = other
-        .post(
-            &paths::heartbeat(&other.pod_name),
-            &json!({"running": [task.lease()]}),
-        )
-        .await;
+    let (status, _) = other.heartbeat(&[task.lease()], None).await;
     assert_eq!(status, 200);
     // A runner token cannot be used on another pod's path.
     let (status, _) = other
@@ -194,12 +189,7 @@ async fn runners_act_only_with_their_own_token_on_their_own_leases() {
         assert_eq!(status, 401, "{path}: {body}");
     }
     // The owner's heartbeat renews it, and it completes.
-    let (status, body) = owner
-        .post(
-            &paths::heartbeat(&owner.pod_name),
-            &json!({"running": [task.lease()]}),
-        )
-        .await;
+    let (status, body) = owner.heartbeat(&[task.lease()], None).await;
     assert_eq!(status, 200);
     assert_eq!(body["cancel"], json!([]), "{body}");
     let (status, _) = owner.complete(&task, json!({"ok": true})).await;
@@ -314,12 +304,7 @@ async fn a_heartbeat_of_many_leases_answers_each_at_its_place() {
     .await
     .unwrap();
     let leases: Vec<_> = tasks.iter().map(|t| t.lease()).collect();
-    let (status, body) = runner
-        .post(
-            &paths::heartbeat(&runner.pod_name),
-            &json!({ "running": leases }),
-        )
-        .await;
+    let (status, body) = runner.heartbeat(&leases, None).await;
     assert_eq!(status, 200, "{body}");
     let mut orders: Vec<(i64, String)> = body["cancel"]
         .as_array()
@@ -369,14 +354,7 @@ async fn a_heartbeat_skips_a_locked_row_and_says_it_was_not_renewed() {
     let heartbeat = || {
         let runner = &runner;
         let leases = &leases;
-        async move {
-            runner
-                .post(
-                    &paths::heartbeat(&runner.pod_name),
-                    &json!({ "running": leases }),
-                )
-                .await
-        }
+        async move { runner.heartbeat(leases, None).await }
     };
     // Someone holds one row (an operator's open transaction, a completion in flight).
     let mut holder = db.pool.begin().await.unwrap();

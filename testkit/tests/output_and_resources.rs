@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use sluice_testkit::{Runner, Scheduler, TestDb, Timings};
+use sluice_testkit::{procs, Runner, Scheduler, TestDb, Timings};
 
 /// The bytes of a job's stream events of `kind`, as a consumer reassembles them: `base64`
 /// where an event has it, `text` elsewhere.
@@ -155,13 +155,7 @@ async fn b10_a_memory_hog_is_stopped_with_a_clear_code_and_the_runner_lives_on()
         .await;
     let job = api.wait_terminal(fine, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", runner.pid().unwrap())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = procs::peak_rss_kib(runner.pid().unwrap()).unwrap();
     assert!(peak_kib < 64 * 1024, "sidecar peak RSS {peak_kib} KiB");
 }
 

@@ -10,12 +10,7 @@ use sluice_testkit::{wait_until, FakeRunner, Scheduler, TestDb, Timings};
 const DEADLINE: Duration = Duration::from_secs(20);
 
 async fn heartbeat(runner: &FakeRunner, task: &sluice_protocol::Task) -> Value {
-    let (status, body) = runner
-        .post(
-            &paths::heartbeat(&runner.pod_name),
-            &json!({"running": [task.lease()]}),
-        )
-        .await;
+    let (status, body) = runner.heartbeat(&[task.lease()], None).await;
     assert_eq!(status, 200, "{body}");
     body
 }

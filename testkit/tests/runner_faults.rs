@@ -5,16 +5,16 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::json;
-use sluice_testkit::{wait_until, Runner, Scheduler, TestDb, Timings};
+use sluice_testkit::{procs, wait_until, Runner, Scheduler, TestDb, Timings};
 use uuid::Uuid;
 
 /// Live processes whose environment holds every one of `needles` (`NAME=value`) exactly.
 fn processes_with_all(needles: &[String]) -> Vec<i32> {
-    sluice_testkit::live_processes_where(|environ| {
-        needles
-            .iter()
-            .all(|n| environ.split(|b| *b == 0).any(|var| var == n.as_bytes()))
-    })
+    procs::live()
+        .into_iter()
+        .filter(|p| needles.iter().all(|n| p.has_var(n)))
+        .map(|p| p.pid)
+        .collect()
 }
 
 async fn running_attempt(db: &TestDb, id: i64) -> Option<(i32, String)> {
@@ -291,13 +291,7 @@ async fn b12_endless_output_is_capped_and_marked_truncated() {
         .await;
     assert_eq!(truncated, 1);
 
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", runner.pid().unwrap())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = procs::peak_rss_kib(runner.pid().unwrap()).unwrap();
     assert!(peak_kib < 64 * 1024, "sidecar peak RSS {peak_kib} KiB");
 }
 

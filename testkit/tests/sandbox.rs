@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_protocol::{api::paths as api_paths, JobId};
-use sluice_testkit::{wait_until, Api, Runner, Scheduler, TestDb, Timings};
+use sluice_testkit::{procs, wait_until, Api, Runner, Scheduler, TestDb, Timings};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -201,21 +201,7 @@ async fn s09_plant_and_snoop_pairs_on_one_warm_runner_find_no_residue() {
             .is_none(),
         "a workspace was left"
     );
-    assert!(sluice_testkit::processes_with_env("S09PLANT").is_empty());
-}
-
-fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    assert!(procs::with_env("S09PLANT").is_empty());
 }
 
 /// B-13: the sidecar as PID 1 (`unshare -pf`): tools that background, `setsid`, double-fork
@@ -244,17 +230,13 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
     .await;
     let sidecar = wait_until("the sidecar under unshare", DEADLINE, || async {
         let pid = runner.pid().ok_or("unshare exited")?;
-        Ok::<_, String>(children_of(pid).first().copied())
+        Ok::<_, String>(procs::children_of(pid).first().copied())
     })
     .await;
-    let status = std::fs::read_to_string(format!("/proc/{sidecar}/status")).unwrap();
-    let ns_pid = status
-        .lines()
-        .find(|l| l.starts_with("NSpid:"))
-        .unwrap_or_default()
-        .to_string();
+    // `NSpid:` lists the pid in each namespace, the innermost last.
+    let ns_pid = procs::status_field(sidecar, "NSpid").unwrap_or_default();
     assert!(
-        ns_pid.trim_end().ends_with("\t1"),
+        ns_pid.split_whitespace().last() == Some("1"),
         "the sidecar is not PID 1 of its namespace: {ns_pid}"
     );
 
@@ -266,14 +248,14 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
         let what = format!("the sidecar to have {want} children");
         async move {
             wait_until(&what, Duration::from_secs(10), || async {
-                let children = children_of(sidecar);
+                let children = procs::children_of(sidecar);
                 Ok::<_, String>((children.len() == want).then_some(()))
             })
             .await
         }
     };
     idle(0).await;
-    let baseline = fd_count(sidecar);
+    let baseline = procs::fd_count(sidecar);
 
     let kinds = [
         json!({"kind": "bash", "script": orphans}),
@@ -287,29 +269,20 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
     wait_all_terminal(&db, &ids).await;
     idle(0).await;
     // Zombies the sidecar would have to reap (its children, as PID 1 or not).
-    let zombies: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|s| {
-            s.rsplit_once(')').is_some_and(|(_, rest)| {
-                let mut fields = rest.split_whitespace();
-                fields.next() == Some("Z") && fields.next() == Some(sidecar.to_string().as_str())
-            })
-        })
+    let processes = procs::all();
+    let zombies: Vec<i32> = processes
+        .iter()
+        .filter(|p| p.is_zombie() && p.ppid == sidecar as i32)
+        .map(|p| p.pid)
         .collect();
     assert!(zombies.is_empty(), "zombies: {zombies:?}");
-    let sleepers = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("cmdline"))
-                .is_ok_and(|c| c == "sleep\u{0}301\u{0}")
-        })
+    let sleepers = processes
+        .iter()
+        .filter(|p| p.cmdline == b"sleep\x00301\x00")
         .count();
     assert_eq!(sleepers, 0, "orphaned sleepers survived their tasks");
     // A few descriptors of slack for the HTTP client's pooled connections.
-    let after = fd_count(sidecar);
+    let after = procs::fd_count(sidecar);
     assert!(
         after <= baseline + 2,
         "descriptors grew from {baseline} to {after} over {tasks} tasks"
@@ -318,9 +291,7 @@ async fn b13_b14_the_sidecar_as_pid_1_reaps_everything_and_leaks_no_descriptors(
     // `--kill-child`): nothing of this test outlives it.
     drop(runner);
     wait_until("the sidecar to be gone", DEADLINE, || async {
-        let alive = std::fs::read_to_string(format!("/proc/{sidecar}/status"))
-            .is_ok_and(|s| !s.contains("State:\tZ"));
-        Ok::<_, String>((!alive).then_some(()))
+        Ok::<_, String>((!procs::alive(sidecar as i32)).then_some(()))
     })
     .await;
 }
