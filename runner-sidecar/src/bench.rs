@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use sluice_protocol::{Limits, Network};
+use sluice_protocol::{Attempt, JobId, Limits, Network};
 use sluice_sandbox::{Sandbox, ToolCommand, ToolUser};
 
 use crate::exec::policy;
@@ -37,7 +37,7 @@ pub async fn measure_spawn(
         program: "/bin/true",
         args: Vec::new(),
         workspace,
-        env: policy::tool_env(workspace, 0, 0, &BTreeMap::new()),
+        env: policy::tool_env(workspace, JobId(0), Attempt(0), &BTreeMap::new()),
         limits: limits.clone(),
         user,
         stdin: false,

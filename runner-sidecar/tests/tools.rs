@@ -429,7 +429,12 @@ async fn call(
             input: &input,
             policy,
             workspace: ws,
-            env: sluice_runner::exec::policy::tool_env(ws, 1, 1, &Default::default()),
+            env: sluice_runner::exec::policy::tool_env(
+                ws,
+                sluice_protocol::JobId(1),
+                sluice_protocol::Attempt(1),
+                &Default::default(),
+            ),
             limits,
             user: tool_user(),
             network: sluice_protocol::Network::Full,

@@ -49,7 +49,7 @@ pub async fn run(exec: Exec<'_>, spec: &BashSpec) -> Ended {
             )
         }
     };
-    let env = policy::tool_env(workspace, task.job_id.0, task.attempt.0, &spec.env);
+    let env = policy::tool_env(workspace, task.job_id, task.attempt, &spec.env);
     let limits = policy::tighter(&config.limits, &spec.limits.clone().unwrap_or_default());
     let tool = ToolCommand {
         program: policy::shell(),

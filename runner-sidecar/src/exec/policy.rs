@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use sluice_protocol::{bounds, Limits, Network, Task};
+use sluice_protocol::{bounds, Attempt, JobId, Limits, Network, Task};
 use sluice_sandbox::Sandbox;
 
 use crate::config::Config;
@@ -23,8 +23,8 @@ pub const RESERVED_ENV: [&str; 5] = [
 /// LANG but not the task's identity or HOME). Nothing comes from the sidecar's environment.
 pub fn tool_env(
     workspace: &Path,
-    job_id: i64,
-    attempt: i32,
+    job_id: JobId,
+    attempt: Attempt,
     job_env: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -121,7 +121,7 @@ mod tests {
             ("HOME".to_string(), "/root".to_string()),
             ("PATH".to_string(), "/opt/bin".to_string()),
         ]);
-        let env = tool_env(Path::new("/w"), 7, 2, &job_env);
+        let env = tool_env(Path::new("/w"), JobId(7), Attempt(2), &job_env);
         assert_eq!(env["FOO"], "bar");
         assert_eq!(env["TASK_ID"], "7");
         assert_eq!(env["ATTEMPT"], "2");

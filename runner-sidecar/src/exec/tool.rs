@@ -48,7 +48,7 @@ pub async fn run(exec: Exec<'_>, spec: &ToolSpec) -> Ended {
             input: &spec.input,
             policy: &config.tool_policy,
             workspace,
-            env: policy::tool_env(workspace, task.job_id.0, task.attempt.0, &BTreeMap::new()),
+            env: policy::tool_env(workspace, task.job_id, task.attempt, &BTreeMap::new()),
             limits: config.limits.clone(),
             user,
             network,
