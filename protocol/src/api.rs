@@ -78,11 +78,53 @@ pub struct EnqueueRequest {
 }
 
 /// `POST /api/jobs/batch`: `{"jobs":[…]}`, or a bare array.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+///
+/// Deserialised by the body's shape rather than as an untagged enum, so that a member that
+/// does not fit is named (`jobs[3].timeout_ms`) instead of "matches no variant".
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum BatchRequest {
     Wrapped { jobs: Vec<EnqueueRequest> },
     Bare(Vec<EnqueueRequest>),
+}
+
+impl<'de> Deserialize<'de> for BatchRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Wrapped {
+            jobs: Vec<EnqueueRequest>,
+        }
+
+        struct Shape;
+
+        impl<'de> serde::de::Visitor<'de> for Shape {
+            type Value = BatchRequest;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("{\"jobs\": [...]} or an array of jobs")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<BatchRequest, A::Error> {
+                Vec::deserialize(SeqAccessDeserializer::new(seq)).map(BatchRequest::Bare)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<BatchRequest, A::Error> {
+                Wrapped::deserialize(MapAccessDeserializer::new(map))
+                    .map(|wrapped| BatchRequest::Wrapped { jobs: wrapped.jobs })
+            }
+        }
+
+        deserializer.deserialize_any(Shape)
+    }
 }
 
 impl BatchRequest {
@@ -184,4 +226,27 @@ pub struct QueuePaused {
 pub struct Health {
     /// `ok` (alive) or `ready` (Postgres reachable).
     pub status: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_batch_takes_either_shape_and_names_the_member_that_does_not_fit() {
+        let wrapped: BatchRequest =
+            serde_json::from_value(json!({"jobs": [{"spec": {"kind": "noop"}}]})).unwrap();
+        assert_eq!(wrapped.into_jobs().len(), 1);
+        let bare: BatchRequest =
+            serde_json::from_value(json!([{"spec": {"kind": "noop"}}, {"spec": {}}])).unwrap();
+        assert_eq!(bare.into_jobs().len(), 2);
+        let body = json!({"jobs": [{"spec": {}}, {"spec": {}, "timeout_ms": -1}]}).to_string();
+        let mut deserializer = serde_json::Deserializer::from_str(&body);
+        let err =
+            serde_path_to_error::deserialize::<_, BatchRequest>(&mut deserializer).unwrap_err();
+        assert_eq!(err.path().to_string(), "jobs[1].timeout_ms");
+        assert!(serde_json::from_value::<BatchRequest>(json!({"jobs": [], "x": 1})).is_err());
+        assert!(serde_json::from_value::<BatchRequest>(json!("jobs")).is_err());
+    }
 }

@@ -202,6 +202,25 @@ async fn every_enqueue_field_is_held_to_its_range_and_refuses_nul() {
         "jobs[1].priority",
     )
     .await;
+    // A member whose value does not even fit its type is named too, in either shape.
+    refused(
+        &api,
+        api_paths::JOBS_BATCH,
+        json!({"jobs": [{"spec": noop}, {"spec": noop, "timeout_ms": -1}]}),
+        400,
+        "invalid_request",
+        "jobs[1].timeout_ms",
+    )
+    .await;
+    refused(
+        &api,
+        api_paths::JOBS_BATCH,
+        json!([{"spec": noop}, {"spec": noop, "delay_ms": "soon"}]),
+        400,
+        "invalid_request",
+        "[1].delay_ms",
+    )
+    .await;
     refused(
         &api,
         api_paths::JOBS_BATCH,
