@@ -165,7 +165,7 @@ impl JobState {
         JobState::ALL.into_iter().find(|s| s.as_str() == name)
     }
 
-    /// Terminal states never change again.
+    /// Finished: nothing runs it again unless an operator retries it (failed or cancelled).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,

@@ -17,8 +17,9 @@
 //!                           cancelled
 //! ```
 //!
-//! Terminal states (succeeded, failed, cancelled) never change again: every statement that
-//! moves a job names the state it moves it from.
+//! Every statement that moves a job names the state it moves it from. A finished job
+//! (succeeded, failed, cancelled) changes only through an operator's retry, which makes a
+//! failed or cancelled one available (or scheduled, while its stopped attempt may still run).
 
 use std::time::Duration;
 
