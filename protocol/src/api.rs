@@ -75,6 +75,27 @@ pub struct EnqueueRequest {
     /// A repeated key answers with the first job (200) instead of enqueuing another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// How failed attempts are retried; what it leaves out comes from the queue's policy
+    /// when the job fails (`retry.max_attempts` is the same as `max_attempts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A retry policy: the n-th retry of a failed attempt waits `initial_ms × factor^(n-1)`, at
+/// most `max_ms`, ±25 % jitter. Unset fields: the queue's policy, else 1 s, 2, one hour.
+/// Ranges: [`crate::bounds`] (`MAX_RETRY_INITIAL_MS`, `MAX_RETRY_MAX_MS`, `*_RETRY_FACTOR`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Only on enqueue: the job's `max_attempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
 }
 
 /// `POST /api/jobs/batch`: `{"jobs":[…]}`, or a bare array.
@@ -163,6 +184,8 @@ pub struct Job {
     pub max_attempts: i32,
     pub timeout_ms: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// The job's own retry policy (`null`: its queue's).
+    pub retry: Option<RetryPolicy>,
     /// The last attempt's output.
     pub result: Option<Value>,
     /// Why the job failed (`{"code","message"}`), while it is failed or cancelled.
@@ -203,6 +226,8 @@ pub struct Queue {
     pub default_priority: i32,
     pub default_max_attempts: i32,
     pub default_timeout_ms: Option<i64>,
+    /// The retry policy of its jobs that name none (`null`: the built-in one).
+    pub default_retry: Option<RetryPolicy>,
     pub retention_seconds: f64,
     /// `{"available": n, "running": n, …}` over the jobs stored now.
     pub jobs: BTreeMap<String, i64>,

@@ -39,6 +39,13 @@ pub const MAX_COMPLETION_BYTES: usize = 4 << 20;
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 pub const MAX_QUEUE_NAME_BYTES: usize = 128;
 pub const MAX_EVENT_KIND_BYTES: usize = 64;
+/// A retry policy's first wait (`retry.initial_ms`): at most one day.
+pub const MAX_RETRY_INITIAL_MS: u64 = 24 * 60 * 60 * 1000;
+/// A retry policy's longest wait (`retry.max_ms`): as far as a delay may reach.
+pub const MAX_RETRY_MAX_MS: u64 = MAX_DELAY_MS;
+/// A retry policy's growth per retry (`retry.factor`).
+pub const MIN_RETRY_FACTOR: f64 = 1.0;
+pub const MAX_RETRY_FACTOR: f64 = 100.0;
 
 /// Where in a JSON document the first NUL character is (in a string or a key), as a path
 /// relative to the document: `env.FOO`, `input.args[2]`, `""` for the document itself.

@@ -102,7 +102,7 @@ async fn completions_racing_the_reaper_never_change_a_terminal_state() {
                             error: None,
                             retryable: true,
                             final_seq: None,
-                            retry_backoff: Duration::ZERO,
+                            retry_jitter: 0.0, // a failure retries at once
                         },
                     )
                     .await;

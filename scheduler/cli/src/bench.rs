@@ -537,7 +537,7 @@ async fn queue_core(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
                             error: None,
                             retryable: true,
                             final_seq: None,
-                            retry_backoff: Duration::ZERO,
+                            retry_jitter: 0.0,
                         })
                         .collect();
                     let (_, claimed) = jobs::complete_and_claim(

@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sluice_protocol::api::{
     AttemptInfo, EnqueueRequest, EnqueueResponse, Job, JobStateChange, Queue, QueuePaused,
+    RetryPolicy,
 };
 use sluice_protocol::{bounds, parse_spec, JobId, JobState};
 
@@ -78,6 +79,7 @@ pub async fn get(ctx: &Context, id: JobId) -> Result<Job> {
         max_attempts: row.max_attempts,
         timeout_ms: row.timeout_ms,
         idempotency_key: row.idempotency_key,
+        retry: stored_policy(row.retry),
         result: row.result,
         error: row.error,
         run_at: row.run_at,
@@ -141,6 +143,7 @@ pub async fn list_queues(ctx: &Context) -> Result<Vec<Queue>> {
             default_priority: q.default_priority,
             default_max_attempts: q.default_max_attempts,
             default_timeout_ms: q.default_timeout_ms,
+            default_retry: stored_policy(q.default_retry),
             retention_seconds: q.retention_seconds,
             jobs: q.jobs.0,
         })
@@ -154,6 +157,57 @@ pub async fn set_queue_paused(ctx: &Context, name: String, paused: bool) -> Resu
     }
     queues::set_paused(&ctx.pool, &name, paused).await?;
     Ok(QueuePaused { name, paused })
+}
+
+/// A stored policy (checked by the schema) as the API shows it.
+fn stored_policy(stored: Option<serde_json::Value>) -> Option<RetryPolicy> {
+    stored.and_then(|value| serde_json::from_value(value).ok())
+}
+
+/// Checks a retry policy's ranges; returns it as stored (without `max_attempts`, which is the
+/// job's column) and the `max_attempts` it names.
+fn check_retry(policy: &RetryPolicy) -> Result<(serde_json::Value, Option<i32>)> {
+    check_range(
+        "retry.max_attempts",
+        policy.max_attempts,
+        bounds::MIN_ATTEMPTS,
+        bounds::MAX_ATTEMPTS,
+        "",
+    )?;
+    check_range(
+        "retry.initial_ms",
+        policy.initial_ms,
+        0,
+        bounds::MAX_RETRY_INITIAL_MS,
+        " (one day)",
+    )?;
+    check_range(
+        "retry.max_ms",
+        policy.max_ms,
+        0,
+        bounds::MAX_RETRY_MAX_MS,
+        " (366 days)",
+    )?;
+    if let Some(factor) = policy.factor {
+        if !(bounds::MIN_RETRY_FACTOR..=bounds::MAX_RETRY_FACTOR).contains(&factor) {
+            return Err(Error::invalid(
+                "retry.factor",
+                format!(
+                    "must be between {} and {}",
+                    bounds::MIN_RETRY_FACTOR,
+                    bounds::MAX_RETRY_FACTOR
+                ),
+            ));
+        }
+    }
+    let stored = RetryPolicy {
+        max_attempts: None,
+        ..*policy
+    };
+    Ok((
+        serde_json::to_value(stored).unwrap_or_default(),
+        policy.max_attempts,
+    ))
 }
 
 fn response_of(enqueued: &Enqueued) -> EnqueueResponse {
@@ -256,15 +310,33 @@ pub fn validate(request: EnqueueRequest) -> Result<NewJob> {
         }
         Error::if_nul_str("idempotency_key", key)?;
     }
+    let mut max_attempts = request.max_attempts;
+    let retry = match &request.retry {
+        None => None,
+        Some(policy) => {
+            let (stored, attempts) = check_retry(policy)?;
+            if let Some(attempts) = attempts {
+                if max_attempts.is_some_and(|given| given != attempts) {
+                    return Err(Error::invalid(
+                        "retry.max_attempts",
+                        "differs from max_attempts; give it once",
+                    ));
+                }
+                max_attempts = Some(attempts);
+            }
+            Some(stored)
+        }
+    };
     Ok(NewJob {
         queue,
         spec: request.spec,
         priority: request.priority,
         run_at: request.run_at,
         delay: request.delay_ms.map(Duration::from_millis),
-        max_attempts: request.max_attempts,
+        max_attempts,
         // In range above, so it fits an i64.
         timeout_ms: request.timeout_ms.map(|ms| ms as i64),
         idempotency_key: request.idempotency_key,
+        retry,
     })
 }

@@ -48,13 +48,14 @@ impl Default for LeaseTimings {
     }
 }
 
-/// Retry back-off after a failed attempt: exponential from 1 s, doubling, capped at one hour,
-/// with ±25 % jitter so that a burst of failures does not retry in lock step.
-pub fn retry_backoff(failed_attempt: i32) -> Duration {
-    let exponent = failed_attempt.clamp(1, 20) as u32 - 1;
-    let base_ms = 1000u64.saturating_mul(1u64 << exponent).min(3_600_000);
-    let jitter = 0.75 + fastrand::f64() * 0.5;
-    Duration::from_millis((base_ms as f64 * jitter) as u64)
+/// Retry back-off after a failed attempt, by its retry policy (`retry: {initial_ms, max_ms,
+/// factor}` of the job, else of its queue, else 1 s doubling up to one hour): the n-th retry
+/// waits `initial_ms × factor^(n-1)`, at most `max_ms`, times a jitter of ±25 % drawn here so
+/// that a burst of failures does not retry in lock step. The formula is the schema's
+/// `sluice.retry_delay_ms`, evaluated in the completion's statement against the job row (the
+/// policy is stored with the job; the service never has to read it first).
+pub fn retry_jitter() -> f64 {
+    0.75 + fastrand::f64() * 0.5
 }
 
 /// What a completion asks of the store: apply it under its lease, with the retry back-off
@@ -74,7 +75,7 @@ pub fn store_completion(runner: RunnerId, job: JobId, c: &Completion) -> jobs::C
             .map(|e| serde_json::to_value(e).unwrap_or_default()),
         retryable: c.retryable,
         final_seq: c.final_seq,
-        retry_backoff: retry_backoff(c.attempt.0),
+        retry_jitter: retry_jitter(),
     }
 }
 
@@ -91,13 +92,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        let first = retry_backoff(1);
-        assert!(first >= Duration::from_millis(750) && first <= Duration::from_millis(1250));
-        let third = retry_backoff(3);
-        assert!(third >= Duration::from_millis(3000) && third <= Duration::from_millis(5000));
-        let huge = retry_backoff(1000);
-        assert!(huge <= Duration::from_millis(4_500_000));
-        assert!(retry_backoff(0) <= Duration::from_millis(1250));
+    fn the_jitter_stays_within_a_quarter() {
+        for _ in 0..1000 {
+            let jitter = retry_jitter();
+            assert!((0.75..=1.25).contains(&jitter), "{jitter}");
+        }
     }
 }

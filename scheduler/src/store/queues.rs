@@ -16,6 +16,7 @@ pub struct QueueRow {
     pub default_priority: i32,
     pub default_max_attempts: i32,
     pub default_timeout_ms: Option<i64>,
+    pub default_retry: Option<serde_json::Value>,
     pub retention_seconds: f64,
     /// `{"available": n, "running": n, …}` over the jobs stored now.
     pub jobs: Json<BTreeMap<String, i64>>,
@@ -25,7 +26,8 @@ pub struct QueueRow {
 pub async fn list(pool: &PgPool) -> Result<Vec<QueueRow>> {
     Ok(sqlx::query_as(
         "SELECT q.name, q.paused, q.max_running, q.default_priority, q.default_max_attempts,
-                q.default_timeout_ms, extract(epoch FROM q.retention)::float8 AS retention_seconds,
+                q.default_timeout_ms, q.default_retry,
+                extract(epoch FROM q.retention)::float8 AS retention_seconds,
                 coalesce((SELECT jsonb_object_agg(state, n) FROM (
                     SELECT state::text AS state, count(*) AS n FROM sluice.jobs j
                     WHERE j.queue = q.name GROUP BY state) counts), '{}') AS jobs

@@ -25,15 +25,16 @@ use crate::{Error, Result};
 /// applied completions first, then the leased jobs in claim order.
 pub const COMPLETE_AND_CLAIM: &str = "WITH input AS (
         SELECT * FROM unnest($4::bigint[], $5::int[], $6::uuid[], $7::text[],
-                             $8::jsonb[], $9::jsonb[], $10::bool[], $11::bigint[],
+                             $8::jsonb[], $9::jsonb[], $10::bool[], $11::float8[],
                              $12::bigint[], $13::bytea[])
             AS i(job_id, attempt, lease_token, outcome, output, error,
-                 retryable, backoff_ms, final_seq, completion_hash)
+                 retryable, jitter, final_seq, completion_hash)
     ), done AS (
         -- The lease guard is in this UPDATE's own WHERE, so a row that another
         -- statement changed meanwhile is re-checked on its new version before it is
         -- written (no separate row lock needed). A failure is retried when it may be and
-        -- attempts are left: `scheduled` after the back-off.
+        -- attempts are left: `scheduled` after the back-off of the job's retry policy (its
+        -- queue's when it names none; looked up only for such failures).
         UPDATE sluice.jobs j
         SET state = CASE
                 WHEN i.outcome = 'succeeded' THEN 'succeeded'
@@ -43,7 +44,11 @@ pub const COMPLETE_AND_CLAIM: &str = "WITH input AS (
             error = i.error,
             run_at = CASE
                 WHEN i.outcome <> 'succeeded' AND i.retryable AND j.attempt < j.max_attempts
-                THEN now() + i.backoff_ms * interval '1 millisecond'
+                THEN now() + sluice.retry_delay_ms(
+                    j.attempt,
+                    coalesce(j.retry,
+                             (SELECT q.default_retry FROM sluice.queues q WHERE q.name = j.queue)),
+                    i.jitter) * interval '1 millisecond'
                 ELSE j.run_at END,
             finished_at = CASE
                 WHEN i.outcome <> 'succeeded' AND i.retryable AND j.attempt < j.max_attempts
@@ -128,8 +133,9 @@ pub struct Completion<'a> {
     pub error: Option<Value>,
     pub retryable: bool,
     pub final_seq: Option<i64>,
-    /// When the attempt failed and may be retried, how long to wait first.
-    pub retry_backoff: Duration,
+    /// When the attempt failed and may be retried: the factor (0.75–1.25) its retry
+    /// policy's wait is multiplied by, so a burst of failures does not retry in lock step.
+    pub retry_jitter: f64,
 }
 
 impl Completion<'_> {
@@ -214,10 +220,7 @@ pub async fn complete_and_claim(
     let outputs: Vec<&Value> = sorted.iter().map(|c| c.output).collect();
     let errors: Vec<Option<&Value>> = sorted.iter().map(|c| c.error.as_ref()).collect();
     let retryable: Vec<bool> = sorted.iter().map(|c| c.retryable).collect();
-    let backoffs: Vec<i64> = sorted
-        .iter()
-        .map(|c| c.retry_backoff.as_millis() as i64)
-        .collect();
+    let jitters: Vec<f64> = sorted.iter().map(|c| c.retry_jitter).collect();
     let final_seqs: Vec<Option<i64>> = sorted.iter().map(|c| c.final_seq).collect();
     let hashes: Vec<Vec<u8>> = sorted.iter().map(|c| c.body_hash()).collect();
     type Row = (
@@ -247,7 +250,7 @@ pub async fn complete_and_claim(
         .bind(&outputs)
         .bind(&errors)
         .bind(&retryable)
-        .bind(&backoffs)
+        .bind(&jitters)
         .bind(&final_seqs)
         .bind(&hashes)
         .fetch_all(pool)

@@ -16,21 +16,22 @@ use crate::{Error, Result};
 /// Inserts the jobs given as parallel arrays, in order; what a job leaves out comes from its
 /// queue (or the built-in defaults). A key already stored inserts nothing. Binds: $1 queues,
 /// $2 specs, $3 priorities, $4 run_at, $5 delays in ms, $6 max_attempts, $7 timeouts in ms,
-/// $8 idempotency keys.
+/// $8 idempotency keys, $9 retry policies (null: the queue's, read when a job fails).
 pub const INSERT_JOBS: &str = "WITH input AS (
         SELECT * FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[],
-                             $5::bigint[], $6::int[], $7::bigint[], $8::text[])
+                             $5::bigint[], $6::int[], $7::bigint[], $8::text[], $9::jsonb[])
             WITH ORDINALITY AS i(queue, spec, priority, run_at, delay_ms, max_attempts,
-                                 timeout_ms, idempotency_key, ord)
+                                 timeout_ms, idempotency_key, retry, ord)
     )
     INSERT INTO sluice.jobs AS j
-        (queue, spec, priority, run_at, max_attempts, timeout_ms, idempotency_key)
+        (queue, spec, priority, run_at, max_attempts, timeout_ms, idempotency_key, retry)
     SELECT i.queue, i.spec,
            coalesce(i.priority, q.default_priority, 0),
            coalesce(i.run_at, now() + coalesce(i.delay_ms, 0) * interval '1 millisecond'),
            coalesce(i.max_attempts, q.default_max_attempts, 3),
            coalesce(i.timeout_ms, q.default_timeout_ms),
-           i.idempotency_key
+           i.idempotency_key,
+           i.retry
     FROM input i LEFT JOIN sluice.queues q ON q.name = i.queue
     ORDER BY i.ord
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -56,6 +57,8 @@ pub struct NewJob {
     pub max_attempts: Option<i32>,
     pub timeout_ms: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// `{initial_ms?, max_ms?, factor?}`, checked (`sluice.retry_problem`).
+    pub retry: Option<Value>,
 }
 
 /// The outcome of an enqueue: the job, and whether this call created it (`false` when an
@@ -84,6 +87,7 @@ pub async fn insert_many(pool: &PgPool, jobs: &[NewJob]) -> Result<Vec<Enqueued>
     let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
     let timeouts: Vec<Option<i64>> = jobs.iter().map(|j| j.timeout_ms).collect();
     let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.idempotency_key.as_deref()).collect();
+    let retries: Vec<Option<&Value>> = jobs.iter().map(|j| j.retry.as_ref()).collect();
 
     let inserted: Vec<(i64, String, Option<String>)> = sqlx::query_as(INSERT_JOBS)
         .bind(&queues)
@@ -94,6 +98,7 @@ pub async fn insert_many(pool: &PgPool, jobs: &[NewJob]) -> Result<Vec<Enqueued>
         .bind(&max_attempts)
         .bind(&timeouts)
         .bind(&keys)
+        .bind(&retries)
         .fetch_all(pool)
         .await?;
 

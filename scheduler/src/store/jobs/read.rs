@@ -11,7 +11,7 @@ use crate::Result;
 /// Job $1.
 pub const GET_JOB: &str =
     "SELECT id, queue, state::text AS state, spec, priority, attempt, max_attempts,
-           timeout_ms, idempotency_key, result, error, run_at, created_at, started_at,
+           timeout_ms, idempotency_key, retry, result, error, run_at, created_at, started_at,
            finished_at
     FROM sluice.jobs WHERE id = $1";
 
@@ -39,6 +39,7 @@ pub struct JobView {
     pub max_attempts: i32,
     pub timeout_ms: Option<i64>,
     pub idempotency_key: Option<String>,
+    pub retry: Option<Value>,
     pub result: Option<Value>,
     pub error: Option<Value>,
     pub run_at: DateTime<Utc>,
