@@ -30,6 +30,11 @@ pub mod paths {
     pub const QUEUE_PAUSE_ROUTE: &str = "/api/queues/{name}/pause";
     /// `POST`: resume a queue ([`super::QueuePaused`]).
     pub const QUEUE_RESUME_ROUTE: &str = "/api/queues/{name}/resume";
+    /// `GET`: every workflow's current version ([`super::WorkflowList`]).
+    pub const WORKFLOWS: &str = "/api/workflows";
+    /// `PUT`: register a definition, YAML or JSON (→ [`super::Workflow`]); `GET`: the current
+    /// version, or `?version=<hash>`.
+    pub const WORKFLOW_ROUTE: &str = "/api/workflows/{name}";
     /// `GET`: liveness ([`super::Health`]), without a token.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: readiness (Postgres reachable), without a token.
@@ -49,6 +54,9 @@ pub mod paths {
     }
     pub fn resume(queue: &str) -> String {
         QUEUE_RESUME_ROUTE.replace("{name}", queue)
+    }
+    pub fn workflow(name: &str) -> String {
+        WORKFLOW_ROUTE.replace("{name}", name)
     }
 }
 
@@ -244,6 +252,35 @@ pub struct QueueList {
 pub struct QueuePaused {
     pub name: String,
     pub paused: bool,
+}
+
+/// A stored version of a workflow definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workflow {
+    pub name: String,
+    /// SHA-256 of the canonical JSON definition, hex: the same content is the same version.
+    pub version: String,
+    pub steps: i32,
+    /// The definition as stored: canonical JSON, `name` filled in.
+    pub definition: Value,
+    pub created_at: DateTime<Utc>,
+    /// When this version was last registered: the newest is the current one.
+    pub registered_at: DateTime<Utc>,
+}
+
+/// `GET /api/workflows`: every workflow's current version (definitions left out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowList {
+    pub workflows: Vec<WorkflowSummary>,
+}
+
+/// A workflow in a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowSummary {
+    pub name: String,
+    pub version: String,
+    pub steps: i32,
+    pub registered_at: DateTime<Utc>,
 }
 
 /// `GET /healthz` and `GET /readyz`.

@@ -161,6 +161,9 @@ wire_names! {
         Malformed = "malformed_json",
         Invalid = "invalid_request",
         InvalidSpec = "invalid_spec",
+        /// A workflow or schedule definition that cannot be accepted (422); `details` lists
+        /// every problem.
+        InvalidDefinition = "invalid_definition",
         TooLarge = "payload_too_large",
         /// The client did not send its request in time (408).
         Timeout = "request_timeout",
@@ -443,6 +446,10 @@ pub struct CompleteManyResponse {
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
+    /// Machine-readable particulars where there are several (each problem of a definition:
+    /// `[{"at", "message"}]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
 }
 
 /// The body of every error response, on both listeners: `{"error":{"code","message"}}`.

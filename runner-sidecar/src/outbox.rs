@@ -510,6 +510,7 @@ mod tests {
                     error: Some(sluice_protocol::ErrorDetail {
                         code: ErrorCode::LeaseLost,
                         message: String::new(),
+                        details: None,
                     }),
                 },
                 CompletionResult {

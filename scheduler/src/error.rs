@@ -28,6 +28,9 @@ pub enum Error {
     /// The job spec is not one the runners can run.
     #[error("{0}")]
     InvalidSpec(String),
+    /// A workflow definition with problems: each as (where, what).
+    #[error("the definition has {} problem(s): {}", .0.len(), .0.iter().map(|(at, what)| format!("{at}: {what}")).collect::<Vec<_>>().join("; "))]
+    InvalidDefinition(Vec<(String, String)>),
     /// The body, or a part of it (`what`: "request body", "spec"), exceeds its size limit.
     #[error("{what} is larger than {limit_bytes} bytes")]
     TooLarge {
@@ -73,6 +76,7 @@ impl Error {
             Error::Malformed(_) => ErrorCode::Malformed,
             Error::Invalid { .. } => ErrorCode::Invalid,
             Error::InvalidSpec(_) => ErrorCode::InvalidSpec,
+            Error::InvalidDefinition(_) => ErrorCode::InvalidDefinition,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::Timeout(_) => ErrorCode::Timeout,
             Error::Conflict(_) => ErrorCode::Conflict,

@@ -709,6 +709,19 @@ impl Api {
         .await
     }
 
+    /// PUTs `body` as text (a YAML or JSON definition) to `path` with the API token.
+    pub async fn put_text(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .body(body)
+            .send()
+            .await
+            .expect("PUT to the scheduler");
+        decode(response).await
+    }
+
     /// GETs `path` with the API token.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self

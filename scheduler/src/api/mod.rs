@@ -61,6 +61,7 @@ impl IntoResponse for AppError {
             | Error::Invalid { .. }
             | Error::InvalidSpec(_)
             | Error::ProtocolMismatch(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidDefinition(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Unavailable(_) | Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,10 +84,20 @@ impl IntoResponse for AppError {
             }
             _ => err.to_string(),
         };
+        let details = match &err {
+            Error::InvalidDefinition(problems) => Some(serde_json::Value::Array(
+                problems
+                    .iter()
+                    .map(|(at, what)| serde_json::json!({"at": at, "message": what}))
+                    .collect(),
+            )),
+            _ => None,
+        };
         let body = ErrorBody {
             error: ErrorDetail {
                 code: err.code(),
                 message,
+                details,
             },
         };
         let mut response = (status, Json(body)).into_response();
@@ -145,6 +156,33 @@ where
     }
 }
 
+/// A text request body (a YAML or JSON definition), UTF-8, within the route's body limit and
+/// the body deadline, with errors in the API's JSON shape.
+pub struct TextBody(pub String);
+
+impl<S: Send + Sync> FromRequest<S> for TextBody {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| AppError(Error::Timeout("reading the request body")))?;
+        let bytes = read.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError(Error::TooLarge {
+                    what: "request body",
+                    limit_bytes: crate::service::workflows::MAX_DEFINITION_BYTES,
+                })
+            } else {
+                AppError(Error::Malformed(rejection.body_text()))
+            }
+        })?;
+        String::from_utf8(bytes.to_vec())
+            .map(TextBody)
+            .map_err(|_| AppError(Error::Malformed("the body is not UTF-8".into())))
+    }
+}
+
 /// Parses a body: syntax errors are `Malformed`, shape errors are `Invalid` naming the field
 /// (`timeout_ms`, `jobs[3].priority`) whose value does not fit.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> crate::Result<T> {
@@ -189,6 +227,7 @@ pub async fn method_not_allowed() -> Response {
         error: ErrorDetail {
             code: ErrorCode::MethodNotAllowed,
             message: "method not allowed on this path".into(),
+            details: None,
         },
     };
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()

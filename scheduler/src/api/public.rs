@@ -4,20 +4,23 @@
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use serde::Deserialize;
 use sluice_protocol::api::{
     paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Health, Job,
-    JobStateChange, QueueList, QueuePaused,
+    JobStateChange, QueueList, QueuePaused, Workflow, WorkflowList,
 };
 use sluice_protocol::JobId;
 
-use super::{bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, BODY_LIMIT_BYTES};
-use crate::service::jobs;
+use super::{
+    bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, TextBody, BODY_LIMIT_BYTES,
+};
+use crate::service::{jobs, workflows};
 use crate::{store, Error};
 
 /// The public router (`/api/*`, `/healthz`, `/readyz`).
@@ -31,6 +34,13 @@ pub fn router(state: AppState) -> Router {
         .route(paths::QUEUES, get(list_queues))
         .route(paths::QUEUE_PAUSE_ROUTE, post(pause_queue))
         .route(paths::QUEUE_RESUME_ROUTE, post(resume_queue))
+        .route(paths::WORKFLOWS, get(list_workflows))
+        .route(
+            paths::WORKFLOW_ROUTE,
+            put(register_workflow)
+                .layer(DefaultBodyLimit::max(workflows::MAX_DEFINITION_BYTES))
+                .get(get_workflow),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_token,
@@ -119,6 +129,44 @@ async fn resume_queue(
     Path(name): Path<String>,
 ) -> ApiResult<Json<QueuePaused>> {
     Ok(Json(jobs::set_queue_paused(&state, name, false).await?))
+}
+
+async fn register_workflow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    TextBody(text): TextBody,
+) -> ApiResult<(StatusCode, Json<Workflow>)> {
+    let (workflow, created) = workflows::register(&state, &name, &text).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(workflow)))
+}
+
+/// `?version=<hash>` picks a stored version instead of the current one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionQuery {
+    version: Option<String>,
+}
+
+async fn get_workflow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Workflow>> {
+    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
+    Ok(Json(
+        workflows::get(&state, &name, query.version.as_deref()).await?,
+    ))
+}
+
+async fn list_workflows(State(state): State<AppState>) -> ApiResult<Json<WorkflowList>> {
+    Ok(Json(WorkflowList {
+        workflows: workflows::list(&state).await?,
+    }))
 }
 
 async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {

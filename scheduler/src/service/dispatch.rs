@@ -217,6 +217,7 @@ fn completion_results(
                     Some(ErrorDetail {
                         code: err.code(),
                         message: err.to_string(),
+                        details: None,
                     }),
                 ),
                 Err(other) => return Err(other),

@@ -22,6 +22,7 @@ pub mod jobs;
 pub mod lifecycle;
 pub mod maintenance;
 pub mod runners;
+pub mod workflows;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
