@@ -129,6 +129,11 @@ async fn perform(
             return Some(completion(task, failed, 0));
         }
     };
+    // Stopped for good while the workspace was being made: nothing to run.
+    if stop.reason().is_some_and(StopReason::abandons) {
+        workspace.wipe().await;
+        return None;
+    }
     let (mut events, stream) = stream::start(ctx, task, stop);
     let exec = Exec {
         sandbox: &ctx.sandbox,
@@ -147,7 +152,13 @@ async fn perform(
     };
     let streamed = stream.finish(events).await;
     workspace.wipe().await;
-    if stop.reason().is_some_and(StopReason::abandons) {
+    // The reason the executor acted on decides; else the one ordered meanwhile (a later
+    // order, such as the drain's, does not turn an abandoned attempt into a failure).
+    let decisive = match &ended {
+        Ended::Stopped { reason, .. } => Some(*reason),
+        Ended::Finished { .. } => stop.reason(),
+    };
+    if decisive.is_some_and(StopReason::abandons) {
         return None;
     }
     let ended = match (&streamed.error, ended) {

@@ -97,9 +97,13 @@ impl Stop {
         *self.0.borrow()
     }
 
-    /// A receiver that sees every change.
+    /// A receiver that sees every change — and a reason set before it was made: its first
+    /// `changed()` returns at once, so an executor that starts watching late still hears a
+    /// stop ordered while its attempt was being prepared.
     pub fn watch(&self) -> watch::Receiver<Option<StopReason>> {
-        self.0.subscribe()
+        let mut receiver = self.0.subscribe();
+        receiver.mark_changed();
+        receiver
     }
 }
 
@@ -168,5 +172,27 @@ impl Ended {
             }),
             retryable,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_executor_that_starts_watching_late_still_hears_the_stop() {
+        let stop = Stop::default();
+        stop.order(StopReason::LeaseLost);
+        // Made after the order, as an executor's is while its attempt is prepared.
+        let mut watching = stop.watch();
+        tokio::time::timeout(Duration::from_secs(1), watching.changed())
+            .await
+            .expect("the first changed() returns at once")
+            .unwrap();
+        assert_eq!(*watching.borrow(), Some(StopReason::LeaseLost));
+        // The first reason wins for requests; an order replaces it.
+        assert!(!stop.request(StopReason::StreamFailed));
+        stop.order(StopReason::Shutdown);
+        assert_eq!(stop.reason(), Some(StopReason::Shutdown));
     }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sluice_protocol::{
-    paths, ClaimResponse, Completion, RegisterRequest, RegisterResponse, RunnerId,
-    BATCHED_COMPLETIONS, PROTOCOL_VERSION,
+    paths, ClaimResponse, Completion, ErrorCode, RegisterRequest, RegisterResponse, RunnerId,
+    BATCHED_COMPLETIONS, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use sluice_sandbox::Sandbox;
 use tokio::sync::{watch, Notify};
@@ -409,15 +409,18 @@ async fn drain(
     while attempts.join_next().await.is_some() {}
 }
 
-/// Registers with back-off until it works; `None` if shutdown came first. A registration the
-/// scheduler refuses as malformed (a pod name or label it cannot take) is a configuration
-/// error, not retried; a refused secret is retried (secrets are rotated).
+/// Registers with back-off until it works; `None` if shutdown came first. The newest wire
+/// version is offered first; a scheduler that does not speak it (400 `protocol_mismatch`) is
+/// offered the next older one, down to the oldest this runner speaks. A registration the
+/// scheduler refuses as malformed (a pod name or label it cannot take), or one no common
+/// version exists for, is a configuration error, not retried; a refused secret is retried
+/// (secrets are rotated).
 async fn register(
     client: &Client,
     config: &Config,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<Registration>> {
-    let request = RegisterRequest {
+    let mut request = RegisterRequest {
         pod_name: config.pod_name.clone(),
         labels: config.labels.clone(),
         slots: config.slots,
@@ -448,6 +451,22 @@ async fn register(
                 }))
             }
             Err(CallError::Status {
+                status: 400,
+                code: ErrorCode::ProtocolMismatch,
+                message,
+            }) => match request.protocol {
+                Some(offered) if offered > OLDEST_PROTOCOL_VERSION => {
+                    tracing::warn!(offered, scheduler = %message, "the scheduler does not speak this wire version; offering the previous one");
+                    request.protocol = Some(offered - 1);
+                    continue;
+                }
+                _ => {
+                    return Err(crate::Error::Config(format!(
+                        "the scheduler speaks no wire protocol version this runner does ({OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}): {message}; upgrade the older of the two"
+                    )))
+                }
+            },
+            Err(CallError::Status {
                 status: 400 | 413,
                 message,
                 ..
@@ -469,6 +488,98 @@ async fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A scheduler that serves wire versions up to `newest`: answers each registration with
+    /// 400 `protocol_mismatch` or 201, and records the versions offered.
+    async fn scheduler_speaking(
+        newest: u32,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<u32>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (offered_tx, offered) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then a body of Content-Length bytes.
+                let body = loop {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break body.to_string();
+                        }
+                    }
+                };
+                let offered: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let version = offered["protocol"].as_u64().unwrap() as u32;
+                offered_tx.send(version).unwrap();
+                let (status, answer) = if version <= newest {
+                    (
+                        "201 Created",
+                        serde_json::json!({"runner_id": uuid::Uuid::nil(), "token": "t", "heartbeat_ms": 100, "lease_ms": 1000, "protocol": version}),
+                    )
+                } else {
+                    (
+                        "400 Bad Request",
+                        serde_json::json!({"error": {"code": "protocol_mismatch", "message": format!("this runner speaks wire protocol {version}; this scheduler speaks 1 to {newest}")}}),
+                    )
+                };
+                let answer = answer.to_string();
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}", answer.len());
+                socket.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        (url, offered)
+    }
+
+    fn config_for(url: &str) -> Config {
+        let args = <crate::config::Args as clap::Parser>::parse_from([
+            "sluice-runner",
+            "--api-url",
+            url,
+            "--secret",
+            "s",
+            "--pod-name",
+            "versions",
+        ]);
+        Config::from_args(args, None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn registration_offers_older_wire_versions_until_the_scheduler_speaks_one() {
+        let (url, mut offered) = scheduler_speaking(1).await;
+        let (_stop, mut shutdown) = watch::channel(false);
+        let registration = register(&Client::new(&url), &config_for(&url), &mut shutdown)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(registration.protocol, 1);
+        assert_eq!(offered.recv().await, Some(PROTOCOL_VERSION));
+        assert_eq!(offered.recv().await, Some(1));
+
+        // A scheduler that speaks none of this runner's versions is a configuration error.
+        let (url, _offered) = scheduler_speaking(0).await;
+        let err = register(&Client::new(&url), &config_for(&url), &mut shutdown)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("speaks no wire protocol version"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_session_only_moves_forward() {

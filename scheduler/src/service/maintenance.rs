@@ -21,8 +21,8 @@ use crate::Result;
 
 /// Rows one statement touches at most, so that a pass never holds many locks for long.
 const BATCH: i64 = 1000;
-/// Passes in a row whose outage extension may fail (other than for the database being away)
-/// before reclaims go on without it.
+/// Passes in a row whose reclaim with the outage extension may fail (other than for the
+/// database being away) before reclaims go on without it.
 const MAX_EXTENSION_TRIES: u32 = 5;
 
 /// What one pass did.
@@ -40,6 +40,8 @@ pub struct PassReport {
     pub failed_steps: Vec<&'static str>,
     /// A step failed because Postgres was unreachable.
     pub unavailable: bool,
+    /// The outage extension ran (and committed with the reclaim) in this pass.
+    pub extension_ran: bool,
 }
 
 impl PassReport {
@@ -97,41 +99,31 @@ pub async fn run_pass(
 ) -> PassReport {
     let mut report = PassReport::default();
 
-    // After an outage, first give the leases that expired meanwhile one more term, so the
-    // reclaim below spares runners that kept working but could not heartbeat. Until that
-    // has been done, nothing is reclaimed.
-    if after_outage {
-        let extended = async {
-            let Some(mut tx) = lead(pool).await? else {
-                return Ok(None);
-            };
-            let count = jobs::extend_expired_leases(&mut tx, lease).await?;
-            tx.commit().await?;
-            Ok(Some(count))
-        }
-        .await;
-        report.extended = report.record("extend", extended);
-    }
-    let extension_pending = report.failed_steps.contains(&"extend");
-
+    // After an outage, the leases that expired meanwhile first get one more term, in the
+    // reclaim's own transaction (one `now()`), so the reclaim spares runners that kept
+    // working but could not heartbeat. Should the extension fail, nothing is reclaimed.
     let reclaimed = async {
-        if extension_pending {
-            return Ok(None);
-        }
         let Some(mut tx) = lead(pool).await? else {
             return Ok(None);
+        };
+        let extended = if after_outage {
+            Some(jobs::extend_expired_leases(&mut tx, lease).await?)
+        } else {
+            None
         };
         let reclaimed = jobs::reclaim_expired(&mut tx, BATCH).await?;
         if reclaimed.requeued > 0 {
             jobs::notify_available(&mut tx).await?;
         }
         tx.commit().await?;
-        Ok(Some(reclaimed))
+        Ok(Some((extended, reclaimed)))
     }
     .await;
     match reclaimed {
-        Ok(Some(reclaimed)) => {
+        Ok(Some((extended, reclaimed))) => {
             report.led = true;
+            report.extension_ran = extended.is_some();
+            report.extended = extended.unwrap_or(0);
             report.requeued = reclaimed.requeued;
             report.failed = reclaimed.failed;
         }
@@ -238,24 +230,24 @@ pub async fn run(
         }
         loop {
             let report = run_pass(&pool, &wake, lease, after_outage).await;
-            // The outage extension is done once a pass ran it as leader after the database
-            // came back (it is repeated while the database stays away). One that keeps
-            // failing for another reason is given up after a few passes, with an error: it
-            // must never hold reclaims off for good.
+            // The outage extension is done once this replica ran it as leader after the
+            // database came back (it is repeated while the database stays away). A reclaim
+            // step that keeps failing with it for another reason is retried without it after
+            // a few passes, with an error: it must never hold reclaims off for good.
             if report.unavailable {
                 after_outage = true;
                 failed_extensions = 0;
-            } else if report.failed_steps.contains(&"extend") {
+            } else if report.extension_ran {
+                after_outage = false;
+            } else if after_outage && report.failed_steps.contains(&"reclaim") {
                 failed_extensions += 1;
                 if failed_extensions >= MAX_EXTENSION_TRIES {
                     tracing::error!(
                         tries = failed_extensions,
-                        "the outage extension keeps failing; reclaiming without it"
+                        "the reclaim keeps failing with the outage extension; reclaiming without it"
                     );
                     after_outage = false;
                 }
-            } else if report.led {
-                after_outage = false;
             }
             if !report.full() || !report.failed_steps.is_empty() {
                 break;

@@ -63,17 +63,28 @@ pub const EXTEND_EXPIRED_LEASES: &str = "WITH expired AS (
         SELECT id FROM sluice.jobs
         WHERE state = 'running' AND lease_expires_at < now()
         FOR UPDATE SKIP LOCKED
+    ), held_stops AS (
+        -- The same for attempts stopped before or during the outage whose runners could
+        -- not confirm the stop meanwhile (a stop a heartbeat is confirming is skipped).
+        SELECT job_id, attempt FROM sluice.attempt_stops
+        FOR UPDATE SKIP LOCKED
     ), stops AS (
-        -- The same for attempts stopped before the outage whose runners could not
-        -- confirm the stop meanwhile: their retries keep waiting another term.
-        UPDATE sluice.attempt_stops
-        SET stop_by = greatest(stop_by, now() + $1 * interval '1 millisecond')
-        RETURNING job_id
+        UPDATE sluice.attempt_stops s
+        SET stop_by = greatest(s.stop_by, now() + $1 * interval '1 millisecond')
+        FROM held_stops h
+        WHERE s.job_id = h.job_id AND s.attempt = h.attempt
+        RETURNING s.job_id, s.attempt
     ), waiting AS (
+        -- Their retries keep waiting another term: the retry of that very attempt only.
+        SELECT j.id FROM sluice.jobs j
+        JOIN stops s ON j.id = s.job_id AND j.attempt = s.attempt
+        WHERE j.state = 'scheduled'
+        FOR UPDATE OF j SKIP LOCKED
+    ), delayed AS (
         UPDATE sluice.jobs j
         SET run_at = greatest(j.run_at, now() + $1 * interval '1 millisecond')
-        FROM stops s
-        WHERE j.id = s.job_id AND j.state = 'scheduled'
+        FROM waiting w
+        WHERE j.id = w.id
     )
     UPDATE sluice.jobs j
     SET lease_expires_at = now() + $1 * interval '1 millisecond'
