@@ -35,6 +35,15 @@ pub mod paths {
     /// `PUT`: register a definition, YAML or JSON (→ [`super::Workflow`]); `GET`: the current
     /// version, or `?version=<hash>`.
     pub const WORKFLOW_ROUTE: &str = "/api/workflows/{name}";
+    /// `POST`: start a run ([`super::RunRequest`] → [`super::RunStarted`]).
+    pub const WORKFLOWS_RUN: &str = "/api/workflows/run";
+    /// `GET`: runs, newest first ([`super::RunList`]); `?workflow=`, `?state=`,
+    /// `?before=<run id>`, `?limit=`.
+    pub const RUNS: &str = "/api/runs";
+    /// `GET`: a run with its steps ([`super::Run`]).
+    pub const RUN_ROUTE: &str = "/api/runs/{id}";
+    /// `POST`: cancel a run ([`super::RunStateChange`]).
+    pub const RUN_CANCEL_ROUTE: &str = "/api/runs/{id}/cancel";
     /// `GET`: liveness ([`super::Health`]), without a token.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: readiness (Postgres reachable), without a token.
@@ -57,6 +66,12 @@ pub mod paths {
     }
     pub fn workflow(name: &str) -> String {
         WORKFLOW_ROUTE.replace("{name}", name)
+    }
+    pub fn run(id: i64) -> String {
+        RUN_ROUTE.replace("{id}", &id.to_string())
+    }
+    pub fn cancel_run(id: i64) -> String {
+        RUN_CANCEL_ROUTE.replace("{id}", &id.to_string())
     }
 }
 
@@ -281,6 +296,114 @@ pub struct WorkflowSummary {
     pub version: String,
     pub steps: i32,
     pub registered_at: DateTime<Utc>,
+}
+
+/// `POST /api/workflows/run`: start a run of a registered workflow, or of a definition given
+/// inline (registered first, under its `name` or `inline`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    pub workflow: WorkflowRef,
+    /// What `{{ input.… }}` reads; `{}` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    /// A stored version (its hash) instead of the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// A workflow by name, or a definition inline (a JSON object, or YAML text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WorkflowRef {
+    Name(String),
+    Inline(Value),
+}
+
+/// What starting a run answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStarted {
+    pub run_id: i64,
+    pub workflow: String,
+    pub version: String,
+}
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// `GET /api/runs/:id`: a run and each of its steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: i64,
+    pub workflow: String,
+    pub version: String,
+    pub state: RunState,
+    pub input: Value,
+    /// Why it failed: `{"step", "error"}`.
+    pub error: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// In the definition's order; the failure step last.
+    pub steps: Vec<RunStep>,
+}
+
+/// A step of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStep {
+    pub id: String,
+    /// `waiting`, `running`, `succeeded`, `skipped`, `failed` or `cancelled`.
+    pub state: String,
+    /// Its job's result (a `for_each` step: the list of its jobs' results, in order).
+    pub output: Option<Value>,
+    /// The failure step (`on_failure`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_failure: bool,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The jobs that run it (one, or one per `for_each` element), with their attempts.
+    pub jobs: Vec<StepJob>,
+}
+
+/// A job of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepJob {
+    pub id: JobId,
+    pub index: i32,
+    pub state: JobState,
+    pub attempt: i32,
+}
+
+/// `GET /api/runs`: newest first; `next_before` pages on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunList {
+    pub runs: Vec<RunSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<i64>,
+}
+
+/// A run in a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub id: i64,
+    pub workflow: String,
+    pub version: String,
+    pub state: RunState,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What cancelling a run answers: its state now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStateChange {
+    pub id: i64,
+    pub state: RunState,
 }
 
 /// `GET /healthz` and `GET /readyz`.

@@ -330,6 +330,11 @@ pub struct Task {
     /// The job's server-side deadline, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// A workflow step's context (`{"input", "run", "steps": {id: {"output"}}, "item"?,
+    /// "index"?}`); the spec's templates are filled from it already. The sidecar hands it to
+    /// the tool as the file `$SLUICE_CONTEXT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
 }
 
 impl Task {

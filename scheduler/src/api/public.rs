@@ -13,7 +13,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use sluice_protocol::api::{
     paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Health, Job,
-    JobStateChange, QueueList, QueuePaused, Workflow, WorkflowList,
+    JobStateChange, QueueList, QueuePaused, Run, RunList, RunRequest, RunStarted, RunStateChange,
+    Workflow, WorkflowList,
 };
 use sluice_protocol::JobId;
 
@@ -35,6 +36,10 @@ pub fn router(state: AppState) -> Router {
         .route(paths::QUEUE_PAUSE_ROUTE, post(pause_queue))
         .route(paths::QUEUE_RESUME_ROUTE, post(resume_queue))
         .route(paths::WORKFLOWS, get(list_workflows))
+        .route(paths::WORKFLOWS_RUN, post(start_run))
+        .route(paths::RUNS, get(list_runs))
+        .route(paths::RUN_ROUTE, get(get_run))
+        .route(paths::RUN_CANCEL_ROUTE, post(cancel_run))
         .route(
             paths::WORKFLOW_ROUTE,
             put(register_workflow)
@@ -167,6 +172,59 @@ async fn list_workflows(State(state): State<AppState>) -> ApiResult<Json<Workflo
     Ok(Json(WorkflowList {
         workflows: workflows::list(&state).await?,
     }))
+}
+
+async fn start_run(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<RunRequest>,
+) -> ApiResult<(StatusCode, Json<RunStarted>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(workflows::start_run(&state, request).await?),
+    ))
+}
+
+/// A run id from a path; anything else names no run.
+fn run_id(id: &str) -> crate::Result<i64> {
+    id.parse().map_err(|_| Error::NotFound("run"))
+}
+
+async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+    Ok(Json(workflows::get_run(&state, run_id(&id)?).await?))
+}
+
+async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunStateChange>> {
+    Ok(Json(workflows::cancel_run(&state, run_id(&id)?).await?))
+}
+
+/// `GET /api/runs` filters and paging.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    workflow: Option<String>,
+    state: Option<String>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_runs(
+    State(state): State<AppState>,
+    query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<RunList>> {
+    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
+    Ok(Json(
+        workflows::list_runs(
+            &state,
+            query.workflow.as_deref(),
+            query.state.as_deref(),
+            query.before,
+            query.limit,
+        )
+        .await?,
+    ))
 }
 
 async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use sluice_protocol::{
     bounds, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
-    CompleteResponse, Completion, CompletionResult, ErrorDetail, JobId, JobState, Task,
+    CompleteResponse, Completion, CompletionResult, ErrorDetail, JobId, JobState, Outcome, Task,
 };
 use tokio::time::Instant;
 
-use super::{lifecycle, Context};
+use super::{lifecycle, workflows, Context};
 use crate::store::jobs;
 use crate::store::runners::RunnerIdentity;
 use crate::{Error, Result};
@@ -88,17 +88,12 @@ pub async fn claim(
         }
         let now = Instant::now();
         if !claimed.is_empty() || now >= deadline || *shutdown.borrow() {
-            let tasks = claimed
-                .into_iter()
-                .map(|job| Task {
-                    job_id: job.id,
-                    attempt: job.attempt,
-                    lease_token: job.lease_token,
-                    queue: job.queue,
-                    spec: job.spec,
-                    timeout_ms: job.timeout_ms.map(|ms| ms as u64),
-                })
-                .collect();
+            let mut tasks = Vec::with_capacity(claimed.len());
+            for job in claimed {
+                if let Some(task) = task_of(ctx, runner, job).await? {
+                    tasks.push(task);
+                }
+            }
             return Ok(ClaimResponse { tasks, completed });
         }
         let poll = (now + config.claim_poll_interval).min(deadline);
@@ -108,6 +103,53 @@ pub async fn claim(
             _ = shutdown.changed() => {}
         }
     }
+}
+
+/// The task a claimed job becomes: a workflow step's templates filled from its context. A
+/// step whose templates do not resolve fails at once (`template_error`, not retried: another
+/// attempt would read the same context) and is not handed out.
+async fn task_of(
+    ctx: &Context,
+    runner: &RunnerIdentity,
+    job: jobs::ClaimedJob,
+) -> Result<Option<Task>> {
+    let spec = match &job.context {
+        None => job.spec,
+        Some(context) => match workflows::template::render(&job.spec, context) {
+            Ok(spec) => spec,
+            Err(message) => {
+                let error = serde_json::json!({"code": "template_error", "message": message});
+                let output = serde_json::json!({});
+                jobs::complete_if_leased(
+                    &ctx.pool,
+                    jobs::Completion {
+                        runner: runner.id,
+                        job: job.id,
+                        attempt: job.attempt,
+                        lease_token: job.lease_token,
+                        outcome: Outcome::Failed,
+                        output: &output,
+                        error: Some(error),
+                        retryable: false,
+                        final_seq: Some(0),
+                        retry_jitter: 1.0,
+                    },
+                )
+                .await?;
+                tracing::info!(job_id = %job.id, %message, "a step's template does not resolve");
+                return Ok(None);
+            }
+        },
+    };
+    Ok(Some(Task {
+        job_id: job.id,
+        attempt: job.attempt,
+        lease_token: job.lease_token,
+        queue: job.queue,
+        spec,
+        timeout_ms: job.timeout_ms.map(|ms| ms as u64),
+        context: job.context,
+    }))
 }
 
 /// Applies one attempt's completion (`POST /internal/tasks/:id/complete`): the job named by

@@ -166,7 +166,7 @@ fn stored_policy(stored: Option<serde_json::Value>) -> Option<RetryPolicy> {
 
 /// Checks a retry policy's ranges; returns it as stored (without `max_attempts`, which is the
 /// job's column) and the `max_attempts` it names.
-fn check_retry(policy: &RetryPolicy) -> Result<(serde_json::Value, Option<i32>)> {
+pub(crate) fn check_retry(policy: &RetryPolicy) -> Result<(serde_json::Value, Option<i32>)> {
     check_range(
         "retry.max_attempts",
         policy.max_attempts,
@@ -217,7 +217,7 @@ fn response_of(enqueued: &Enqueued) -> EnqueueResponse {
     }
 }
 
-fn valid_queue_name(name: &str) -> bool {
+pub(crate) fn valid_queue_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 128

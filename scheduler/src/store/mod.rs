@@ -14,6 +14,7 @@ pub mod events;
 pub mod jobs;
 pub mod queues;
 pub mod runners;
+pub mod runs;
 pub mod workflows;
 
 use std::str::FromStr;

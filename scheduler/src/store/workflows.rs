@@ -7,12 +7,13 @@ use sqlx::PgPool;
 
 use crate::Result;
 
-/// Registers version $2 of workflow $1 (definition $3, $4 steps), or re-registers it when that
-/// content is stored already (it becomes current again). Answers whether it was new.
+/// Registers version $2 of workflow $1 (definition $3, $4 steps, run plan $5), or
+/// re-registers it when that content is stored already (it becomes current again, and gets
+/// this scheduler's plan). Answers whether it was new.
 pub const REGISTER_WORKFLOW: &str =
-    "INSERT INTO sluice.workflows AS w (name, version, definition, steps)
-    VALUES ($1, $2, $3, $4)
-    ON CONFLICT (name, version) DO UPDATE SET registered_at = now()
+    "INSERT INTO sluice.workflows AS w (name, version, definition, steps, plan)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (name, version) DO UPDATE SET registered_at = now(), plan = EXCLUDED.plan
     RETURNING (xmax = 0) AS created, w.created_at, w.registered_at";
 
 /// The current version of workflow $1.
@@ -51,12 +52,14 @@ pub async fn register(
     version: &str,
     definition: &Value,
     steps: i32,
+    plan: &Value,
 ) -> Result<(bool, DateTime<Utc>, DateTime<Utc>)> {
     Ok(sqlx::query_as(REGISTER_WORKFLOW)
         .bind(name)
         .bind(version)
         .bind(definition)
         .bind(steps)
+        .bind(plan)
         .fetch_one(pool)
         .await?)
 }

@@ -91,6 +91,10 @@ pub enum Reference {
     Item(Vec<Segment>),
     /// `index` (in a `for_each` step).
     Index,
+    /// `run.id`, `run.workflow`.
+    Run(Vec<Segment>),
+    /// `failure.step`, `failure.error…` (in the failure step).
+    Failure(Vec<Segment>),
 }
 
 /// One step of a path.
@@ -236,6 +240,91 @@ pub fn parse(text: &str, name: &str) -> Result<Definition, Vec<Problem>> {
     })
 }
 
+impl Definition {
+    /// The plan a run is started from (see `sql/0007_workflow_runs.sql`): per step its
+    /// parents and children, the job to enqueue, and its `if` and `for_each` as paths into
+    /// the step's context.
+    pub fn plan(&self) -> Value {
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        for step in &self.steps {
+            for parent in &step.depends_on {
+                children
+                    .entry(parent.as_str())
+                    .or_default()
+                    .push(step.id.as_str());
+            }
+        }
+        let steps: Vec<Value> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(position, step)| {
+                let mut entry = step_plan(step);
+                entry["position"] = Value::from(position);
+                entry["children"] =
+                    Value::from(children.get(step.id.as_str()).cloned().unwrap_or_default());
+                entry
+            })
+            .collect();
+        let mut plan = serde_json::json!({ "steps": steps });
+        if let Some(step) = &self.on_failure {
+            let mut entry = step_plan(step);
+            entry["position"] = Value::from(-1);
+            entry["children"] = Value::Array(Vec::new());
+            plan["on_failure"] = entry;
+        }
+        plan
+    }
+}
+
+/// A step's plan entry, without its place in the graph.
+fn step_plan(step: &Step) -> Value {
+    let mut job = serde_json::json!({ "spec": step.spec });
+    if let Some(queue) = &step.queue {
+        job["queue"] = Value::from(queue.as_str());
+    }
+    if let Some(ms) = step.timeout_ms {
+        job["timeout_ms"] = Value::from(ms);
+    }
+    if let Some(policy) = step.retry {
+        if let Some(attempts) = policy.max_attempts {
+            job["max_attempts"] = Value::from(attempts);
+        }
+        let stored = RetryPolicy {
+            max_attempts: None,
+            ..policy
+        };
+        if stored != RetryPolicy::default() {
+            job["retry"] = serde_json::to_value(stored).unwrap_or_default();
+        }
+    }
+    let mut entry = serde_json::json!({
+        "id": step.id,
+        "parents": step.depends_on,
+        "job": job,
+    });
+    if let Some(condition) = &step.condition {
+        let (op, reference, value) = match condition {
+            Condition::Truthy(r) => ("truthy", r, None),
+            Condition::Falsy(r) => ("falsy", r, None),
+            Condition::Equals(r, v) => ("eq", r, Some(v)),
+            Condition::Differs(r, v) => ("ne", r, Some(v)),
+        };
+        let mut compiled = serde_json::json!({"op": op, "path": reference.path()});
+        if let Some(value) = value {
+            compiled["value"] = value.clone();
+        }
+        entry["condition"] = compiled;
+    }
+    if let Some(list) = &step.for_each {
+        entry["for_each"] = Value::from(list.path());
+    }
+    if !step.artifacts.is_empty() {
+        entry["artifacts"] = Value::from(step.artifacts.clone());
+    }
+    entry
+}
+
 /// The document as stored and hashed: JSON with sorted keys (serde_json's map), with the name
 /// it is registered under.
 fn canonical(mut document: Value, name: &str) -> Value {
@@ -298,6 +387,27 @@ fn read_step(
             .map_err(|message| problems.push(problem(format!("{at}.for_each"), message)))
             .ok()
     });
+    if let Some(queue) = &raw.queue {
+        if !crate::service::jobs::valid_queue_name(queue) {
+            problems.push(problem(format!("{at}.queue"), "not a valid queue name"));
+        }
+    }
+    if let Some(ms) = raw.timeout_ms {
+        if !(1..=sluice_protocol::bounds::MAX_TIMEOUT_MS).contains(&ms) {
+            problems.push(problem(
+                format!("{at}.timeout_ms"),
+                format!(
+                    "must be between 1 and {}",
+                    sluice_protocol::bounds::MAX_TIMEOUT_MS
+                ),
+            ));
+        }
+    }
+    if let Some(policy) = &raw.retry {
+        if let Err(err) = crate::service::jobs::check_retry(policy) {
+            problems.push(problem(format!("{at}.retry"), err.to_string()));
+        }
+    }
     for (field, pattern) in raw.artifacts.iter().enumerate() {
         if pattern.is_empty() || pattern.starts_with('/') || pattern.split('/').any(|p| p == "..") {
             problems.push(problem(
@@ -319,21 +429,20 @@ fn read_step(
     })
 }
 
-/// Parses a reference: `input…`, `steps.<id>.output…`, `item…`, `index`.
+/// Parses a reference: `input…`, `steps.<id>.output…`, `item…`, `index`, `run…`,
+/// `failure…`.
 pub fn parse_reference(text: &str) -> Result<Reference, String> {
     let mut segments = parse_path(text)?;
     let first = match segments.first() {
         Some(Segment::Key(first)) => first.clone(),
-        _ => {
-            return Err(format!(
-                "{text:?} does not start with input, steps, item or index"
-            ))
-        }
+        _ => return Err(format!("{text:?} does not start with {ROOTS}")),
     };
     segments.remove(0);
     match first.as_str() {
         "input" => Ok(Reference::Input(segments)),
         "item" => Ok(Reference::Item(segments)),
+        "run" => Ok(Reference::Run(segments)),
+        "failure" => Ok(Reference::Failure(segments)),
         "index" if segments.is_empty() => Ok(Reference::Index),
         "steps" => match (segments.first(), segments.get(1)) {
             (Some(Segment::Key(id)), Some(Segment::Key(output))) if output == "output" => {
@@ -343,11 +452,12 @@ pub fn parse_reference(text: &str) -> Result<Reference, String> {
                 "{text:?}: a step's value is read as steps.<id>.output…"
             )),
         },
-        _ => Err(format!(
-            "{text:?} does not start with input, steps, item or index"
-        )),
+        _ => Err(format!("{text:?} does not start with {ROOTS}")),
     }
 }
+
+/// What a reference may start with.
+const ROOTS: &str = "input, steps, item, index, run or failure";
 
 /// `a.b[2].c` into segments.
 fn parse_path(text: &str) -> Result<Vec<Segment>, String> {
@@ -436,6 +546,24 @@ pub fn templates(value: &Value) -> Vec<Result<Reference, String>> {
 }
 
 impl Reference {
+    /// Where it reads in a step's context (`{"input", "steps": {id: {"output"}}, "item",
+    /// "index"}`), as the text path `#>` takes.
+    pub fn path(&self) -> Vec<String> {
+        let (mut path, segments): (Vec<String>, &[Segment]) = match self {
+            Reference::Input(s) => (vec!["input".into()], s),
+            Reference::Step(id, s) => (vec!["steps".into(), id.clone(), "output".into()], s),
+            Reference::Item(s) => (vec!["item".into()], s),
+            Reference::Index => (vec!["index".into()], &[]),
+            Reference::Run(s) => (vec!["run".into()], s),
+            Reference::Failure(s) => (vec!["failure".into()], s),
+        };
+        path.extend(segments.iter().map(|segment| match segment {
+            Segment::Key(key) => key.clone(),
+            Segment::Index(index) => index.to_string(),
+        }));
+        path
+    }
+
     /// The step this reference reads, if it reads one.
     fn step(&self) -> Option<&str> {
         match self {
@@ -535,6 +663,9 @@ fn check_graph(steps: &[Step], on_failure: Option<&Step>, problems: &mut Vec<Pro
         if matches!(reference, Reference::Item(_) | Reference::Index) && step.for_each.is_none() {
             found.push(problem(at, "item and index exist in for_each steps only"));
         }
+        if matches!(reference, Reference::Failure(_)) && position.is_some() {
+            found.push(problem(at, "failure exists in the on_failure step only"));
+        }
         let Some(read) = reference.step() else {
             return found;
         };
@@ -575,7 +706,10 @@ fn check_graph(steps: &[Step], on_failure: Option<&Step>, problems: &mut Vec<Pro
             ));
         }
         if let Some(list) = &step.for_each {
-            if matches!(list, Reference::Item(_) | Reference::Index) {
+            if matches!(
+                list,
+                Reference::Item(_) | Reference::Index | Reference::Failure(_)
+            ) {
                 problems.push(problem(
                     format!("{at}.for_each"),
                     "must read input or a step",

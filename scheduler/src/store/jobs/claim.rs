@@ -43,9 +43,9 @@ pub const CLAIM: &str = "WITH picked AS (
         -- table for a large claim.
         WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
-                  j.priority, j.run_at
+                  j.context, j.priority, j.run_at
     )
-    SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
+    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context FROM claimed
     ORDER BY priority, run_at, id";
 
 /// Serialises claims on capped queues (until the transaction ends).
@@ -89,9 +89,9 @@ pub const CLAIM_CAPPED: &str = "WITH caps AS MATERIALIZED (
         -- table for a large claim.
         WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
-                  j.priority, j.run_at
+                  j.context, j.priority, j.run_at
     )
-    SELECT id, attempt, lease_token, queue, spec, timeout_ms FROM claimed
+    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context FROM claimed
     ORDER BY priority, run_at, id";
 
 pub(super) const STATEMENTS: &[(&str, &str)] = &[
@@ -109,6 +109,8 @@ pub struct ClaimedJob {
     pub queue: String,
     pub spec: Value,
     pub timeout_ms: Option<i64>,
+    /// A workflow step's context (its templates are filled from it when it is claimed).
+    pub context: Option<Value>,
 }
 
 /// Leases up to `max` available jobs of uncapped, unpaused queues to `runner`, in
@@ -122,7 +124,7 @@ pub async fn claim_available(
     max: i32,
     lease: Duration,
 ) -> Result<Vec<ClaimedJob>> {
-    let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(CLAIM)
+    let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM)
         .bind(runner.0)
         .bind(max)
         .bind(lease.as_millis() as i64)
@@ -144,7 +146,7 @@ pub async fn claim_capped(
 ) -> Result<Vec<ClaimedJob>> {
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK_CAPPED_CLAIMS).execute(&mut *tx).await?;
-    let rows: Vec<(i64, i32, Uuid, String, Value, Option<i64>)> = sqlx::query_as(CLAIM_CAPPED)
+    let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_CAPPED)
         .bind(runner.0)
         .bind(max)
         .bind(lease.as_millis() as i64)
@@ -154,8 +156,11 @@ pub async fn claim_capped(
     Ok(rows.into_iter().map(claimed_job).collect())
 }
 
-pub(super) fn claimed_job(row: (i64, i32, Uuid, String, Value, Option<i64>)) -> ClaimedJob {
-    let (id, attempt, token, queue, spec, timeout_ms) = row;
+/// A claimed row: id, attempt, lease token, queue, spec, timeout, context.
+pub(super) type ClaimedRow = (i64, i32, Uuid, String, Value, Option<i64>, Option<Value>);
+
+pub(super) fn claimed_job(row: ClaimedRow) -> ClaimedJob {
+    let (id, attempt, token, queue, spec, timeout_ms, context) = row;
     ClaimedJob {
         id: JobId(id),
         attempt: Attempt(attempt),
@@ -163,6 +168,7 @@ pub(super) fn claimed_job(row: (i64, i32, Uuid, String, Value, Option<i64>)) -> 
         queue,
         spec,
         timeout_ms,
+        context,
     }
 }
 

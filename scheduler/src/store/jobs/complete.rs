@@ -92,15 +92,15 @@ pub const COMPLETE_AND_CLAIM: &str = "WITH input AS (
         -- table for a large claim.
         WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
-                  j.priority, j.run_at
+                  j.context, j.priority, j.run_at
     )
-    SELECT done, id, attempt, lease_token, queue, spec, timeout_ms, state FROM (
+    SELECT done, id, attempt, lease_token, queue, spec, timeout_ms, context, state FROM (
         SELECT true AS done, id, attempt, NULL::uuid AS lease_token, NULL::text AS queue,
-               NULL::jsonb AS spec, NULL::bigint AS timeout_ms, state::text AS state,
-               NULL::int AS priority, NULL::timestamptz AS run_at
+               NULL::jsonb AS spec, NULL::bigint AS timeout_ms, NULL::jsonb AS context,
+               state::text AS state, NULL::int AS priority, NULL::timestamptz AS run_at
         FROM done
         UNION ALL
-        SELECT false, id, attempt, lease_token, queue, spec, timeout_ms, NULL,
+        SELECT false, id, attempt, lease_token, queue, spec, timeout_ms, context, NULL,
                priority, run_at
         FROM claimed
     ) r
@@ -231,6 +231,7 @@ pub async fn complete_and_claim(
         Option<String>,
         Option<Value>,
         Option<i64>,
+        Option<Value>,
         Option<String>,
     );
     // A cached generic plan, which Postgres adopts after a few executions on a connection,
@@ -257,7 +258,7 @@ pub async fn complete_and_claim(
         .await?;
     let mut states: HashMap<(i64, i32), JobState> = HashMap::with_capacity(completions.len());
     let mut claimed = Vec::new();
-    for (done, id, attempt, token, queue, spec, timeout_ms, state) in rows {
+    for (done, id, attempt, token, queue, spec, timeout_ms, context, state) in rows {
         if done {
             states.insert(
                 (id, attempt),
@@ -271,6 +272,7 @@ pub async fn complete_and_claim(
                 queue.unwrap_or_default(),
                 spec.unwrap_or_default(),
                 timeout_ms,
+                context,
             )));
         }
     }
