@@ -210,6 +210,8 @@ wire_names! {
         ResultRefused = "result_refused",
         /// The result was larger than [`crate::bounds::MAX_COMPLETION_BYTES`].
         ResultTooLarge = "result_too_large",
+        /// The file named by `$SLUICE_OUTPUT` is not JSON, or too large.
+        InvalidOutput = "invalid_output",
     }
 }
 

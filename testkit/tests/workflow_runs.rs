@@ -358,3 +358,60 @@ async fn a_run_started_from_sql_commits_with_the_callers_transaction() {
         assert_eq!(got, status, "{request}: {body}");
     }
 }
+
+#[tokio::test]
+async fn a_step_hands_on_a_json_document_and_reads_its_context() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let _runner = scheduler.runner("documents", 3).await;
+    let api = scheduler.api();
+    register(
+        &api,
+        "documents",
+        r#"
+steps:
+  - id: gen
+    kind: bash
+    script: |
+      printf '{"items": ["x", "y"], "n": %d}' "$(wc -c < "$SLUICE_CONTEXT")" > "$SLUICE_OUTPUT"
+  - {id: each, depends_on: [gen], for_each: steps.gen.output.value.items, kind: bash,
+     script: "printf '{\"got\": \"%s\"}' \"$(jq -r .item \"$SLUICE_CONTEXT\" 2>/dev/null || echo {{ item }})\" > $SLUICE_OUTPUT"}
+  - {id: sum, depends_on: [each], kind: bash,
+     script: "printf '{{ steps.each.output[0].value.got }}{{ steps.each.output[1].value.got }}'"}
+"#,
+    )
+    .await;
+    let id = run(&api, json!({"workflow": "documents", "input": {"k": 1}})).await;
+    let done = finished(&api, id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let gen = &step(&done, "gen")["output"]["value"];
+    assert_eq!(gen["items"], json!(["x", "y"]));
+    assert!(
+        gen["n"].as_i64().unwrap() > 10,
+        "the context file was there: {gen}"
+    );
+    assert_eq!(step(&done, "sum")["output"]["stdout_tail"], "xy");
+
+    // A document that is not JSON, or a link out of the workspace, fails the attempt.
+    for script in [
+        "echo 'not json' > $SLUICE_OUTPUT",
+        "ln -s /etc/passwd $SLUICE_OUTPUT",
+    ] {
+        let job = api
+            .enqueue(json!({"spec": {"kind": "bash", "script": script}, "max_attempts": 1}))
+            .await;
+        let job = api.wait_terminal(job, DEADLINE).await;
+        assert_eq!(job["state"], "failed", "{script}: {job}");
+        assert_eq!(job["error"]["code"], "invalid_output", "{script}: {job}");
+        assert!(
+            !job.to_string().contains("root:"),
+            "{script}: a file outside the workspace was read: {job}"
+        );
+    }
+    // A plain job may hand on a document too.
+    let job = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "echo '[1, 2]' > $SLUICE_OUTPUT"}}))
+        .await;
+    let job = api.wait_terminal(job, DEADLINE).await;
+    assert_eq!(job["result"]["value"], json!([1, 2]), "{job}");
+}

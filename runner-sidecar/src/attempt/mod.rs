@@ -129,6 +129,23 @@ async fn perform(
             return Some(completion(task, failed, 0));
         }
     };
+    // A workflow step's context, for the tool to read (`$SLUICE_CONTEXT`).
+    if let Some(context) = &task.context {
+        let bytes = serde_json::to_vec(context).unwrap_or_default();
+        if let Err(err) = workspace
+            .write_file(policy::CONTEXT_FILE, bytes, slot.user)
+            .await
+        {
+            workspace.wipe().await;
+            let failed = Ended::failed(
+                json!({}),
+                FailureCode::SpawnFailed,
+                format!("cannot write the step's context: {err}"),
+                true,
+            );
+            return Some(completion(task, failed, 0));
+        }
+    }
     // Stopped for good while the workspace was being made: nothing to run.
     if stop.reason().is_some_and(StopReason::abandons) {
         workspace.wipe().await;

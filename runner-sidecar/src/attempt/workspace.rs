@@ -39,6 +39,32 @@ impl Workspace {
         &self.0
     }
 
+    /// Writes `name` in the workspace (before the tool starts: nothing else is in it), mode
+    /// 0600, owned by the slot's user.
+    pub async fn write_file(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        user: Option<ToolUser>,
+    ) -> std::io::Result<()> {
+        let path = self.0.join(name);
+        blocking(move || {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(&bytes)?;
+            if let Some(user) = user {
+                std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Removes the workspace and everything the tool left in it.
     pub async fn wipe(self) {
         let path = self.0;

@@ -4,10 +4,11 @@
 //! result, naming a resource limit it ran into.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use serde_json::json;
+use serde_json::{json, Value};
 use sluice_protocol::{BashSpec, EventKind, FailureCode};
 use sluice_sandbox::{ToolCommand, ToolUsage};
 use tokio::io::AsyncReadExt;
@@ -49,7 +50,23 @@ pub async fn run(exec: Exec<'_>, spec: &BashSpec) -> Ended {
             )
         }
     };
-    let env = policy::tool_env(workspace, task.job_id, task.attempt, &spec.env);
+    let mut env = policy::tool_env(workspace, task.job_id, task.attempt, &spec.env);
+    env.insert(
+        "SLUICE_OUTPUT".into(),
+        workspace
+            .join(policy::OUTPUT_FILE)
+            .to_string_lossy()
+            .into_owned(),
+    );
+    if task.context.is_some() {
+        env.insert(
+            "SLUICE_CONTEXT".into(),
+            workspace
+                .join(policy::CONTEXT_FILE)
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
     let limits = policy::tighter(&config.limits, &spec.limits.clone().unwrap_or_default());
     let tool = ToolCommand {
         program: policy::shell(),
@@ -195,6 +212,17 @@ pub async fn run(exec: Exec<'_>, spec: &BashSpec) -> Ended {
     if let Some(reason) = stopped {
         return Ended::Stopped { reason, output };
     }
+    // The document the script wrote to `$SLUICE_OUTPUT`, if it wrote one: the result's
+    // `value`. One that cannot be read as JSON fails an attempt that would have succeeded.
+    let value = output_value(workspace, config.tool_policy.force_path_walk).await;
+    match value {
+        Ok(Some(value)) => output["value"] = value,
+        Ok(None) => {}
+        Err(message) if exit_code == Some(0) && !timed_out => {
+            return Ended::failed(output, FailureCode::InvalidOutput, message, false);
+        }
+        Err(_) => {}
+    }
     if timed_out {
         return Ended::failed(
             output,
@@ -208,6 +236,37 @@ pub async fn run(exec: Exec<'_>, spec: &BashSpec) -> Ended {
     }
     let (code, message, retryable) = failure_of(exit_code, signal.as_deref(), usage, &limits);
     Ended::failed(output, code, message, retryable)
+}
+
+/// Reads `$SLUICE_OUTPUT` beneath the workspace without following links (the tool wrote
+/// it, and this process is root): `None` when there is none.
+async fn output_value(workspace: &Path, force_walk: bool) -> Result<Option<Value>, String> {
+    use sluice_sandbox::confine::{code, Access, Workspace};
+    use std::io::Read;
+    let root = workspace.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let workspace = Workspace::open(&root, force_walk).map_err(|e| e.to_string())?;
+        let file = match workspace.open_file(policy::OUTPUT_FILE, Access::Read) {
+            Ok(file) => file,
+            Err(err) if err.code == code::NOT_FOUND => return Ok(None),
+            Err(err) => return Err(format!("$SLUICE_OUTPUT cannot be read: {err}")),
+        };
+        let mut bytes = Vec::new();
+        file.take(policy::MAX_OUTPUT_VALUE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("$SLUICE_OUTPUT cannot be read: {e}"))?;
+        if bytes.len() as u64 > policy::MAX_OUTPUT_VALUE_BYTES {
+            return Err(format!(
+                "$SLUICE_OUTPUT is larger than {} bytes",
+                policy::MAX_OUTPUT_VALUE_BYTES
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("$SLUICE_OUTPUT is not JSON: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
 }
 
 /// The script as a sealed memory file, handed to bash as `/proc/self/fd/<n>` instead of in

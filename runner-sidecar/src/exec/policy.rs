@@ -11,13 +11,23 @@ use sluice_sandbox::Sandbox;
 use crate::config::Config;
 
 /// Names a job's `env` may not override: the sidecar sets them.
-pub const RESERVED_ENV: [&str; 5] = [
+pub const RESERVED_ENV: [&str; 7] = [
     "HOME",
     "TASK_ID",
     "ATTEMPT",
     "SLUICE_JOB_ID",
     "SLUICE_ATTEMPT",
+    "SLUICE_OUTPUT",
+    "SLUICE_CONTEXT",
 ];
+
+/// The file in the workspace a tool may write a JSON document to (`$SLUICE_OUTPUT`): it
+/// becomes the result's `value`.
+pub const OUTPUT_FILE: &str = ".sluice-output.json";
+/// The file in the workspace holding a workflow step's context (`$SLUICE_CONTEXT`).
+pub const CONTEXT_FILE: &str = ".sluice-context.json";
+/// Largest `$SLUICE_OUTPUT` document.
+pub const MAX_OUTPUT_VALUE_BYTES: u64 = 1 << 20;
 
 /// The environment a tool sees: fixed names, then the job's own `env` (which may set PATH or
 /// LANG but not the task's identity or HOME). Nothing comes from the sidecar's environment.
