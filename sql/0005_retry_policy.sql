@@ -40,10 +40,13 @@ RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
            ) * least(greatest(coalesce(jitter, 1), 0), 2))::bigint
 $$;
 
+-- A CHECK is evaluated on every UPDATE of a row, claims and completions included: the common
+-- case (no policy of its own) must not call the function.
 ALTER TABLE sluice.jobs ADD COLUMN retry jsonb
-    CONSTRAINT jobs_retry_valid CHECK (sluice.retry_problem(retry) IS NULL);
+    CONSTRAINT jobs_retry_valid CHECK (retry IS NULL OR sluice.retry_problem(retry) IS NULL);
 ALTER TABLE sluice.queues ADD COLUMN default_retry jsonb
-    CONSTRAINT queues_default_retry_valid CHECK (sluice.retry_problem(default_retry) IS NULL);
+    CONSTRAINT queues_default_retry_valid
+    CHECK (default_retry IS NULL OR sluice.retry_problem(default_retry) IS NULL);
 
 -- `sluice.enqueue` takes a policy too (a new trailing parameter; calls without it are as
 -- before).
