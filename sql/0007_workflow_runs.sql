@@ -6,13 +6,17 @@
 -- what can no longer run and starts the failure step.
 --
 -- A registered version carries its `plan`, compiled by the scheduler from the definition:
--- {"steps": [{"id", "position", "parents": [...], "children": [...],
+-- {"steps": [{"id", "position", "parents": [...], "children": [...], "reads": [...],
 --             "job": {"spec", "queue"?, "timeout_ms"?, "max_attempts"?, "retry"?},
 --             "condition"?: {"path": [...], "op": "truthy|falsy|eq|ne", "value"?},
 --             "for_each"?: [...path], "artifacts"?: [...]}],
 --  "on_failure"?: {same, without parents}}
 -- Paths are text arrays into a step's context: {"input", "run": {"id", "workflow"},
--- "steps": {"<id>": {"output"}}, "item"?, "index"?, "failure"?}.
+-- "steps": {"<id>": {"output"}}, "item"?, "index"?, "failure"?}. A step's context holds the
+-- outputs of the steps it `reads` (its parents, and the ancestors its templates, `if` and
+-- `for_each` name), so it stays as small as the step's view of the graph. It is stored once
+-- per step (`run_steps.context`); a job of a `for_each` step carries only its `item` and
+-- `index` (`jobs.context`), merged in when the job is claimed.
 
 ALTER TABLE sluice.workflows ADD COLUMN plan jsonb;
 
@@ -49,6 +53,8 @@ CREATE TABLE sluice.run_steps (
     items        integer,
     items_left   integer,
     output       jsonb,
+    -- What its job(s) see (see above), from the moment it is released.
+    context      jsonb,
     started_at   timestamptz,
     finished_at  timestamptz,
     PRIMARY KEY (run_id, step_id)
@@ -76,8 +82,8 @@ LANGUAGE sql IMMUTABLE AS $$
           AS read) r
 $$;
 
--- What a step's job sees: the run's input, and every finished step's output.
-CREATE FUNCTION sluice.run_context(run bigint) RETURNS jsonb
+-- What a step's job sees: the run's input, and the outputs of the finished steps in `reads`.
+CREATE FUNCTION sluice.run_context(run bigint, reads jsonb) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
         'input', r.input,
@@ -85,9 +91,14 @@ LANGUAGE sql STABLE AS $$
         'steps', coalesce((
             SELECT jsonb_object_agg(s.step_id, jsonb_build_object('output', s.output))
             FROM sluice.run_steps s
-            WHERE s.run_id = r.id AND s.state IN ('succeeded', 'skipped')), '{}'::jsonb))
+            WHERE s.run_id = r.id
+              AND s.step_id IN (SELECT jsonb_array_elements_text(coalesce(reads, '[]')))
+              AND s.state IN ('succeeded', 'skipped')), '{}'::jsonb))
     FROM sluice.workflow_runs r WHERE r.id = run
 $$;
+
+-- Most jobs one for_each step may start.
+CREATE FUNCTION sluice.max_for_each() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
 
 -- Counts `step` done for each of its children; returns the children it made ready.
 CREATE FUNCTION sluice.children_ready(run bigint, step text) RETURNS text[]
@@ -106,8 +117,8 @@ LANGUAGE sql AS $$
 $$;
 
 -- Starts `step`'s job(s) with `context` (a for_each step: one per element of its list).
--- Returns how many (0: an empty list, the step is done at once), or NULL when its list is not
--- a list.
+-- Returns how many (0: an empty list, the step is done at once); NULL when its list is not a
+-- list, -1 when it is longer than sluice.max_for_each().
 CREATE FUNCTION sluice.start_step(run bigint, step text, context jsonb) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -121,6 +132,9 @@ BEGIN
         list := context #> ARRAY(SELECT jsonb_array_elements_text(plan -> 'for_each'));
         IF list IS NULL OR jsonb_typeof(list) <> 'array' THEN
             RETURN NULL;
+        END IF;
+        IF jsonb_array_length(list) > sluice.max_for_each() THEN
+            RETURN -1;
         END IF;
     ELSE
         list := jsonb_build_array(NULL);
@@ -136,12 +150,11 @@ BEGIN
            plan #> '{job,retry}',
            run, step, e.ordinality - 1,
            CASE WHEN plan ? 'for_each'
-                THEN context || jsonb_build_object('item', e.value, 'index', e.ordinality - 1)
-                ELSE context END
+                THEN jsonb_build_object('item', e.value, 'index', e.ordinality - 1) END
     FROM jsonb_array_elements(list) WITH ORDINALITY AS e;
     UPDATE sluice.run_steps
     SET state = CASE WHEN total = 0 THEN 'succeeded' ELSE 'running' END,
-        items = total, items_left = total, started_at = now(),
+        items = total, items_left = total, started_at = now(), context = start_step.context,
         output = CASE WHEN total = 0 THEN '[]'::jsonb END,
         finished_at = CASE WHEN total = 0 THEN now() END
     WHERE run_id = run AND step_id = step;
@@ -157,6 +170,7 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     context jsonb;
+    failure_step text;
 BEGIN
     UPDATE sluice.workflow_runs
     SET state = CASE WHEN cancelled THEN 'cancelled' ELSE 'failed' END::sluice.run_state,
@@ -197,10 +211,11 @@ BEGIN
     ON CONFLICT DO NOTHING;
     IF NOT cancelled AND EXISTS (SELECT 1 FROM sluice.run_steps
                                  WHERE run_id = run AND position = -1 AND state = 'waiting') THEN
-        context := sluice.run_context(run) || jsonb_build_object(
-            'failure', jsonb_build_object('step', step, 'error', problem));
-        PERFORM sluice.start_step(run, (SELECT step_id FROM sluice.run_steps
-                                        WHERE run_id = run AND position = -1), context);
+        SELECT s.step_id, sluice.run_context(run, s.plan -> 'reads') || jsonb_build_object(
+                   'failure', jsonb_build_object('step', step, 'error', problem))
+        INTO failure_step, context
+        FROM sluice.run_steps s WHERE s.run_id = run AND s.position = -1;
+        PERFORM sluice.start_step(run, failure_step, context);
     END IF;
 END;
 $$;
@@ -215,7 +230,6 @@ DECLARE
     ready_step text;
     plan jsonb;
     context jsonb;
-    stale boolean := true;
     started integer;
 BEGIN
     IF done IS NULL THEN
@@ -229,12 +243,9 @@ BEGIN
     WHILE cardinality(ready) > 0 LOOP
         ready_step := ready[1];
         ready := ready[2:];
-        IF stale THEN
-            context := sluice.run_context(run);
-            stale := false;
-        END IF;
         SELECT s.plan INTO plan FROM sluice.run_steps s
         WHERE s.run_id = run AND s.step_id = ready_step;
+        context := sluice.run_context(run, plan -> 'reads');
         IF plan ? 'condition' AND NOT sluice.condition_holds(plan -> 'condition', context) THEN
             UPDATE sluice.run_steps s
             SET state = 'skipped', output = NULL, started_at = now(), finished_at = now()
@@ -242,7 +253,7 @@ BEGIN
             started := 0;
         ELSE
             started := sluice.start_step(run, ready_step, context);
-            IF started IS NULL THEN
+            IF started IS NULL OR started < 0 THEN
                 UPDATE sluice.run_steps s SET state = 'failed', started_at = now(),
                                               finished_at = now()
                 WHERE s.run_id = run AND s.step_id = ready_step;
@@ -251,14 +262,15 @@ BEGIN
                     'message', 'for_each of step ' || ready_step || ' reads '
                                || array_to_string(ARRAY(SELECT jsonb_array_elements_text(
                                       plan -> 'for_each')), '.')
-                               || ', which is not a list'), false);
+                               || CASE WHEN started IS NULL THEN ', which is not a list'
+                                       ELSE ', a list longer than ' || sluice.max_for_each()
+                                       END), false);
                 RETURN;
             END IF;
         END IF;
         IF started = 0 THEN
             -- Skipped, or an empty list: done at once, and its children may be ready.
             UPDATE sluice.workflow_runs SET steps_left = steps_left - 1 WHERE id = run;
-            stale := true;
             ready := ready || sluice.children_ready(run, ready_step);
         END IF;
     END LOOP;

@@ -109,6 +109,16 @@ steps:
     let (left, right) = (&rows[0], &rows[1]);
     assert!(left.1 < right.2 && right.1 < left.2, "no overlap: {rows:?}");
     assert_ne!(left.3, right.3, "both ran on one runner");
+    // A step's context holds what it reads (its parents here), not the whole run.
+    let (reads_start, reads_left): (bool, bool) = sqlx::query_as(
+        "SELECT context -> 'steps' ? 'start', context -> 'steps' ? 'left'
+         FROM sluice.run_steps WHERE run_id = $1 AND step_id = 'join'",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((reads_start, reads_left), (false, true));
 }
 
 #[tokio::test]
@@ -206,6 +216,17 @@ steps:
         step(&done, "gather")["output"]["stdout_tail"],
         "item c at 2"
     );
+
+    // A for_each over more than 10,000 elements fails the run before starting any.
+    let many: Vec<i32> = (0..10_001).collect();
+    let id = run(&api, json!({"workflow": "fan", "input": {"items": many, "empty": []}})).await;
+    let done = finished(&api, id).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(done["error"]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("longer than 10000"));
+    assert!(step(&done, "each")["jobs"].as_array().unwrap().is_empty());
 
     // A for_each over something that is not a list fails the run naming it.
     let id = run(

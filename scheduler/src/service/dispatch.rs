@@ -6,7 +6,7 @@
 //! `wait_ms`; no transaction or connection is held while it waits. A claim carrying
 //! completions applies them and claims in one statement and answers at once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use sluice_protocol::{
 use tokio::time::Instant;
 
 use super::{lifecycle, workflows, Context};
-use crate::store::jobs;
 use crate::store::runners::RunnerIdentity;
+use crate::store::{jobs, runs};
 use crate::{Error, Result};
 
 /// Most tasks one claim may take.
@@ -88,9 +88,17 @@ pub async fn claim(
         }
         let now = Instant::now();
         if !claimed.is_empty() || now >= deadline || *shutdown.borrow() {
+            // Workflow steps: their contexts, stored once per step.
+            let steps: Vec<(i64, String)> =
+                claimed.iter().filter_map(|job| job.step.clone()).collect();
+            let contexts = if steps.is_empty() {
+                Default::default()
+            } else {
+                runs::step_contexts(&ctx.pool, &steps).await?
+            };
             let mut tasks = Vec::with_capacity(claimed.len());
             for job in claimed {
-                if let Some(task) = task_of(ctx, runner, job).await? {
+                if let Some(task) = task_of(ctx, runner, job, &contexts).await? {
                     tasks.push(task);
                 }
             }
@@ -112,8 +120,23 @@ async fn task_of(
     ctx: &Context,
     runner: &RunnerIdentity,
     job: jobs::ClaimedJob,
+    contexts: &HashMap<(i64, String), serde_json::Value>,
 ) -> Result<Option<Task>> {
-    let spec = match &job.context {
+    // A step's context, with a for_each job's own item and index.
+    let context = job.step.as_ref().map(|key| {
+        let mut context = contexts
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let (Some(own), Some(all)) = (
+            job.context.as_ref().and_then(|c| c.as_object()),
+            context.as_object_mut(),
+        ) {
+            all.extend(own.clone());
+        }
+        context
+    });
+    let spec = match &context {
         None => job.spec,
         Some(context) => match workflows::template::render(&job.spec, context) {
             Ok(spec) => spec,
@@ -148,7 +171,7 @@ async fn task_of(
         queue: job.queue,
         spec,
         timeout_ms: job.timeout_ms.map(|ms| ms as u64),
-        context: job.context,
+        context,
     }))
 }
 

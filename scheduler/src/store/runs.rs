@@ -47,6 +47,12 @@ pub const LIST_RUNS: &str =
 /// Cancels run $1 if it is running; answers its state now (NULL: no such run).
 pub const CANCEL_RUN: &str = "SELECT sluice.cancel_run($1)::text";
 
+/// The contexts of steps (parallel arrays $1 runs, $2 steps), as they were released.
+pub const STEP_CONTEXTS: &str = "SELECT s.run_id, s.step_id, s.context
+    FROM sluice.run_steps s
+    JOIN unnest($1::bigint[], $2::text[]) AS k(run_id, step_id)
+      ON s.run_id = k.run_id AND s.step_id = k.step_id";
+
 /// Every statement of this module, for the test that prepares them all.
 pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
     [
@@ -56,6 +62,7 @@ pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
         ("LIST_RUNS", LIST_RUNS),
         ("CANCEL_RUN", CANCEL_RUN),
         ("RUN_VERSION", RUN_VERSION),
+        ("STEP_CONTEXTS", STEP_CONTEXTS),
     ]
     .into_iter()
 }
@@ -125,6 +132,24 @@ pub async fn start(
         .fetch_one(pool)
         .await?;
     Ok((id, version))
+}
+
+/// The contexts the given steps were released with, by (run, step).
+pub async fn step_contexts(
+    pool: &PgPool,
+    steps: &[(i64, String)],
+) -> Result<std::collections::HashMap<(i64, String), Value>> {
+    let runs: Vec<i64> = steps.iter().map(|(run, _)| *run).collect();
+    let ids: Vec<&str> = steps.iter().map(|(_, step)| step.as_str()).collect();
+    let rows: Vec<(i64, String, Option<Value>)> = sqlx::query_as(STEP_CONTEXTS)
+        .bind(&runs)
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(run, step, context)| context.map(|c| ((run, step), c)))
+        .collect())
 }
 
 /// A run and its steps.

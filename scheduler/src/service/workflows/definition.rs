@@ -298,9 +298,25 @@ fn step_plan(step: &Step) -> Value {
             job["retry"] = serde_json::to_value(stored).unwrap_or_default();
         }
     }
+    // The steps whose outputs its context holds: its parents, and every step it names.
+    let mut reads: Vec<&str> = step.depends_on.iter().map(String::as_str).collect();
+    let named = templates(&step.spec)
+        .into_iter()
+        .flatten()
+        .chain(step.condition.iter().map(|c| c.reference().clone()))
+        .chain(step.for_each.iter().cloned())
+        .collect::<Vec<_>>();
+    for reference in &named {
+        if let Some(id) = reference.step() {
+            if !reads.contains(&id) {
+                reads.push(id);
+            }
+        }
+    }
     let mut entry = serde_json::json!({
         "id": step.id,
         "parents": step.depends_on,
+        "reads": reads,
         "job": job,
     });
     if let Some(condition) = &step.condition {

@@ -43,9 +43,10 @@ pub const CLAIM: &str = "WITH picked AS (
         -- table for a large claim.
         WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
-                  j.context, j.priority, j.run_at
+                  j.context, j.workflow_run_id, j.step_id, j.priority, j.run_at
     )
-    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context FROM claimed
+    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id, step_id
+    FROM claimed
     ORDER BY priority, run_at, id";
 
 /// Serialises claims on capped queues (until the transaction ends).
@@ -89,9 +90,10 @@ pub const CLAIM_CAPPED: &str = "WITH caps AS MATERIALIZED (
         -- table for a large claim.
         WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
-                  j.context, j.priority, j.run_at
+                  j.context, j.workflow_run_id, j.step_id, j.priority, j.run_at
     )
-    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context FROM claimed
+    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id, step_id
+    FROM claimed
     ORDER BY priority, run_at, id";
 
 pub(super) const STATEMENTS: &[(&str, &str)] = &[
@@ -109,8 +111,11 @@ pub struct ClaimedJob {
     pub queue: String,
     pub spec: Value,
     pub timeout_ms: Option<i64>,
-    /// A workflow step's context (its templates are filled from it when it is claimed).
+    /// A `for_each` job's own part of its step's context (`{"item", "index"}`).
     pub context: Option<Value>,
+    /// The workflow run and step it runs (the step's context is filled in when it is
+    /// claimed).
+    pub step: Option<(i64, String)>,
 }
 
 /// Leases up to `max` available jobs of uncapped, unpaused queues to `runner`, in
@@ -156,11 +161,21 @@ pub async fn claim_capped(
     Ok(rows.into_iter().map(claimed_job).collect())
 }
 
-/// A claimed row: id, attempt, lease token, queue, spec, timeout, context.
-pub(super) type ClaimedRow = (i64, i32, Uuid, String, Value, Option<i64>, Option<Value>);
+/// A claimed row: id, attempt, lease token, queue, spec, timeout, context, run, step.
+pub(super) type ClaimedRow = (
+    i64,
+    i32,
+    Uuid,
+    String,
+    Value,
+    Option<i64>,
+    Option<Value>,
+    Option<i64>,
+    Option<String>,
+);
 
 pub(super) fn claimed_job(row: ClaimedRow) -> ClaimedJob {
-    let (id, attempt, token, queue, spec, timeout_ms, context) = row;
+    let (id, attempt, token, queue, spec, timeout_ms, context, run, step) = row;
     ClaimedJob {
         id: JobId(id),
         attempt: Attempt(attempt),
@@ -169,6 +184,7 @@ pub(super) fn claimed_job(row: ClaimedRow) -> ClaimedJob {
         spec,
         timeout_ms,
         context,
+        step: run.zip(step),
     }
 }
 

@@ -92,16 +92,18 @@ pub const COMPLETE_AND_CLAIM: &str = "WITH input AS (
         -- table for a large claim.
         WHERE j.id = ANY (ARRAY(SELECT id FROM picked))
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
-                  j.context, j.priority, j.run_at
+                  j.context, j.workflow_run_id, j.step_id, j.priority, j.run_at
     )
-    SELECT done, id, attempt, lease_token, queue, spec, timeout_ms, context, state FROM (
+    SELECT done, id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id,
+           step_id, state FROM (
         SELECT true AS done, id, attempt, NULL::uuid AS lease_token, NULL::text AS queue,
                NULL::jsonb AS spec, NULL::bigint AS timeout_ms, NULL::jsonb AS context,
-               state::text AS state, NULL::int AS priority, NULL::timestamptz AS run_at
+               NULL::bigint AS workflow_run_id, NULL::text AS step_id, state::text AS state,
+               NULL::int AS priority, NULL::timestamptz AS run_at
         FROM done
         UNION ALL
-        SELECT false, id, attempt, lease_token, queue, spec, timeout_ms, context, NULL,
-               priority, run_at
+        SELECT false, id, attempt, lease_token, queue, spec, timeout_ms, context,
+               workflow_run_id, step_id, NULL, priority, run_at
         FROM claimed
     ) r
     ORDER BY done DESC, priority, run_at, id";
@@ -232,6 +234,8 @@ pub async fn complete_and_claim(
         Option<Value>,
         Option<i64>,
         Option<Value>,
+        Option<i64>,
+        Option<String>,
         Option<String>,
     );
     // A cached generic plan, which Postgres adopts after a few executions on a connection,
@@ -258,7 +262,7 @@ pub async fn complete_and_claim(
         .await?;
     let mut states: HashMap<(i64, i32), JobState> = HashMap::with_capacity(completions.len());
     let mut claimed = Vec::new();
-    for (done, id, attempt, token, queue, spec, timeout_ms, context, state) in rows {
+    for (done, id, attempt, token, queue, spec, timeout_ms, context, run, step, state) in rows {
         if done {
             states.insert(
                 (id, attempt),
@@ -273,6 +277,8 @@ pub async fn complete_and_claim(
                 spec.unwrap_or_default(),
                 timeout_ms,
                 context,
+                run,
+                step,
             )));
         }
     }
