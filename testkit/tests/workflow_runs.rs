@@ -219,7 +219,11 @@ steps:
 
     // A for_each over more than 10,000 elements fails the run before starting any.
     let many: Vec<i32> = (0..10_001).collect();
-    let id = run(&api, json!({"workflow": "fan", "input": {"items": many, "empty": []}})).await;
+    let id = run(
+        &api,
+        json!({"workflow": "fan", "input": {"items": many, "empty": []}}),
+    )
+    .await;
     let done = finished(&api, id).await;
     assert_eq!(done["state"], "failed", "{done}");
     assert!(done["error"]["error"]["message"]

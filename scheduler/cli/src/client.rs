@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice_protocol::api::{
     paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Job, JobStateChange,
-    QueueList, QueuePaused,
+    QueueList, QueuePaused, Run, RunRequest, RunStarted, RunStateChange, Workflow, WorkflowList,
 };
 use sluice_protocol::{ErrorBody, ErrorCode, JobId, Secret};
 
@@ -21,6 +21,8 @@ pub enum ClientError {
         status: u16,
         code: ErrorCode,
         message: String,
+        /// Particulars where there are several (each problem of a definition).
+        details: Option<serde_json::Value>,
     },
     /// The scheduler could not be reached.
     #[error("cannot reach the scheduler at {url}: {reason}")]
@@ -65,6 +67,14 @@ impl ApiClient {
         if let Some(body) = body {
             request = request.json(body);
         }
+        self.exchange(request, url).await
+    }
+
+    async fn exchange<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: String,
+    ) -> Result<(u16, T), ClientError> {
         let response = request.send().await.map_err(|e| ClientError::Unreachable {
             url: url.clone(),
             reason: e.to_string(),
@@ -75,17 +85,19 @@ impl ApiClient {
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         if status >= 400 {
-            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => (body.error.code, body.error.message),
+            let (code, message, details) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => (body.error.code, body.error.message, body.error.details),
                 Err(_) => (
                     ErrorCode::Other("http_error".into()),
                     String::from_utf8_lossy(&bytes).into_owned(),
+                    None,
                 ),
             };
             return Err(ClientError::Api {
                 status,
                 code,
                 message,
+                details,
             });
         }
         let value =
@@ -161,6 +173,55 @@ impl ApiClient {
         };
         Ok(self
             .call::<(), _>(reqwest::Method::POST, &path, None)
+            .await?
+            .1)
+    }
+
+    /// `PUT /api/workflows/:name` with a YAML or JSON definition: the version, and whether it
+    /// was new.
+    pub async fn put_workflow(
+        &self,
+        name: &str,
+        definition: String,
+    ) -> Result<(Workflow, bool), ClientError> {
+        let url = format!("{}{}", self.base, paths::workflow(name));
+        let request = self
+            .http
+            .put(&url)
+            .bearer_auth(self.token.expose())
+            .body(definition);
+        let (status, workflow) = self.exchange(request, url).await?;
+        Ok((workflow, status == 201))
+    }
+
+    /// `GET /api/workflows`.
+    pub async fn workflows(&self) -> Result<WorkflowList, ClientError> {
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, paths::WORKFLOWS, None)
+            .await?
+            .1)
+    }
+
+    /// `POST /api/workflows/run`.
+    pub async fn start_run(&self, request: &RunRequest) -> Result<RunStarted, ClientError> {
+        Ok(self
+            .call(reqwest::Method::POST, paths::WORKFLOWS_RUN, Some(request))
+            .await?
+            .1)
+    }
+
+    /// `GET /api/runs/:id`.
+    pub async fn get_run(&self, id: i64) -> Result<Run, ClientError> {
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, &paths::run(id), None)
+            .await?
+            .1)
+    }
+
+    /// `POST /api/runs/:id/cancel`.
+    pub async fn cancel_run(&self, id: i64) -> Result<RunStateChange, ClientError> {
+        Ok(self
+            .call::<(), _>(reqwest::Method::POST, &paths::cancel_run(id), None)
             .await?
             .1)
     }

@@ -25,13 +25,17 @@ use sluice::server::Server;
 use sluice::service::lifecycle::LeaseTimings;
 use sluice::store::{self, events, jobs};
 use sluice::{Error, Result};
+use sluice_protocol::api::{RunRequest, WorkflowRef};
 use sluice_protocol::Secret;
 
+use crate::client::{ApiClient, ClientError};
 use crate::cluster::{data_dir_for, Cluster, ClusterConfig};
 use crate::provision::{provision_app_database, APP_DATABASE, APP_ROLE};
 
 /// The example job `sluice dev` runs first.
 pub const EXAMPLE_JOB: &str = include_str!("../../../examples/hello.json");
+/// The example workflow it runs next.
+pub const EXAMPLE_WORKFLOW: &str = include_str!("../../../examples/pipeline.yaml");
 
 /// Options of `sluice dev`.
 #[derive(Debug, Clone)]
@@ -188,6 +192,10 @@ async fn serve_dev(
         if config.run_example {
             if let Err(err) = run_example(&pool, started).await {
                 println!("example job: {err}");
+            }
+            let client = ApiClient::new(&api_url, api_token.clone());
+            if let Err(err) = run_example_workflow(&client).await {
+                println!("example workflow: {err}");
             }
         }
         std::future::pending::<()>().await
@@ -459,6 +467,33 @@ async fn run_example(pool: &sqlx::PgPool, started: Instant) -> Result<()> {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(200));
     }
+}
+
+/// Registers `examples/pipeline.yaml` and follows one run of it.
+async fn run_example_workflow(client: &ApiClient) -> std::result::Result<(), ClientError> {
+    let started = Instant::now();
+    let (workflow, _) = client
+        .put_workflow("pipeline", EXAMPLE_WORKFLOW.to_string())
+        .await?;
+    let run = client
+        .start_run(&RunRequest {
+            workflow: WorkflowRef::Name(workflow.name),
+            input: None,
+            version: None,
+        })
+        .await?;
+    println!(
+        "example workflow run {} started (examples/pipeline.yaml)",
+        run.run_id
+    );
+    let finished = crate::runs::follow(client, run.run_id, |line| println!("{line}")).await?;
+    println!(
+        "example workflow run {} {} after {:.2?}",
+        run.run_id,
+        format!("{:?}", finished.state).to_lowercase(),
+        started.elapsed()
+    );
+    Ok(())
 }
 
 fn print_event(id: JobId, event: &events::StoredEvent) {

@@ -10,6 +10,7 @@
 //! - [`dev`] — `sluice dev`: cluster, scheduler, local runners, an example job.
 //! - [`bench`](mod@bench) — `sluice bench`: throughput and latency next to the bare-SQL limit.
 //! - [`client`] — a typed client of the public API, behind `sluice enqueue` and the bench.
+//! - [`runs`] — following a workflow run step by step (`sluice run --wait`, `sluice dev`).
 //! - [`store`] — every SQL statement of the tooling (the bench's own tables and references,
 //!   provisioning). The product's statements stay in the server's `sluice::store`.
 //!
@@ -23,4 +24,5 @@ pub mod client;
 pub mod cluster;
 pub mod dev;
 pub mod provision;
+pub mod runs;
 pub mod store;

@@ -16,7 +16,7 @@ use sluice::config::ServeConfig;
 use sluice::service::lifecycle::LeaseTimings;
 use sluice_cli::client::{ApiClient, ClientError};
 use sluice_cli::dev::DevConfig;
-use sluice_protocol::api::EnqueueRequest;
+use sluice_protocol::api::{EnqueueRequest, RunRequest, RunState, WorkflowRef};
 use sluice_protocol::{JobState, Secret};
 
 /// sluice: a Postgres-backed job system whose runners execute tools in sandboxes.
@@ -48,6 +48,77 @@ enum Command {
     Dev(DevArgs),
     /// Measure throughput and latency against the bare-SQL limit (see BENCHMARKS.md).
     Bench(BenchArgs),
+    /// Register and list workflow definitions.
+    Workflows {
+        #[command(subcommand)]
+        command: WorkflowsCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Start a workflow run; `--wait` follows its steps and exits non-zero when it fails.
+    Run(RunArgs),
+}
+
+#[derive(Subcommand)]
+enum WorkflowsCommand {
+    /// Register a definition (YAML or JSON) from FILE, under its file name or `--name`.
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the workflows and their current versions.
+    List,
+}
+
+/// Where the public API is.
+#[derive(Args)]
+struct ApiArgs {
+    /// Public API URL; defaults to the one in `.sluice/dev.env`.
+    #[arg(long, env = "SLUICE_API_URL", global = true)]
+    api_url: Option<String>,
+    /// API token; defaults to the one in `.sluice/dev.env`.
+    #[arg(long, env = "SLUICE_API_TOKEN", hide_env_values = true, global = true)]
+    api_token: Option<Secret>,
+}
+
+impl ApiArgs {
+    fn client(self) -> anyhow::Result<ApiClient> {
+        let url = self
+            .api_url
+            .or_else(|| dev_env_value("SLUICE_API_URL"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "set SLUICE_API_URL (or run `sluice dev` here, which writes .sluice/dev.env)"
+                )
+            })?;
+        let token = self
+            .api_token
+            .or_else(|| dev_env_value("SLUICE_API_TOKEN").map(Secret::new))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "set SLUICE_API_TOKEN (or run `sluice dev` here, which writes .sluice/dev.env)"
+                )
+            })?;
+        Ok(ApiClient::new(&url, token))
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The workflow's name.
+    workflow: String,
+    /// The run's input, JSON; `-` reads it from stdin, `@file` from a file.
+    #[arg(long)]
+    input: Option<String>,
+    /// A stored version (its hash) instead of the current one.
+    #[arg(long)]
+    version: Option<String>,
+    /// Follow the run's steps until it ends; exit 1 unless it succeeded.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(Args)]
@@ -234,6 +305,14 @@ fn main() -> ExitCode {
         Command::Enqueue(args) => {
             init_tracing("warn");
             block_on(enqueue(args))
+        }
+        Command::Workflows { command, api } => {
+            init_tracing("warn");
+            block_on(workflows(command, api))
+        }
+        Command::Run(args) => {
+            init_tracing("warn");
+            block_on(run(args))
         }
     };
     match result {
@@ -426,5 +505,91 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn describe(err: ClientError) -> anyhow::Error {
+    // A definition's problems, one per line.
+    if let ClientError::Api {
+        details: Some(Value::Array(problems)),
+        code,
+        ..
+    } = &err
+    {
+        let lines: Vec<String> = problems
+            .iter()
+            .map(|p| {
+                format!(
+                    "  {}: {}",
+                    p["at"].as_str().unwrap_or("?"),
+                    p["message"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        return anyhow::anyhow!("{code}:\n{}", lines.join("\n"));
+    }
     anyhow::anyhow!("{err}")
+}
+
+async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    match command {
+        WorkflowsCommand::Apply { file, name } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let name = match name {
+                Some(name) => name,
+                None => file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .ok_or_else(|| anyhow::anyhow!("name the workflow with --name"))?,
+            };
+            let (workflow, created) = client.put_workflow(&name, text).await.map_err(describe)?;
+            println!(
+                "workflow {} version {} ({} steps){}",
+                workflow.name,
+                workflow.version,
+                workflow.steps,
+                if created { "" } else { ", unchanged" }
+            );
+        }
+        WorkflowsCommand::List => {
+            for workflow in client.workflows().await.map_err(describe)?.workflows {
+                println!(
+                    "{}\t{}\t{} steps\t{}",
+                    workflow.name, workflow.version, workflow.steps, workflow.registered_at
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let input = match &args.input {
+        None => None,
+        Some(text) => Some(
+            serde_json::from_str::<Value>(&read_spec_argument(text)?)
+                .map_err(|e| anyhow::anyhow!("the input is not valid JSON: {e}"))?,
+        ),
+    };
+    let client = args.api.client()?;
+    let request = RunRequest {
+        workflow: WorkflowRef::Name(args.workflow),
+        input,
+        version: args.version,
+    };
+    let started = client.start_run(&request).await.map_err(describe)?;
+    if !args.wait {
+        println!("{}", serde_json::to_string(&started)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "[run {}] {} version {}",
+        started.run_id, started.workflow, started.version
+    );
+    let run = sluice_cli::runs::follow(&client, started.run_id, |line| println!("{line}"))
+        .await
+        .map_err(describe)?;
+    Ok(if run.state == RunState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
