@@ -44,6 +44,15 @@ pub mod paths {
     pub const RUN_ROUTE: &str = "/api/runs/{id}";
     /// `POST`: cancel a run ([`super::RunStateChange`]).
     pub const RUN_CANCEL_ROUTE: &str = "/api/runs/{id}/cancel";
+    /// `GET`: every schedule ([`super::ScheduleList`]).
+    pub const SCHEDULES: &str = "/api/schedules";
+    /// `PUT`: create or replace ([`super::ScheduleRequest`] → [`super::Schedule`]); `GET`;
+    /// `DELETE`.
+    pub const SCHEDULE_ROUTE: &str = "/api/schedules/{name}";
+    /// `POST`: pause a schedule ([`super::Schedule`]).
+    pub const SCHEDULE_PAUSE_ROUTE: &str = "/api/schedules/{name}/pause";
+    /// `POST`: resume a schedule ([`super::Schedule`]).
+    pub const SCHEDULE_RESUME_ROUTE: &str = "/api/schedules/{name}/resume";
     /// `GET`: liveness ([`super::Health`]), without a token.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: readiness (Postgres reachable), without a token.
@@ -66,6 +75,15 @@ pub mod paths {
     }
     pub fn workflow(name: &str) -> String {
         WORKFLOW_ROUTE.replace("{name}", name)
+    }
+    pub fn schedule(name: &str) -> String {
+        SCHEDULE_ROUTE.replace("{name}", name)
+    }
+    pub fn pause_schedule(name: &str) -> String {
+        SCHEDULE_PAUSE_ROUTE.replace("{name}", name)
+    }
+    pub fn resume_schedule(name: &str) -> String {
+        SCHEDULE_RESUME_ROUTE.replace("{name}", name)
     }
     pub fn run(id: i64) -> String {
         RUN_ROUTE.replace("{id}", &id.to_string())
@@ -404,6 +422,74 @@ pub struct RunSummary {
 pub struct RunStateChange {
     pub id: i64,
     pub state: RunState,
+}
+
+/// `PUT /api/schedules/:name`: a cron schedule that starts runs of a workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// 5 fields (minutes), 6 (seconds first), or `@hourly`, `@daily`, `@weekly`,
+    /// `@monthly`, `@yearly`; `L`, `W` and `#` as croner reads them.
+    pub cron: String,
+    /// An IANA zone the fields are read in (`Europe/Berlin`); `UTC` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The workflow each tick runs (its current version when the tick fires).
+    pub workflow: String,
+    /// The runs' input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    /// While the last run still runs: `allow` (default), `skip`, `queue_one`, `replace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<String>,
+    /// Ticks missed while no scheduler ran: `none` (default), `latest`, `all` (those within
+    /// `catch_up_window_ms`, one day by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up_window_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
+
+/// A stored schedule, with when it fires next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub workflow: String,
+    pub input: Value,
+    pub overlap: String,
+    pub catch_up: String,
+    pub catch_up_window_ms: i64,
+    pub paused: bool,
+    /// The next five fire times (none while paused).
+    pub next_ticks: Vec<DateTime<Utc>>,
+    pub last_tick_at: Option<DateTime<Utc>>,
+    /// The latest fired ticks, newest first (`GET /api/schedules/:name` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_ticks: Vec<ScheduleTick>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A fired tick: `started`, `skipped`, `queued`, `replaced` or `failed` (the run could not
+/// start; `error` says why).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleTick {
+    pub tick_at: DateTime<Utc>,
+    pub outcome: String,
+    pub run_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub fired_at: DateTime<Utc>,
+}
+
+/// `GET /api/schedules`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleList {
+    pub schedules: Vec<Schedule>,
 }
 
 /// `GET /healthz` and `GET /readyz`.

@@ -24,6 +24,9 @@ pub struct ServeConfig {
     pub max_claim_wait: Duration,
     /// How often a waiting claim re-checks without a notification (covers a lost LISTEN).
     pub claim_poll_interval: Duration,
+    /// How often this replica fires due cron ticks; `None`: it fires none (another replica
+    /// does, or tests drive the ticks).
+    pub cron_interval: Option<Duration>,
     pub max_connections: u32,
     /// Apply migrations at start.
     pub migrate: bool,
@@ -46,6 +49,7 @@ impl ServeConfig {
             timings: LeaseTimings::default(),
             max_claim_wait: Duration::from_secs(60),
             claim_poll_interval: Duration::from_secs(1),
+            cron_interval: Some(Duration::from_secs(1)),
             max_connections: 16,
             migrate: true,
             public_limits: ListenerLimits {

@@ -82,6 +82,14 @@ impl Server {
             capped_queues,
             shutdown_rx.clone(),
         ));
+        // Cron ticks, on every replica: each tick's unique row fires it once.
+        if let Some(cron_interval) = state.config.cron_interval {
+            tasks.spawn(crate::service::cron::run(
+                pool.clone(),
+                cron_interval,
+                shutdown_rx.clone(),
+            ));
+        }
         let (public_limits, internal_limits) =
             (state.config.public_limits, state.config.internal_limits);
         tasks.spawn(listener::serve(

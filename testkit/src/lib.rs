@@ -734,6 +734,18 @@ impl Api {
         decode(response).await
     }
 
+    /// DELETEs `path` with the API token.
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("DELETE on the scheduler");
+        decode(response).await
+    }
+
     /// Enqueues a spec with extra request fields; panics unless the answer is 201.
     pub async fn enqueue(&self, request: Value) -> i64 {
         let (status, body) = self.post(protocol::api::paths::JOBS, &request).await;

@@ -212,6 +212,10 @@ struct ServeArgs {
     /// LISTEN connection; jobs normally wake claims through NOTIFY at once).
     #[arg(long, env = "SLUICE_CLAIM_POLL_MS", default_value_t = 1000)]
     claim_poll_ms: u64,
+    /// How often this replica fires due cron ticks (every replica may: each tick fires
+    /// once); 0: this replica fires none.
+    #[arg(long, env = "SLUICE_CRON_INTERVAL_MS", default_value_t = 1000)]
+    cron_interval_ms: u64,
     /// Do not apply migrations at start.
     #[arg(long)]
     no_migrate: bool,
@@ -384,6 +388,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "SLUICE_CLAIM_POLL_MS must be between 10 and 3600000"
     );
     config.claim_poll_interval = Duration::from_millis(args.claim_poll_ms);
+    anyhow::ensure!(
+        args.cron_interval_ms == 0 || (10..=60_000).contains(&args.cron_interval_ms),
+        "SLUICE_CRON_INTERVAL_MS must be 0 (fire no ticks here) or between 10 and 60000"
+    );
+    config.cron_interval =
+        (args.cron_interval_ms > 0).then(|| Duration::from_millis(args.cron_interval_ms));
     let server = sluice::server::Server::start(config).await?;
     // One line on stdout that scripts (and the testkit) can wait for.
     println!(

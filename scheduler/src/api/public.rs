@@ -14,14 +14,14 @@ use serde::Deserialize;
 use sluice_protocol::api::{
     paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Health, Job,
     JobStateChange, QueueList, QueuePaused, Run, RunList, RunRequest, RunStarted, RunStateChange,
-    Workflow, WorkflowList,
+    Schedule, ScheduleList, ScheduleRequest, Workflow, WorkflowList,
 };
 use sluice_protocol::JobId;
 
 use super::{
     bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, TextBody, BODY_LIMIT_BYTES,
 };
-use crate::service::{jobs, workflows};
+use crate::service::{cron, jobs, workflows};
 use crate::{store, Error};
 
 /// The public router (`/api/*`, `/healthz`, `/readyz`).
@@ -40,6 +40,13 @@ pub fn router(state: AppState) -> Router {
         .route(paths::RUNS, get(list_runs))
         .route(paths::RUN_ROUTE, get(get_run))
         .route(paths::RUN_CANCEL_ROUTE, post(cancel_run))
+        .route(paths::SCHEDULES, get(list_schedules))
+        .route(
+            paths::SCHEDULE_ROUTE,
+            put(put_schedule).get(get_schedule).delete(delete_schedule),
+        )
+        .route(paths::SCHEDULE_PAUSE_ROUTE, post(pause_schedule))
+        .route(paths::SCHEDULE_RESUME_ROUTE, post(resume_schedule))
         .route(
             paths::WORKFLOW_ROUTE,
             put(register_workflow)
@@ -225,6 +232,55 @@ async fn list_runs(
         )
         .await?,
     ))
+}
+
+async fn put_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(request): JsonBody<ScheduleRequest>,
+) -> ApiResult<(StatusCode, Json<Schedule>)> {
+    let (schedule, created) = cron::put(&state, &name, request).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(schedule)))
+}
+
+async fn get_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Schedule>> {
+    Ok(Json(cron::get(&state, &name).await?))
+}
+
+async fn delete_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    cron::delete(&state, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Schedule>> {
+    Ok(Json(cron::set_paused(&state, &name, true).await?))
+}
+
+async fn resume_schedule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Schedule>> {
+    Ok(Json(cron::set_paused(&state, &name, false).await?))
+}
+
+async fn list_schedules(State(state): State<AppState>) -> ApiResult<Json<ScheduleList>> {
+    Ok(Json(ScheduleList {
+        schedules: cron::list(&state).await?,
+    }))
 }
 
 async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {

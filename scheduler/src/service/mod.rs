@@ -17,6 +17,7 @@
 //! [`maintenance`]; the runner pool a `pool` service on the maintenance leader; the SSE fan-out
 //! an `events` service beside `wake`; metrics a `metrics` service the others report to.
 
+pub mod cron;
 pub mod dispatch;
 pub mod jobs;
 pub mod lifecycle;

@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod queues;
 pub mod runners;
 pub mod runs;
+pub mod schedules;
 pub mod workflows;
 
 use std::str::FromStr;
