@@ -209,3 +209,131 @@ async fn sluice_enqueue_wait_prints_the_output_and_exits_with_the_jobs_status() 
     }
     assert_eq!(db.count("SELECT count(*) FROM sluice.jobs").await, before);
 }
+
+#[tokio::test]
+async fn workflows_runs_and_schedules_work_from_the_command_line() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let _a = scheduler.runner("cli-wf-a", 2).await;
+    let sluice = |args: &[&str]| {
+        let api_url = scheduler.api_url.clone();
+        let token = scheduler.api_token.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(bin("sluice"))
+                .args(args)
+                .env("SLUICE_API_URL", api_url)
+                .env("SLUICE_API_TOKEN", token)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let pipeline = examples.join("pipeline.yaml");
+    let (code, out, err) = sluice(&["workflows", "apply", pipeline.to_str().unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("workflow pipeline version "), "{out}");
+
+    let (code, out, err) = sluice(&["run", "pipeline", "--wait"]).await.unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("10 even + 10 odd = 20"), "{out}");
+    assert!(out.trim_end().ends_with("succeeded"), "{out}");
+
+    // A failing run exits non-zero and says which step failed.
+    let work = TempDir::new("cli-workflows");
+    let failing = work.path().join("fails.yaml");
+    std::fs::write(
+        &failing,
+        "steps:\n  - {id: boom, kind: bash, script: 'exit 3', max_attempts: 1}\n",
+    )
+    .unwrap();
+    sluice(&["workflows", "apply", failing.to_str().unwrap()])
+        .await
+        .unwrap();
+    let (code, out, _) = sluice(&["run", "fails", "--wait"]).await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("boom failed"), "{out}");
+
+    // Schedules: set, list, get, pause, delete; bad ones are refused with the reason.
+    let (code, out, err) = sluice(&[
+        "schedules",
+        "set",
+        "nightly",
+        "--cron",
+        "0 3 * * *",
+        "--timezone",
+        "America/New_York",
+        "--workflow",
+        "pipeline",
+        "--input",
+        r#"{"n": 1}"#,
+        "--overlap",
+        "skip",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("schedule nightly created"), "{out}");
+    let (code, out, _) = sluice(&["schedules", "list"]).await.unwrap();
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("nightly\t0 3 * * *\tAmerica/New_York\tpipeline\tnext "),
+        "{out}"
+    );
+    let (code, out, _) = sluice(&["schedules", "pause", "nightly"]).await.unwrap();
+    assert_eq!(code, Some(0));
+    let paused: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(paused["paused"], true);
+    let (_, out, _) = sluice(&["schedules", "get", "nightly"]).await.unwrap();
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["input"], serde_json::json!({"n": 1}));
+    assert_eq!(got["overlap"], "skip");
+    let (code, out, _) = sluice(&["schedules", "delete", "nightly"]).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    let (code, _, err) = sluice(&["schedules", "get", "nightly"]).await.unwrap();
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: "), "{err}");
+    for bad in [
+        vec![
+            "schedules",
+            "set",
+            "x",
+            "--cron",
+            "99 * * * *",
+            "--workflow",
+            "pipeline",
+        ],
+        vec![
+            "schedules",
+            "set",
+            "x",
+            "--cron",
+            "* * * * *",
+            "--workflow",
+            "nope",
+        ],
+        vec![
+            "schedules",
+            "set",
+            "x",
+            "--cron",
+            "* * * * *",
+            "--workflow",
+            "pipeline",
+            "--input",
+            "{",
+        ],
+    ] {
+        let (code, out, err) = sluice(&bad).await.unwrap();
+        assert_eq!(code, Some(1), "{bad:?}: {out}{err}");
+        assert!(err.starts_with("error: "), "{bad:?}: {err}");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM sluice.schedules").await, 0);
+}

@@ -7,7 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice_protocol::api::{
     paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Job, JobStateChange,
-    QueueList, QueuePaused, Run, RunRequest, RunStarted, RunStateChange, Workflow, WorkflowList,
+    QueueList, QueuePaused, Run, RunRequest, RunStarted, RunStateChange, Schedule, ScheduleList,
+    ScheduleRequest, Workflow, WorkflowList,
 };
 use sluice_protocol::{ErrorBody, ErrorCode, JobId, Secret};
 
@@ -100,8 +101,10 @@ impl ApiClient {
                 details,
             });
         }
+        // An empty answer (204) reads as JSON null, which `()` takes.
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
         let value =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok((status, value))
     }
 
@@ -224,6 +227,58 @@ impl ApiClient {
             .call::<(), _>(reqwest::Method::POST, &paths::cancel_run(id), None)
             .await?
             .1)
+    }
+
+    /// `PUT /api/schedules/:name`: the schedule, and whether it was new.
+    pub async fn put_schedule(
+        &self,
+        name: &str,
+        request: &ScheduleRequest,
+    ) -> Result<(Schedule, bool), ClientError> {
+        let (status, schedule) = self
+            .call(reqwest::Method::PUT, &paths::schedule(name), Some(request))
+            .await?;
+        Ok((schedule, status == 201))
+    }
+
+    /// `GET /api/schedules/:name`, with its recent ticks.
+    pub async fn get_schedule(&self, name: &str) -> Result<Schedule, ClientError> {
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, &paths::schedule(name), None)
+            .await?
+            .1)
+    }
+
+    /// `GET /api/schedules`.
+    pub async fn schedules(&self) -> Result<ScheduleList, ClientError> {
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, paths::SCHEDULES, None)
+            .await?
+            .1)
+    }
+
+    /// `POST /api/schedules/:name/pause` or `…/resume`.
+    pub async fn set_schedule_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<Schedule, ClientError> {
+        let path = if paused {
+            paths::pause_schedule(name)
+        } else {
+            paths::resume_schedule(name)
+        };
+        Ok(self
+            .call::<(), _>(reqwest::Method::POST, &path, None)
+            .await?
+            .1)
+    }
+
+    /// `DELETE /api/schedules/:name`.
+    pub async fn delete_schedule(&self, name: &str) -> Result<(), ClientError> {
+        self.call::<(), ()>(reqwest::Method::DELETE, &paths::schedule(name), None)
+            .await?;
+        Ok(())
     }
 
     /// Polls the job until it is terminal, backing off from 20 ms to 500 ms between looks.

@@ -16,7 +16,7 @@ use sluice::config::ServeConfig;
 use sluice::service::lifecycle::LeaseTimings;
 use sluice_cli::client::{ApiClient, ClientError};
 use sluice_cli::dev::DevConfig;
-use sluice_protocol::api::{EnqueueRequest, RunRequest, RunState, WorkflowRef};
+use sluice_protocol::api::{EnqueueRequest, RunRequest, RunState, ScheduleRequest, WorkflowRef};
 use sluice_protocol::{JobState, Secret};
 
 /// sluice: a Postgres-backed job system whose runners execute tools in sandboxes.
@@ -57,6 +57,58 @@ enum Command {
     },
     /// Start a workflow run; `--wait` follows its steps and exits non-zero when it fails.
     Run(RunArgs),
+    /// Create, list, pause, resume and delete cron schedules that start workflow runs.
+    Schedules {
+        #[command(subcommand)]
+        command: SchedulesCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchedulesCommand {
+    /// Create or replace schedule NAME.
+    Set(ScheduleSetArgs),
+    /// Every schedule and when it fires next.
+    List,
+    /// One schedule: its next fire times and its latest ticks.
+    Get { name: String },
+    /// Stop firing NAME until it is resumed.
+    Pause { name: String },
+    /// Fire NAME again, from its next time on (missed ticks are not caught up).
+    Resume { name: String },
+    /// Delete NAME and its tick history; the runs it started stay.
+    Delete { name: String },
+}
+
+#[derive(Args)]
+struct ScheduleSetArgs {
+    name: String,
+    /// 5 fields (`*/15 * * * *`), 6 (seconds first) or `@hourly`, `@daily`, ….
+    #[arg(long)]
+    cron: String,
+    /// The workflow each tick runs.
+    #[arg(long)]
+    workflow: String,
+    /// The IANA zone the fields are read in (UTC by default).
+    #[arg(long)]
+    timezone: Option<String>,
+    /// The runs' input, JSON; `-` reads it from stdin, `@file` from a file.
+    #[arg(long)]
+    input: Option<String>,
+    /// While the last run still runs: allow (default), skip, queue_one, replace.
+    #[arg(long)]
+    overlap: Option<String>,
+    /// Ticks missed while no scheduler ran: none (default), latest, all.
+    #[arg(long)]
+    catch_up: Option<String>,
+    /// How far back `--catch-up all` reaches (one day by default).
+    #[arg(long)]
+    catch_up_window_ms: Option<u64>,
+    /// Create it paused.
+    #[arg(long)]
+    paused: bool,
 }
 
 #[derive(Subcommand)]
@@ -318,6 +370,10 @@ fn main() -> ExitCode {
             init_tracing("warn");
             block_on(run(args))
         }
+        Command::Schedules { command, api } => {
+            init_tracing("warn");
+            block_on(schedules(command, api))
+        }
     };
     match result {
         Ok(code) => code,
@@ -571,14 +627,72 @@ async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let input = match &args.input {
-        None => None,
-        Some(text) => Some(
-            serde_json::from_str::<Value>(&read_spec_argument(text)?)
-                .map_err(|e| anyhow::anyhow!("the input is not valid JSON: {e}"))?,
-        ),
+async fn schedules(command: SchedulesCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    let schedule = match command {
+        SchedulesCommand::Set(args) => {
+            let request = ScheduleRequest {
+                input: args.input.as_deref().map(read_json_argument).transpose()?,
+                cron: args.cron,
+                timezone: args.timezone,
+                workflow: args.workflow,
+                overlap: args.overlap,
+                catch_up: args.catch_up,
+                catch_up_window_ms: args.catch_up_window_ms,
+                paused: args.paused.then_some(true),
+            };
+            let (schedule, created) = client
+                .put_schedule(&args.name, &request)
+                .await
+                .map_err(describe)?;
+            println!(
+                "schedule {} {}",
+                schedule.name,
+                if created { "created" } else { "replaced" }
+            );
+            schedule
+        }
+        SchedulesCommand::List => {
+            for schedule in client.schedules().await.map_err(describe)?.schedules {
+                let next = match schedule.next_ticks.first() {
+                    Some(next) => next.to_rfc3339(),
+                    None if schedule.paused => "paused".to_string(),
+                    None => "never".to_string(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\tnext {next}",
+                    schedule.name, schedule.cron, schedule.timezone, schedule.workflow
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        SchedulesCommand::Get { name } => client.get_schedule(&name).await.map_err(describe)?,
+        SchedulesCommand::Pause { name } => client
+            .set_schedule_paused(&name, true)
+            .await
+            .map_err(describe)?,
+        SchedulesCommand::Resume { name } => client
+            .set_schedule_paused(&name, false)
+            .await
+            .map_err(describe)?,
+        SchedulesCommand::Delete { name } => {
+            client.delete_schedule(&name).await.map_err(describe)?;
+            println!("schedule {name} deleted");
+            return Ok(ExitCode::SUCCESS);
+        }
     };
+    println!("{}", serde_json::to_string_pretty(&schedule)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A JSON argument given inline, as `-` (stdin) or as `@file`.
+fn read_json_argument(text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(&read_spec_argument(text)?)
+        .map_err(|e| anyhow::anyhow!("the input is not valid JSON: {e}"))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let input = args.input.as_deref().map(read_json_argument).transpose()?;
     let client = args.api.client()?;
     let request = RunRequest {
         workflow: WorkflowRef::Name(args.workflow),
