@@ -478,7 +478,84 @@ pub struct Scheduler {
     pub api_token: String,
     pub runner_secret: String,
     pub timings: Timings,
+    /// What it was started with, to start it again the same way.
+    settings: ServeSettings,
     _logs: TempDir,
+}
+
+struct ServeSettings {
+    api_token: String,
+    runner_secret: String,
+    timings: Timings,
+    database_url: String,
+    extra_env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl ServeSettings {
+    /// Starts `sluice serve` on these addresses and waits until it listens.
+    async fn spawn(&self, listen: &str, internal_listen: &str) -> (Proc, String, String) {
+        let timings = self.timings;
+        let mut command = Command::new(bin("sluice"));
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,sqlx=warn")
+            .env("DATABASE_URL", &self.database_url)
+            .env("SLUICE_LISTEN", listen)
+            .env("SLUICE_INTERNAL_LISTEN", internal_listen)
+            .env("SLUICE_API_TOKEN", &self.api_token)
+            .env("SLUICE_RUNNER_SECRET", &self.runner_secret)
+            .env("SLUICE_HEARTBEAT_MS", timings.heartbeat_ms.to_string())
+            .env("SLUICE_LEASE_MS", timings.lease_ms.to_string())
+            .env(
+                "SLUICE_REAPER_INTERVAL_MS",
+                timings.reaper_interval_ms.to_string(),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .expect("log file"),
+            )
+            .kill_on_drop(true);
+        for (name, value) in &self.extra_env {
+            command.env(name, value);
+        }
+        die_with_test(&mut command);
+        let mut child = command.spawn().expect("start sluice serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let proc = Proc {
+            child,
+            label: "scheduler".into(),
+            log: self.log.clone(),
+        };
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("scheduler did not start listening within 30 s")
+            .expect("read scheduler stdout")
+            .expect("scheduler exited before listening");
+        // Keep draining stdout so the scheduler never writes into a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (mut api_url, mut internal_url) = (String::new(), String::new());
+        for part in line.split_whitespace() {
+            if let Some(url) = part.strip_prefix("api=") {
+                api_url = url.to_string();
+            } else if let Some(url) = part.strip_prefix("internal=") {
+                internal_url = url.to_string();
+            }
+        }
+        assert!(
+            api_url.starts_with("http://") && internal_url.starts_with("http://"),
+            "unexpected first line from sluice serve: {line}"
+        );
+        (proc, api_url, internal_url)
+    }
 }
 
 impl Scheduler {
@@ -494,71 +571,38 @@ impl Scheduler {
         extra_env: &[(&str, &str)],
     ) -> Scheduler {
         let logs = TempDir::new("scheduler");
-        let log = logs.path().join("scheduler.log");
-        let api_token = format!("test-api-{}", uuid::Uuid::new_v4().simple());
-        let runner_secret = format!("test-runner-{}", uuid::Uuid::new_v4().simple());
-        let mut command = Command::new(bin("sluice"));
-        command
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info,sqlx=warn")
-            .env("DATABASE_URL", &db.url)
-            .env("SLUICE_LISTEN", "127.0.0.1:0")
-            .env("SLUICE_INTERNAL_LISTEN", "127.0.0.1:0")
-            .env("SLUICE_API_TOKEN", &api_token)
-            .env("SLUICE_RUNNER_SECRET", &runner_secret)
-            .env("SLUICE_HEARTBEAT_MS", timings.heartbeat_ms.to_string())
-            .env("SLUICE_LEASE_MS", timings.lease_ms.to_string())
-            .env(
-                "SLUICE_REAPER_INTERVAL_MS",
-                timings.reaper_interval_ms.to_string(),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .kill_on_drop(true);
-        for (name, value) in extra_env {
-            command.env(name, value);
-        }
-        die_with_test(&mut command);
-        let mut child = command.spawn().expect("start sluice serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let proc = Proc {
-            child,
-            label: "scheduler".into(),
-            log,
+        let settings = ServeSettings {
+            api_token: format!("test-api-{}", uuid::Uuid::new_v4().simple()),
+            runner_secret: format!("test-runner-{}", uuid::Uuid::new_v4().simple()),
+            timings,
+            database_url: db.url.clone(),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log: logs.path().join("scheduler.log"),
         };
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("scheduler did not start listening within 30 s")
-            .expect("read scheduler stdout")
-            .expect("scheduler exited before listening");
-        // Keep draining stdout so the scheduler never writes into a closed pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let mut api_url = String::new();
-        let mut internal_url = String::new();
-        for part in line.split_whitespace() {
-            if let Some(url) = part.strip_prefix("api=") {
-                api_url = url.to_string();
-            } else if let Some(url) = part.strip_prefix("internal=") {
-                internal_url = url.to_string();
-            }
-        }
-        assert!(
-            !api_url.is_empty() && !internal_url.is_empty(),
-            "unexpected first line from sluice serve: {line}"
-        );
+        let (proc, api_url, internal_url) = settings.spawn("127.0.0.1:0", "127.0.0.1:0").await;
         Scheduler {
             proc,
             api_url,
             internal_url,
-            api_token,
-            runner_secret,
+            api_token: settings.api_token.clone(),
+            runner_secret: settings.runner_secret.clone(),
             timings,
+            settings,
             _logs: logs,
         }
+    }
+
+    /// SIGKILL (no shutdown of any kind), then the same scheduler again: the same ports,
+    /// token and secret, so its runners and clients carry on against it.
+    pub async fn kill_and_restart(&mut self) {
+        let _ = self.proc.child.kill().await;
+        let api = self.api_url.trim_start_matches("http://");
+        let internal = self.internal_url.trim_start_matches("http://");
+        let (proc, api_url, internal_url) = self.settings.spawn(api, internal).await;
+        (self.proc, self.api_url, self.internal_url) = (proc, api_url, internal_url);
     }
 
     /// A client of the public API with this scheduler's token.
