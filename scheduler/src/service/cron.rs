@@ -454,19 +454,9 @@ async fn start(
     input: &Value,
     outcome: &'static str,
 ) -> Result<(&'static str, Option<i64>, Option<String>)> {
-    sqlx::query("SAVEPOINT tick").execute(&mut *tx).await?;
-    match schedules::start_run(tx, workflow, input).await {
-        Ok(run_id) => {
-            sqlx::query("RELEASE SAVEPOINT tick")
-                .execute(&mut *tx)
-                .await?;
-            Ok((outcome, Some(run_id), None))
-        }
-        Err(Error::Unavailable(message)) => Err(Error::Unavailable(message)),
+    match schedules::start_run(tx, workflow, input).await? {
+        Ok(run_id) => Ok((outcome, Some(run_id), None)),
         Err(err) => {
-            sqlx::query("ROLLBACK TO SAVEPOINT tick")
-                .execute(&mut *tx)
-                .await?;
             tracing::warn!(%workflow, error = %err, "a scheduled run could not start");
             Ok(("failed", None, Some(err.to_string())))
         }

@@ -277,12 +277,36 @@ pub async fn record_tick(
 }
 
 /// Starts a run in `conn`'s transaction.
-pub async fn start_run(conn: &mut PgConnection, workflow: &str, input: &Value) -> Result<i64> {
-    Ok(sqlx::query_scalar(START_SCHEDULED_RUN)
+/// Starts a run inside a savepoint. `Ok(Err(_))` is a run that could not start (a deleted
+/// workflow, a bad input): the savepoint is rolled back and the caller's transaction goes on.
+/// An unavailable database is the outer error.
+pub async fn start_run(
+    conn: &mut PgConnection,
+    workflow: &str,
+    input: &Value,
+) -> Result<std::result::Result<i64, crate::Error>> {
+    sqlx::query("SAVEPOINT tick").execute(&mut *conn).await?;
+    let started: Result<i64> = sqlx::query_scalar(START_SCHEDULED_RUN)
         .bind(workflow)
         .bind(input)
-        .fetch_one(conn)
-        .await?)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Into::into);
+    match started {
+        Ok(run_id) => {
+            sqlx::query("RELEASE SAVEPOINT tick")
+                .execute(&mut *conn)
+                .await?;
+            Ok(Ok(run_id))
+        }
+        Err(crate::Error::Unavailable(message)) => Err(crate::Error::Unavailable(message)),
+        Err(err) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT tick")
+                .execute(&mut *conn)
+                .await?;
+            Ok(Err(err))
+        }
+    }
 }
 
 pub async fn cancel_run(conn: &mut PgConnection, run_id: i64) -> Result<()> {
