@@ -44,6 +44,8 @@ pub mod paths {
     pub const RUN_ROUTE: &str = "/api/runs/{id}";
     /// `POST`: cancel a run ([`super::RunStateChange`]).
     pub const RUN_CANCEL_ROUTE: &str = "/api/runs/{id}/cancel";
+    /// `GET`: a step's artifacts, a tar archive (`Content-Length`, and `X-Sluice-Sha256`).
+    pub const RUN_ARTIFACTS_ROUTE: &str = "/api/runs/{id}/artifacts/{step}";
     /// `GET`: every schedule ([`super::ScheduleList`]).
     pub const SCHEDULES: &str = "/api/schedules";
     /// `PUT`: create or replace ([`super::ScheduleRequest`] → [`super::Schedule`]); `GET`;
@@ -87,6 +89,11 @@ pub mod paths {
     }
     pub fn run(id: i64) -> String {
         RUN_ROUTE.replace("{id}", &id.to_string())
+    }
+    pub fn run_artifacts(id: i64, step: &str) -> String {
+        RUN_ARTIFACTS_ROUTE
+            .replace("{id}", &id.to_string())
+            .replace("{step}", step)
     }
     pub fn cancel_run(id: i64) -> String {
         RUN_CANCEL_ROUTE.replace("{id}", &id.to_string())

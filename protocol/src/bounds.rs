@@ -32,6 +32,13 @@ pub const MAX_ENV_NAME_BYTES: usize = 255;
 pub const MAX_LIMIT: u64 = 1 << 53;
 /// Largest request body of the internal (runner) listener: a batch of completions.
 pub const MAX_INTERNAL_BODY_BYTES: usize = 8 << 20;
+/// Largest chunk of an artifact upload (the body of one `PUT`).
+pub const ARTIFACT_CHUNK_BYTES: usize = 1 << 20;
+/// Most chunks of one step's artifacts the scheduler stores (1 GiB at full chunks); a
+/// runner's own cap (`SLUICE_ARTIFACT_MAX_BYTES`) is lower.
+pub const MAX_ARTIFACT_CHUNKS: u32 = 1024;
+/// Most paths listed as skipped in a seal.
+pub const MAX_ARTIFACT_SKIPPED: usize = 1000;
 /// Largest completion (its JSON): a result beyond it is replaced by a `result_too_large`
 /// failure by the sidecar.
 pub const MAX_COMPLETION_BYTES: usize = 4 << 20;

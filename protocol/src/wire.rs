@@ -50,6 +50,15 @@ pub mod paths {
     pub const STREAM_ROUTE: &str = "/internal/tasks/{id}/stream";
     /// `POST`: one attempt's completion ([`super::Completion`]).
     pub const COMPLETE_ROUTE: &str = "/internal/tasks/{id}/complete";
+    /// `PUT`: one chunk (`seq` from 0, at most [`crate::bounds::ARTIFACT_CHUNK_BYTES`]) of a
+    /// step's artifact archive, the raw bytes as the body, the lease in the query
+    /// ([`super::LeaseQuery`]).
+    pub const ARTIFACT_CHUNK_ROUTE: &str = "/internal/tasks/{id}/artifacts/{seq}";
+    /// `POST`: seal the uploaded chunks as the attempt's artifacts ([`super::ArtifactSeal`]).
+    pub const ARTIFACT_SEAL_ROUTE: &str = "/internal/tasks/{id}/artifacts";
+    /// `GET`: one chunk of a parent step's sealed artifacts, for the attempt of `{id}` (its
+    /// lease in the query, [`super::InputQuery`]).
+    pub const ARTIFACT_INPUT_ROUTE: &str = "/internal/tasks/{id}/inputs/{source}/{seq}";
     /// `GET`: liveness, on both listeners.
     pub const HEALTHZ: &str = "/healthz";
 
@@ -67,6 +76,20 @@ pub mod paths {
     }
     pub fn complete(job: crate::JobId) -> String {
         COMPLETE_ROUTE.replace("{id}", &job.to_string())
+    }
+    pub fn artifact_chunk(job: crate::JobId, seq: u32) -> String {
+        ARTIFACT_CHUNK_ROUTE
+            .replace("{id}", &job.to_string())
+            .replace("{seq}", &seq.to_string())
+    }
+    pub fn artifact_seal(job: crate::JobId) -> String {
+        ARTIFACT_SEAL_ROUTE.replace("{id}", &job.to_string())
+    }
+    pub fn artifact_input(job: crate::JobId, source: crate::JobId, seq: u32) -> String {
+        ARTIFACT_INPUT_ROUTE
+            .replace("{id}", &job.to_string())
+            .replace("{source}", &source.to_string())
+            .replace("{seq}", &seq.to_string())
     }
 }
 
@@ -212,6 +235,14 @@ wire_names! {
         ResultTooLarge = "result_too_large",
         /// The file named by `$SLUICE_OUTPUT` is not JSON, or too large.
         InvalidOutput = "invalid_output",
+        /// The step's artifacts exceed `SLUICE_ARTIFACT_MAX_BYTES` or the entry cap (not
+        /// retried).
+        ArtifactsTooLarge = "artifacts_too_large",
+        /// A parent's artifact archive was refused: its digest, a path outside the workspace,
+        /// a link or special file, a size or entry count over the caps (not retried).
+        ArtifactRefused = "artifact_refused",
+        /// Artifacts could not be uploaded or downloaded within the retry budget (retried).
+        ArtifactsUnavailable = "artifacts_unavailable",
     }
 }
 
@@ -337,6 +368,73 @@ pub struct Task {
     /// the tool as the file `$SLUICE_CONTEXT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<Value>,
+    /// A workflow step's artifacts: the parents' sets to unpack before the tool starts, the
+    /// globs to pack when it succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<TaskArtifacts>,
+}
+
+/// What a step's attempt does with artifacts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskArtifacts {
+    /// Globs (relative to the workspace) of what to pack when the tool succeeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collect: Vec<String>,
+    /// Sealed sets of the parent steps, in `depends_on` order, to unpack beneath the
+    /// workspace before the tool starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<ArtifactSet>,
+}
+
+/// One sealed artifact archive (a tar stream split in chunks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactSet {
+    /// The step that packed it.
+    pub step: String,
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    pub chunks: u32,
+    pub bytes: u64,
+    /// Hex SHA-256 of the whole archive, checked by whoever unpacks it.
+    pub sha256: String,
+}
+
+/// The query of an artifact chunk upload: the uploading attempt's lease.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseQuery {
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+}
+
+/// The query of an input chunk download: the downloading attempt's lease and the sealed
+/// attempt of the source step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputQuery {
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub source_attempt: Attempt,
+}
+
+/// `POST /internal/tasks/:id/artifacts`: the uploaded chunks `0..chunks` are the attempt's
+/// artifacts. Sent before the attempt's completion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactSeal {
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub chunks: u32,
+    pub bytes: u64,
+    pub sha256: String,
+    /// Files and directories packed.
+    pub entries: u64,
+    /// Paths matched but not packed (links, special files, files with several links).
+    #[serde(default)]
+    pub skipped: Vec<String>,
+}
+
+/// The answer to a seal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactSealResponse {
+    pub sealed: bool,
 }
 
 impl Task {

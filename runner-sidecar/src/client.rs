@@ -111,11 +111,47 @@ impl Client {
         body: &B,
         timeout: Duration,
     ) -> Result<R, CallError> {
-        let response = self
+        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        let bytes = self.exchange(request, token, timeout).await?;
+        serde_json::from_slice(&bytes).map_err(|e| CallError::Decode(e.to_string()))
+    }
+
+    /// One PUT of raw bytes, no retry; the answer's body is not read.
+    pub async fn put_bytes(
+        &self,
+        path: &str,
+        token: &Secret,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        let request = self
             .http
-            .post(format!("{}{path}", self.base))
+            .put(format!("{}{path}", self.base))
+            .header("content-type", "application/octet-stream")
+            .body(body);
+        self.exchange(request, token, timeout).await.map(drop)
+    }
+
+    /// One GET of raw bytes, no retry.
+    pub async fn get_bytes(
+        &self,
+        path: &str,
+        token: &Secret,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let request = self.http.get(format!("{}{path}", self.base));
+        self.exchange(request, token, timeout).await
+    }
+
+    /// Sends `request` with the token; the body of a success, the error of anything else.
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        token: &Secret,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let response = request
             .bearer_auth(token.expose())
-            .json(body)
             .timeout(timeout)
             .send()
             .await
@@ -139,7 +175,7 @@ impl Client {
                 message,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| CallError::Decode(e.to_string()))
+        Ok(bytes.to_vec())
     }
 
     /// POSTs until it succeeds or fails for good, backing off between tries. Only what a
@@ -156,30 +192,40 @@ impl Client {
         budget: Duration,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<R, CallError> {
-        let started = tokio::time::Instant::now();
-        let mut backoff = Backoff::default();
-        loop {
-            match self.post(path, token, body, timeout).await {
-                Err(err) if err.is_retryable() => {
-                    if *stop.borrow() {
-                        return Err(CallError::Shutdown);
-                    }
-                    let pause = backoff.pause();
-                    if started.elapsed() + pause > budget {
-                        tracing::warn!(path, error = %err, "giving up");
-                        return Err(CallError::GaveUp {
-                            seconds: started.elapsed().as_secs(),
-                            last: Box::new(err),
-                        });
-                    }
-                    tracing::warn!(path, error = %err, "retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = stop.changed() => {}
-                    }
+        retrying(path, budget, stop, || self.post(path, token, body, timeout)).await
+    }
+}
+
+/// Calls `call` until it succeeds or fails for good (see [`Client::post_retrying`]).
+pub async fn retrying<T, F: std::future::Future<Output = Result<T, CallError>>>(
+    what: &str,
+    budget: Duration,
+    stop: &mut watch::Receiver<bool>,
+    mut call: impl FnMut() -> F,
+) -> Result<T, CallError> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Backoff::default();
+    loop {
+        match call().await {
+            Err(err) if err.is_retryable() => {
+                if *stop.borrow() {
+                    return Err(CallError::Shutdown);
                 }
-                other => return other,
+                let pause = backoff.pause();
+                if started.elapsed() + pause > budget {
+                    tracing::warn!(path = what, error = %err, "giving up");
+                    return Err(CallError::GaveUp {
+                        seconds: started.elapsed().as_secs(),
+                        last: Box::new(err),
+                    });
+                }
+                tracing::warn!(path = what, error = %err, "retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
             }
+            other => return other,
         }
     }
 }

@@ -108,6 +108,11 @@ pub struct Args {
     /// `sluice bench`. Needs no scheduler.
     #[arg(long, hide = true)]
     pub bench_spawn: Option<usize>,
+    /// Largest artifact archive a workflow step may pack (its tar stream, headers included);
+    /// a step over it fails with `artifacts_too_large`. Also the cap on each parent's
+    /// archive unpacked.
+    #[arg(long, env = "SLUICE_ARTIFACT_MAX_BYTES", default_value_t = 64 << 20)]
+    pub artifact_max_bytes: u64,
     /// How long one claim long-poll waits.
     #[arg(long, env = "SLUICE_RUNNER_CLAIM_WAIT_MS", default_value_t = 30_000)]
     pub claim_wait_ms: u64,
@@ -135,6 +140,8 @@ pub struct Config {
     pub network: sluice_protocol::Network,
     /// Caps and the address allow-list of the confined tools.
     pub tool_policy: crate::tools::Policy,
+    /// Largest artifact archive packed or unpacked.
+    pub artifact_max_bytes: u64,
 }
 
 impl Config {
@@ -199,6 +206,13 @@ impl Config {
             crate::tools::fetch::Network::parse(network)
                 .map_err(|e| Error::Config(format!("SLUICE_RUNNER_FETCH_ALLOW: {e}")))?;
         }
+        let chunk_cap = sluice_protocol::bounds::MAX_ARTIFACT_CHUNKS as u64
+            * sluice_protocol::bounds::ARTIFACT_CHUNK_BYTES as u64;
+        if args.artifact_max_bytes == 0 || args.artifact_max_bytes > chunk_cap {
+            return Err(Error::Config(format!(
+                "SLUICE_ARTIFACT_MAX_BYTES must be between 1 and {chunk_cap}"
+            )));
+        }
         if args.max_read_bytes == 0 || args.fetch_max_bytes == 0 || args.fetch_timeout_ms == 0 {
             return Err(Error::Config(
                 "SLUICE_RUNNER_MAX_READ_BYTES, SLUICE_RUNNER_FETCH_MAX_BYTES and SLUICE_RUNNER_FETCH_TIMEOUT_MS must be above 0".into(),
@@ -248,6 +262,7 @@ impl Config {
                 sluice_protocol::Network::Full
             },
             tool_policy,
+            artifact_max_bytes: args.artifact_max_bytes,
         })
     }
 }

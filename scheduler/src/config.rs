@@ -27,6 +27,9 @@ pub struct ServeConfig {
     /// How often this replica fires due cron ticks; `None`: it fires none (another replica
     /// does, or tests drive the ticks).
     pub cron_interval: Option<Duration>,
+    /// How long a finished workflow run (its steps, outputs and artifacts) is kept; zero:
+    /// for ever.
+    pub run_retention: Duration,
     pub max_connections: u32,
     /// Apply migrations at start.
     pub migrate: bool,
@@ -50,6 +53,7 @@ impl ServeConfig {
             max_claim_wait: Duration::from_secs(60),
             claim_poll_interval: Duration::from_secs(1),
             cron_interval: Some(Duration::from_secs(1)),
+            run_retention: Duration::from_secs(7 * 24 * 3600),
             max_connections: 16,
             migrate: true,
             public_limits: ListenerLimits {

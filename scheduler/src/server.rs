@@ -77,8 +77,11 @@ impl Server {
         tasks.spawn(maintenance::run(
             pool.clone(),
             wake,
-            interval,
-            lease,
+            maintenance::Settings {
+                interval,
+                lease,
+                run_retention: state.config.run_retention,
+            },
             capped_queues,
             shutdown_rx.clone(),
         ));

@@ -778,6 +778,21 @@ impl Api {
         decode(response).await
     }
 
+    /// GETs `path` with the API token; the raw answer (for downloads).
+    pub async fn get_raw(&self, path: &str) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET from the scheduler");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.expect("the body").to_vec();
+        (status, headers, body)
+    }
+
     /// DELETEs `path` with the API token.
     pub async fn delete(&self, path: &str) -> (u16, Value) {
         let response = self
@@ -898,6 +913,32 @@ impl FakeRunner {
     pub async fn send<B: serde::Serialize>(&self, path: &str, body: &B) -> (u16, Value) {
         let body = serde_json::to_value(body).expect("a wire type serialises");
         self.post(path, &body).await
+    }
+
+    /// PUTs raw bytes to an internal path with this runner's token.
+    pub async fn put_bytes(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .body(body)
+            .send()
+            .await
+            .expect("PUT to the scheduler");
+        decode(response).await
+    }
+
+    /// GETs an internal path with this runner's token: status and raw body.
+    pub async fn get_raw(&self, path: &str) -> (u16, Vec<u8>) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET from the scheduler");
+        let status = response.status().as_u16();
+        (status, response.bytes().await.expect("the body").to_vec())
     }
 
     /// Claims up to `max` tasks, waiting up to `wait_ms`.

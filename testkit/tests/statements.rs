@@ -2,7 +2,7 @@
 //! schema, whether or not a test happens to run it: a statement that runs only after an
 //! outage or on a timeout must not carry a syntax error until that day (one did).
 
-use sluice::store::{jobs, runs, schedules, workflows};
+use sluice::store::{artifacts, jobs, runs, schedules, workflows};
 use sluice_testkit::TestDb;
 use sqlx::{Executor, SqlSafeStr};
 
@@ -16,6 +16,7 @@ async fn every_store_statement_is_valid_against_the_schema() {
         .chain(workflows::statements())
         .chain(runs::statements())
         .chain(schedules::statements())
+        .chain(artifacts::statements())
     {
         // `describe` prepares the statement: parse, name resolution and type checks, the
         // same as its first execution would do.

@@ -15,6 +15,7 @@
 //! Every NUL character is scrubbed from what is sent (Postgres stores none): bytes that are
 //! not text travel as base64 (see `exec::output`).
 
+pub mod artifacts;
 pub mod stream;
 pub mod workspace;
 
@@ -146,6 +147,11 @@ async fn perform(
             return Some(completion(task, failed, 0));
         }
     }
+    // A workflow step's parents' artifacts, unpacked beneath the workspace.
+    if let Some(failed) = unpack_inputs(ctx, task, &workspace, slot.user).await {
+        workspace.wipe().await;
+        return failed.map(|ended| completion(task, ended, 0));
+    }
     // Stopped for good while the workspace was being made: nothing to run.
     if stop.reason().is_some_and(StopReason::abandons) {
         workspace.wipe().await;
@@ -168,6 +174,24 @@ async fn perform(
         Work::Noop => Ended::succeeded(json!({})),
     };
     let streamed = stream.finish(events).await;
+    // A succeeded step's artifacts, packed and sealed before its completion is sent.
+    let ended = match (&ended, task.artifacts.as_ref()) {
+        (Ended::Finished { failure: None, .. }, Some(artifacts))
+            if !artifacts.collect.is_empty() && stop.reason().is_none() =>
+        {
+            match pack_and_upload(ctx, task, &workspace, &artifacts.collect).await {
+                Ok(()) => ended,
+                Err(PackedEnd::Abandon) => {
+                    workspace.wipe().await;
+                    return None;
+                }
+                Err(PackedEnd::Failed(code, message, retryable)) => {
+                    Ended::failed(output_of(ended), code, message, retryable)
+                }
+            }
+        }
+        _ => ended,
+    };
     workspace.wipe().await;
     // The reason the executor acted on decides; else the one ordered meanwhile (a later
     // order, such as the drain's, does not turn an abandoned attempt into a failure).
@@ -206,6 +230,113 @@ async fn perform(
         (_, finished) => finished,
     };
     Some(completion(task, ended, streamed.last_seq))
+}
+
+/// Downloads and unpacks the parents' artifacts of a workflow step; `Some` when the attempt
+/// ends there (`Some(None)`: abandoned, its lease gone).
+async fn unpack_inputs(
+    ctx: &Arc<AttemptContext>,
+    task: &Task,
+    workspace: &Workspace,
+    user: Option<sluice_sandbox::ToolUser>,
+) -> Option<Option<Ended>> {
+    let inputs = &task.artifacts.as_ref()?.inputs;
+    let max = ctx.config.artifact_max_bytes;
+    let refused = |message: String| {
+        Some(Some(Ended::failed(
+            json!({}),
+            FailureCode::ArtifactRefused,
+            message,
+            false,
+        )))
+    };
+    for set in inputs {
+        let archive = artifacts::archive_path(&ctx.config.workdir, task, "input");
+        let downloaded = artifacts::download(ctx, task, set, &archive, max).await;
+        let result = match downloaded {
+            Err(artifacts::InputError::Call(err)) if err.is_lease_lost() => return Some(None),
+            Err(artifacts::InputError::Call(err)) => Err(Some(Ended::failed(
+                json!({}),
+                FailureCode::ArtifactsUnavailable,
+                format!(
+                    "step {:?}'s artifacts could not be downloaded: {err}",
+                    set.step
+                ),
+                true,
+            ))),
+            Err(artifacts::InputError::Refused(message)) => Err(refused(message).flatten()),
+            Ok(()) => {
+                let (root, file) = (workspace.path().to_path_buf(), archive.clone());
+                let unpacked =
+                    tokio::task::spawn_blocking(move || artifacts::unpack(&root, &file, max, user))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
+                unpacked.map(drop).map_err(|why| {
+                    refused(format!(
+                        "step {:?}'s artifacts were refused: {why}",
+                        set.step
+                    ))
+                    .flatten()
+                })
+            }
+        };
+        let _ = tokio::fs::remove_file(&archive).await;
+        if let Err(ended) = result {
+            return Some(ended);
+        }
+    }
+    None
+}
+
+/// How packing a step's artifacts ended the attempt, when it did.
+enum PackedEnd {
+    Abandon,
+    Failed(FailureCode, String, bool),
+}
+
+/// Packs what the step's `artifacts` match, uploads it and seals it.
+async fn pack_and_upload(
+    ctx: &Arc<AttemptContext>,
+    task: &Task,
+    workspace: &Workspace,
+    patterns: &[String],
+) -> Result<(), PackedEnd> {
+    let archive = artifacts::archive_path(&ctx.config.workdir, task, "pack");
+    let (root, file, patterns) = (
+        workspace.path().to_path_buf(),
+        archive.clone(),
+        patterns.to_vec(),
+    );
+    let max = ctx.config.artifact_max_bytes;
+    let packed = tokio::task::spawn_blocking(move || artifacts::pack(&root, &patterns, &file, max))
+        .await
+        .unwrap_or_else(|e| Err(artifacts::PackError::Io(e.to_string())));
+    let result = match packed {
+        Err(artifacts::PackError::TooLarge(message)) => Err(PackedEnd::Failed(
+            FailureCode::ArtifactsTooLarge,
+            message,
+            false,
+        )),
+        Err(artifacts::PackError::Io(message)) => Err(PackedEnd::Failed(
+            FailureCode::ArtifactsUnavailable,
+            format!("the step's artifacts could not be packed: {message}"),
+            true,
+        )),
+        Ok(packed) => match artifacts::upload(ctx, task, &archive, &packed).await {
+            Ok(()) => {
+                tracing::debug!(job_id = %task.job_id, bytes = packed.bytes, entries = packed.entries, "artifacts sealed");
+                Ok(())
+            }
+            Err(err) if err.is_lease_lost() => Err(PackedEnd::Abandon),
+            Err(err) => Err(PackedEnd::Failed(
+                FailureCode::ArtifactsUnavailable,
+                format!("the step's artifacts could not be uploaded: {err}"),
+                !matches!(err, CallError::Status { status, .. } if status < 500 && status != 429),
+            )),
+        },
+    };
+    let _ = tokio::fs::remove_file(&archive).await;
+    result
 }
 
 /// What an attempt runs, read from its stored spec.

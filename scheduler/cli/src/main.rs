@@ -268,6 +268,10 @@ struct ServeArgs {
     /// once); 0: this replica fires none.
     #[arg(long, env = "SLUICE_CRON_INTERVAL_MS", default_value_t = 1000)]
     cron_interval_ms: u64,
+    /// How long a finished workflow run — its steps, outputs and artifacts — is kept;
+    /// 0 keeps them for ever.
+    #[arg(long, env = "SLUICE_RUN_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
+    run_retention_seconds: u64,
     /// Do not apply migrations at start.
     #[arg(long)]
     no_migrate: bool,
@@ -450,6 +454,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     config.cron_interval =
         (args.cron_interval_ms > 0).then(|| Duration::from_millis(args.cron_interval_ms));
+    anyhow::ensure!(
+        args.run_retention_seconds <= 100 * 366 * 24 * 3600,
+        "SLUICE_RUN_RETENTION_SECONDS must be between 0 (keep for ever) and 3162240000 (100 years)"
+    );
+    config.run_retention = Duration::from_secs(args.run_retention_seconds);
     let server = sluice::server::Server::start(config).await?;
     // One line on stdout that scripts (and the testkit) can wait for.
     println!(

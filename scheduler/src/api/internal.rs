@@ -6,18 +6,19 @@
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use sluice_protocol::{
-    paths, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
-    CompleteResponse, Completion, HeartbeatRequest, HeartbeatResponse, JobId, RegisterRequest,
-    RegisterResponse, StreamRequest, StreamResponse,
+    paths, ArtifactSeal, ArtifactSealResponse, ClaimRequest, ClaimResponse, CompleteManyRequest,
+    CompleteManyResponse, CompleteResponse, Completion, HeartbeatRequest, HeartbeatResponse,
+    InputQuery, JobId, LeaseQuery, RegisterRequest, RegisterResponse, StreamRequest,
+    StreamResponse,
 };
 
 use super::{
     bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, INTERNAL_BODY_LIMIT_BYTES,
 };
-use crate::service::{dispatch, runners};
+use crate::service::{dispatch, runners, workflows::artifacts};
 use crate::store::runners::RunnerIdentity;
 use crate::Error;
 
@@ -30,6 +31,9 @@ pub fn router(state: AppState) -> Router {
         .route(paths::COMPLETE_MANY_ROUTE, post(complete_many))
         .route(paths::STREAM_ROUTE, post(stream))
         .route(paths::COMPLETE_ROUTE, post(complete))
+        .route(paths::ARTIFACT_CHUNK_ROUTE, put(artifact_chunk))
+        .route(paths::ARTIFACT_SEAL_ROUTE, post(artifact_seal))
+        .route(paths::ARTIFACT_INPUT_ROUTE, get(artifact_input))
         .route(paths::HEALTHZ, get(healthz))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
@@ -133,4 +137,57 @@ async fn complete_many(
     Ok(Json(
         dispatch::complete_many(&state, &runner, &request).await?,
     ))
+}
+
+fn chunk_seq(seq: &str) -> Result<u32, Error> {
+    seq.parse()
+        .map_err(|_| Error::invalid("seq", "must be a chunk number"))
+}
+
+/// A query string read by shape, with the same JSON 400 as a bad body.
+fn query<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, Error> {
+    axum::extract::Query::<T>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| Error::invalid("query", e.body_text()))
+}
+
+/// One chunk of an attempt's artifacts, the raw bytes as the body.
+async fn artifact_chunk(
+    State(state): State<AppState>,
+    Runner(runner): Runner,
+    Path((id, seq)): Path<(String, String)>,
+    uri: axum::http::Uri,
+    body: axum::body::Bytes,
+) -> ApiResult<StatusCode> {
+    let job = job_id(&id)?;
+    let lease: LeaseQuery = query(&uri)?;
+    artifacts::put_chunk(&state, &runner, job, chunk_seq(&seq)?, lease, &body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn artifact_seal(
+    State(state): State<AppState>,
+    Runner(runner): Runner,
+    Path(id): Path<String>,
+    JsonBody(seal): JsonBody<ArtifactSeal>,
+) -> ApiResult<Json<ArtifactSealResponse>> {
+    Ok(Json(
+        artifacts::seal(&state, &runner, job_id(&id)?, seal).await?,
+    ))
+}
+
+/// One chunk of a parent step's artifacts, for the attempt whose lease the query carries.
+async fn artifact_input(
+    State(state): State<AppState>,
+    Runner(runner): Runner,
+    Path((id, source, seq)): Path<(String, String, String)>,
+    uri: axum::http::Uri,
+) -> ApiResult<Vec<u8>> {
+    let job = job_id(&id)?;
+    let source: JobId = source
+        .parse()
+        .map(JobId)
+        .map_err(|_| Error::NotFound("artifact chunk"))?;
+    let input: InputQuery = query(&uri)?;
+    Ok(artifacts::input_chunk(&state, &runner, job, source, chunk_seq(&seq)?, input).await?)
 }

@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::RUNS, get(list_runs))
         .route(paths::RUN_ROUTE, get(get_run))
         .route(paths::RUN_CANCEL_ROUTE, post(cancel_run))
+        .route(paths::RUN_ARTIFACTS_ROUTE, get(run_artifacts))
         .route(paths::SCHEDULES, get(list_schedules))
         .route(
             paths::SCHEDULE_ROUTE,
@@ -198,6 +199,30 @@ fn run_id(id: &str) -> crate::Result<i64> {
 
 async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
     Ok(Json(workflows::get_run(&state, run_id(&id)?).await?))
+}
+
+/// A step's artifacts: the tar archive its sidecar packed, streamed a chunk at a time.
+async fn run_artifacts(
+    State(state): State<AppState>,
+    Path((id, step)): Path<(String, String)>,
+) -> ApiResult<axum::response::Response> {
+    let download = workflows::artifacts::download(&state, run_id(&id)?, &step).await?;
+    let mut response = axum::response::Response::new(download.body);
+    let headers = response.headers_mut();
+    use axum::http::{header, HeaderValue};
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-tar"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(download.bytes));
+    if let Ok(value) = HeaderValue::from_str(&download.sha256) {
+        headers.insert("x-sluice-sha256", value);
+    }
+    headers.insert("x-sluice-entries", HeaderValue::from(download.entries));
+    if let Ok(value) = HeaderValue::from_str(&download.skipped.to_string()) {
+        headers.insert("x-sluice-skipped", value);
+    }
+    Ok(response)
 }
 
 async fn cancel_run(

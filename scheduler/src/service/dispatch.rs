@@ -11,14 +11,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sluice_protocol::{
-    bounds, ClaimRequest, ClaimResponse, CompleteManyRequest, CompleteManyResponse,
-    CompleteResponse, Completion, CompletionResult, ErrorDetail, JobId, JobState, Outcome, Task,
+    bounds, ArtifactSet, Attempt, ClaimRequest, ClaimResponse, CompleteManyRequest,
+    CompleteManyResponse, CompleteResponse, Completion, CompletionResult, ErrorDetail, JobId,
+    JobState, Outcome, Task, TaskArtifacts,
 };
 use tokio::time::Instant;
 
 use super::{lifecycle, workflows, Context};
 use crate::store::runners::RunnerIdentity;
-use crate::store::{jobs, runs};
+use crate::store::{artifacts, jobs, runs};
 use crate::{Error, Result};
 
 /// Most tasks one claim may take.
@@ -91,14 +92,17 @@ pub async fn claim(
             // Workflow steps: their contexts, stored once per step.
             let steps: Vec<(i64, String)> =
                 claimed.iter().filter_map(|job| job.step.clone()).collect();
-            let contexts = if steps.is_empty() {
+            let views = if steps.is_empty() {
                 Default::default()
             } else {
-                runs::step_contexts(&ctx.pool, &steps).await?
+                StepViews {
+                    steps: runs::step_contexts(&ctx.pool, &steps).await?,
+                    inputs: artifacts::step_inputs(&ctx.pool, &steps).await?,
+                }
             };
             let mut tasks = Vec::with_capacity(claimed.len());
             for job in claimed {
-                if let Some(task) = task_of(ctx, runner, job, &contexts).await? {
+                if let Some(task) = task_of(ctx, runner, job, &views).await? {
                     tasks.push(task);
                 }
             }
@@ -120,13 +124,14 @@ async fn task_of(
     ctx: &Context,
     runner: &RunnerIdentity,
     job: jobs::ClaimedJob,
-    contexts: &HashMap<(i64, String), serde_json::Value>,
+    views: &StepViews,
 ) -> Result<Option<Task>> {
     // A step's context, with a for_each job's own item and index.
     let context = job.step.as_ref().map(|key| {
-        let mut context = contexts
+        let mut context = views
+            .steps
             .get(key)
-            .cloned()
+            .and_then(|view| view.context.clone())
             .unwrap_or_else(|| serde_json::json!({}));
         if let (Some(own), Some(all)) = (
             job.context.as_ref().and_then(|c| c.as_object()),
@@ -172,7 +177,43 @@ async fn task_of(
         spec,
         timeout_ms: job.timeout_ms.map(|ms| ms as u64),
         context,
+        artifacts: job.step.as_ref().and_then(|key| views.artifacts(key)),
     }))
+}
+
+/// The claimed steps' contexts, artifact globs and parents' artifacts.
+#[derive(Default)]
+struct StepViews {
+    steps: HashMap<(i64, String), runs::StepView>,
+    inputs: HashMap<(i64, String), Vec<(String, artifacts::SetRow)>>,
+}
+
+impl StepViews {
+    /// What a step's attempt packs and unpacks; `None` when neither.
+    fn artifacts(&self, key: &(i64, String)) -> Option<TaskArtifacts> {
+        let collect = self
+            .steps
+            .get(key)
+            .map(|view| view.collect.clone())
+            .unwrap_or_default();
+        let inputs: Vec<ArtifactSet> = self
+            .inputs
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(
+                |(step, (job, attempt, chunks, bytes, sha256))| ArtifactSet {
+                    step: step.clone(),
+                    job_id: JobId(*job),
+                    attempt: Attempt(*attempt),
+                    chunks: *chunks as u32,
+                    bytes: *bytes as u64,
+                    sha256: sha256.clone(),
+                },
+            )
+            .collect();
+        (!collect.is_empty() || !inputs.is_empty()).then_some(TaskArtifacts { collect, inputs })
+    }
 }
 
 /// Applies one attempt's completion (`POST /internal/tasks/:id/complete`): the job named by

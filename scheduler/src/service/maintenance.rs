@@ -1,6 +1,7 @@
 //! The maintenance loop: every `maintenance_interval`, one replica (the holder of a
 //! transaction-scoped advisory lock) reclaims expired leases, fails jobs past their deadline,
-//! promotes due scheduled jobs and prunes finished jobs past their queue's retention.
+//! promotes due scheduled jobs, prunes finished jobs past their queue's retention and
+//! finished workflow runs (with their artifacts) past `SLUICE_RUN_RETENTION_SECONDS`.
 //!
 //! After a pass failed because Postgres was unreachable, the first good pass gives every lease
 //! that expired meanwhile one more lease term before anything is reclaimed: runners could not
@@ -21,6 +22,17 @@ use crate::Result;
 
 /// Rows one statement touches at most, so that a pass never holds many locks for long.
 const BATCH: i64 = 1000;
+/// Runs deleted per statement at most: each may carry up to a GiB of artifacts.
+const RUN_BATCH: i64 = 50;
+
+/// What the maintenance loop is told.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub interval: Duration,
+    pub lease: Duration,
+    /// How long finished runs are kept; zero: for ever.
+    pub run_retention: Duration,
+}
 /// Passes in a row whose reclaim with the outage extension may fail (other than for the
 /// database being away) before reclaims go on without it.
 const MAX_EXTENSION_TRIES: u32 = 5;
@@ -36,6 +48,7 @@ pub struct PassReport {
     pub timed_out: u64,
     pub promoted: u64,
     pub pruned: u64,
+    pub pruned_runs: u64,
     /// The steps that failed this pass (each is logged; the others ran regardless).
     pub failed_steps: Vec<&'static str>,
     /// A step failed because Postgres was unreachable.
@@ -70,6 +83,7 @@ impl PassReport {
             || self.timed_out >= batch
             || self.promoted >= batch
             || self.pruned >= batch
+            || self.pruned_runs >= RUN_BATCH as u64
     }
 }
 
@@ -94,9 +108,10 @@ async fn lead(pool: &PgPool) -> Result<Option<Transaction<'static, Postgres>>> {
 pub async fn run_pass(
     pool: &PgPool,
     wake: &Wake,
-    lease: Duration,
+    settings: Settings,
     after_outage: bool,
 ) -> PassReport {
+    let lease = settings.lease;
     let mut report = PassReport::default();
 
     // After an outage, the leases that expired meanwhile first get one more term, in the
@@ -169,6 +184,24 @@ pub async fn run_pass(
     .await;
     report.pruned = report.record("prune", pruned);
 
+    if !settings.run_retention.is_zero() {
+        let pruned_runs = async {
+            let Some(mut tx) = lead(pool).await? else {
+                return Ok(None);
+            };
+            let count = crate::store::runs::prune_runs(
+                &mut tx,
+                settings.run_retention.as_secs_f64(),
+                RUN_BATCH,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Some(count))
+        }
+        .await;
+        report.pruned_runs = report.record("prune runs", pruned_runs);
+    }
+
     let forgotten = async {
         let Some(mut tx) = lead(pool).await? else {
             return Ok(None);
@@ -210,12 +243,11 @@ pub async fn run_pass(
 pub async fn run(
     pool: PgPool,
     wake: Wake,
-    interval: Duration,
-    lease: Duration,
+    settings: Settings,
     capped_queues: std::sync::Arc<std::sync::atomic::AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(settings.interval);
     let mut after_outage = false;
     let mut failed_extensions = 0;
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -229,7 +261,7 @@ pub async fn run(
             capped_queues.store(capped, std::sync::atomic::Ordering::Relaxed);
         }
         loop {
-            let report = run_pass(&pool, &wake, lease, after_outage).await;
+            let report = run_pass(&pool, &wake, settings, after_outage).await;
             // The outage extension is done once this replica ran it as leader after the
             // database came back (it is repeated while the database stays away). A reclaim
             // step that keeps failing with it for another reason is retried without it after

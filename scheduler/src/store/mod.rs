@@ -10,6 +10,7 @@
 //! - [`events`] — the per-attempt event stream.
 //! - [`queues`] — queue settings (pause/resume) and counts.
 
+pub mod artifacts;
 pub mod events;
 pub mod jobs;
 pub mod queues;

@@ -48,7 +48,7 @@ pub const LIST_RUNS: &str =
 pub const CANCEL_RUN: &str = "SELECT sluice.cancel_run($1)::text";
 
 /// The contexts of steps (parallel arrays $1 runs, $2 steps), as they were released.
-pub const STEP_CONTEXTS: &str = "SELECT s.run_id, s.step_id, s.context
+pub const STEP_CONTEXTS: &str = "SELECT s.run_id, s.step_id, s.context, s.plan -> 'artifacts'
     FROM sluice.run_steps s
     JOIN unnest($1::bigint[], $2::text[]) AS k(run_id, step_id)
       ON s.run_id = k.run_id AND s.step_id = k.step_id";
@@ -63,6 +63,7 @@ pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
         ("CANCEL_RUN", CANCEL_RUN),
         ("RUN_VERSION", RUN_VERSION),
         ("STEP_CONTEXTS", STEP_CONTEXTS),
+        ("PRUNE_RUNS", PRUNE_RUNS),
     ]
     .into_iter()
 }
@@ -138,18 +139,30 @@ pub async fn start(
 pub async fn step_contexts(
     pool: &PgPool,
     steps: &[(i64, String)],
-) -> Result<std::collections::HashMap<(i64, String), Value>> {
+) -> Result<std::collections::HashMap<(i64, String), StepView>> {
     let runs: Vec<i64> = steps.iter().map(|(run, _)| *run).collect();
     let ids: Vec<&str> = steps.iter().map(|(_, step)| step.as_str()).collect();
-    let rows: Vec<(i64, String, Option<Value>)> = sqlx::query_as(STEP_CONTEXTS)
+    let rows: Vec<(i64, String, Option<Value>, Option<Value>)> = sqlx::query_as(STEP_CONTEXTS)
         .bind(&runs)
         .bind(&ids)
         .fetch_all(pool)
         .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(run, step, context)| context.map(|c| ((run, step), c)))
+        .map(|(run, step, context, artifacts)| {
+            let collect = artifacts
+                .and_then(|a| serde_json::from_value(a).ok())
+                .unwrap_or_default();
+            ((run, step), StepView { context, collect })
+        })
         .collect())
+}
+
+/// What a claimed step's jobs are handed: its context and the globs of its artifacts.
+#[derive(Debug, Clone, Default)]
+pub struct StepView {
+    pub context: Option<Value>,
+    pub collect: Vec<String>,
 }
 
 /// A run and its steps.
@@ -188,4 +201,26 @@ pub async fn cancel(pool: &PgPool, id: i64) -> Result<Option<String>> {
         .bind(id)
         .fetch_one(pool)
         .await?)
+}
+
+/// Deletes up to `$2` finished runs (with their steps and artifacts) finished more than `$1`
+/// seconds ago, oldest first.
+pub const PRUNE_RUNS: &str = "DELETE FROM sluice.workflow_runs WHERE id IN (
+        SELECT id FROM sluice.workflow_runs
+        WHERE finished_at < now() - make_interval(secs => $1)
+        ORDER BY finished_at LIMIT $2
+        FOR UPDATE SKIP LOCKED)";
+
+/// Deletes up to `limit` runs finished more than `retention_secs` ago; how many.
+pub async fn prune_runs(
+    conn: &mut sqlx::PgConnection,
+    retention_secs: f64,
+    limit: i64,
+) -> Result<u64> {
+    Ok(sqlx::query(PRUNE_RUNS)
+        .bind(retention_secs)
+        .bind(limit)
+        .execute(conn)
+        .await?
+        .rows_affected())
 }

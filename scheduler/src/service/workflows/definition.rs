@@ -39,6 +39,8 @@ use sluice_protocol::parse_spec;
 /// Most steps a definition may hold.
 pub const MAX_STEPS: usize = 10_000;
 /// Longest step id.
+/// Most `artifacts` patterns of one step.
+pub const MAX_ARTIFACT_PATTERNS: usize = 100;
 const MAX_ID_BYTES: usize = 128;
 /// Keys of a step that are the step's, not its job spec's.
 const STEP_KEYS: [&str; 8] = [
@@ -424,8 +426,28 @@ fn read_step(
             problems.push(problem(format!("{at}.retry"), err.to_string()));
         }
     }
+    if !raw.artifacts.is_empty() && raw.for_each.is_some() {
+        problems.push(problem(
+            format!("{at}.artifacts"),
+            "a for_each step cannot declare artifacts (its jobs would write the same paths); collect them in a step after it",
+        ));
+    }
+    if raw.artifacts.len() > MAX_ARTIFACT_PATTERNS {
+        problems.push(problem(
+            format!("{at}.artifacts"),
+            format!("at most {MAX_ARTIFACT_PATTERNS} patterns"),
+        ));
+    }
     for (field, pattern) in raw.artifacts.iter().enumerate() {
-        if pattern.is_empty() || pattern.starts_with('/') || pattern.split('/').any(|p| p == "..") {
+        if pattern.len() > 1024 || pattern.contains('\0') {
+            problems.push(problem(
+                format!("{at}.artifacts[{field}]"),
+                "must be at most 1024 bytes, without NUL",
+            ));
+        } else if pattern.is_empty()
+            || pattern.starts_with('/')
+            || pattern.split('/').any(|p| p == "..")
+        {
             problems.push(problem(
                 format!("{at}.artifacts[{field}]"),
                 "must be a relative pattern beneath the workspace (no '/' at the start, no '..')",
@@ -814,6 +836,15 @@ on_failure: {id: alert, kind: noop}
         );
         let found = problems("steps: [{id: a, kind: bash, script: '{{ item.x }}'}]");
         assert!(found[0].contains("for_each steps only"), "{found:?}");
+        let found = problems(
+            "steps: [{id: a, kind: bash, script: 'echo [1]', artifacts: [out]},
+                     {id: b, depends_on: [a], kind: noop, for_each: steps.a.output.value,
+                      artifacts: [x]}]",
+        );
+        assert!(
+            found[0].contains("for_each step cannot declare"),
+            "{found:?}"
+        );
         let found = problems("steps: [{id: a, kind: teleport}]");
         assert!(found[0].starts_with("steps[0] (a).spec"), "{found:?}");
         let found = problems("steps: []");

@@ -10,6 +10,7 @@
 //! - [`definition`] — reading and checking a definition (YAML or JSON), no I/O.
 //! - [`template`] — `{{ reference }}` in a step's spec, filled from its context.
 
+pub mod artifacts;
 pub mod definition;
 pub mod template;
 

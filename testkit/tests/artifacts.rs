@@ -1,0 +1,393 @@
+//! Workflow artifacts (issue 19): files written by a step are packed by its sidecar, stored
+//! in Postgres under the step's lease, and unpacked beneath the workspace of each dependent
+//! step — on another runner — before its tool starts; downloadable from the public API; and
+//! a hostile archive (uploaded by a runner that lies) is refused by the dependent's sidecar
+//! with nothing written outside its workspace.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sluice_protocol::api::paths as api_paths;
+use sluice_protocol::{paths, ArtifactSeal, Task};
+use sluice_testkit::{wait_until, Api, FakeRunner, Scheduler, TestDb, Timings};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn register(api: &Api, name: &str, definition: &str) {
+    let (status, body) = api
+        .put_text(&api_paths::workflow(name), definition.to_string())
+        .await;
+    assert!(status == 201 || status == 200, "{body}");
+}
+
+async fn start(api: &Api, workflow: &str) -> i64 {
+    let (status, body) = api
+        .post(api_paths::WORKFLOWS_RUN, &json!({"workflow": workflow}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["run_id"].as_i64().unwrap()
+}
+
+async fn finished(api: &Api, id: i64) -> Value {
+    wait_until(&format!("run {id} to finish"), DEADLINE, || async move {
+        let (_, run) = api.get(&api_paths::run(id)).await;
+        match run["state"].as_str() {
+            Some("running") | None => Err(run.to_string()),
+            Some(_) => Ok(Some(run)),
+        }
+    })
+    .await
+}
+
+fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {run}"))
+}
+
+/// The names in a tar archive.
+fn names(archive: &[u8]) -> Vec<String> {
+    let mut names: Vec<String> = tar::Archive::new(archive)
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn artifacts_flow_from_steps_to_their_dependents_on_other_runners() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let _a = scheduler.runner("artifacts-a", 1).await;
+    let _b = scheduler.runner("artifacts-b", 1).await;
+    let api = scheduler.api();
+    register(
+        &api,
+        "files",
+        r#"
+steps:
+  - id: seed
+    kind: bash
+    script: "mkdir -p data && printf 'seed-42' > data/seed.txt"
+    artifacts: ["data/**"]
+  - id: left
+    depends_on: [seed]
+    kind: bash
+    script: |
+      sleep 1.5
+      mkdir -p out/nested bin
+      printf "left read $(cat data/seed.txt)" > out/nested/left.txt
+      printf '#!/bin/sh\necho tool-ran\n' > bin/tool.sh && chmod +x bin/tool.sh
+      printf 'not packed' > scratch.txt
+    artifacts: ["out/**", "bin"]
+  - id: right
+    depends_on: [seed]
+    kind: bash
+    script: |
+      sleep 1.5
+      mkdir -p out && printf right > out/right.txt
+      ln -s /etc/passwd out/link
+    artifacts: ["out"]
+  - id: join
+    depends_on: [left, right]
+    kind: bash
+    script: |
+      set -e
+      cat out/nested/left.txt; echo
+      cat out/right.txt; echo
+      ./bin/tool.sh
+      test ! -e out/link && echo no-link
+      test ! -e scratch.txt && echo no-scratch
+      test ! -e data/seed.txt && echo only-parents
+"#,
+    )
+    .await;
+    let id = start(&api, "files").await;
+    let done = finished(&api, id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        step(&done, "join")["output"]["stdout_tail"],
+        "left read seed-42\nright\ntool-ran\nno-link\nno-scratch\nonly-parents\n"
+    );
+    // The two producers ran at once on different runners, so the join read at least one
+    // archive packed on the other runner.
+    let runners: Vec<(String, uuid::Uuid)> = sqlx::query_as(
+        "SELECT j.step_id, a.runner_id FROM sluice.jobs j
+         JOIN sluice.job_attempts a ON a.job_id = j.id
+         WHERE j.workflow_run_id = $1 AND j.step_id IN ('left', 'right') ORDER BY 1",
+    )
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(runners.len(), 2);
+    assert_ne!(
+        runners[0].1, runners[1].1,
+        "both producers ran on one runner"
+    );
+
+    // Downloaded from the public API: the archive the step packed, with its digest.
+    let (status, headers, body) = api.get_raw(&api_paths::run_artifacts(id, "right")).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/x-tar");
+    let digest: String = Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(headers["x-sluice-sha256"].to_str().unwrap(), digest);
+    assert_eq!(names(&body), ["out", "out/right.txt"]);
+    let skipped: Value =
+        serde_json::from_str(headers["x-sluice-skipped"].to_str().unwrap()).unwrap();
+    assert_eq!(skipped, json!(["out/link (a link)"]));
+    let (_, _, left) = api.get_raw(&api_paths::run_artifacts(id, "left")).await;
+    assert_eq!(
+        names(&left),
+        ["bin", "bin/tool.sh", "out/nested", "out/nested/left.txt"]
+    );
+    // A step without artifacts, a run that does not exist: JSON 404s.
+    for path in [
+        api_paths::run_artifacts(id, "join"),
+        api_paths::run_artifacts(id + 1000, "left"),
+    ] {
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "not_found");
+    }
+}
+
+#[tokio::test]
+async fn finished_runs_and_their_artifacts_are_pruned_after_their_retention() {
+    let db = TestDb::new().await;
+    let scheduler =
+        Scheduler::start_with(&db, Timings::TEST, &[("SLUICE_RUN_RETENTION_SECONDS", "2")]).await;
+    let _runner = scheduler.runner("retention", 1).await;
+    let api = scheduler.api();
+    register(
+        &api,
+        "kept",
+        "steps: [{id: make, kind: bash, script: 'head -c 3000000 /dev/urandom > blob', artifacts: [blob]}]",
+    )
+    .await;
+    let id = start(&api, "kept").await;
+    let done = finished(&api, id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    // Three chunks, downloadable until the retention passes.
+    let (status, headers, body) = api.get_raw(&api_paths::run_artifacts(id, "make")).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-length"], body.len().to_string().as_str());
+    assert_eq!(names(&body), ["blob"]);
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.artifact_chunks")
+            .await,
+        3
+    );
+    wait_until("the run to be pruned", DEADLINE, || async {
+        let (status, _) = api.get(&api_paths::run(id)).await;
+        Ok::<_, String>((status == 404).then_some(()))
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.artifact_chunks")
+            .await
+            + db.count("SELECT count(*) FROM sluice.artifacts").await
+            + db.count("SELECT count(*) FROM sluice.run_steps").await,
+        0
+    );
+}
+
+/// A tar header block with any name and type.
+fn raw_header(name: &str, kind: tar::EntryType, size: u64, link: &str) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_size(size);
+    header.set_mode(0o644);
+    let bytes = header.as_mut_bytes();
+    bytes[..name.len()].copy_from_slice(name.as_bytes());
+    bytes[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    header.set_cksum();
+    header.as_bytes().to_vec()
+}
+
+fn lease_query(task: &Task) -> String {
+    format!(
+        "?attempt={}&lease_token={}",
+        task.attempt.0, task.lease_token.0
+    )
+}
+
+/// Claims the one task of `step` as the fake runner.
+async fn claim_step(runner: &FakeRunner, step: &str) -> Task {
+    wait_until(
+        &format!("{step} to be claimable"),
+        DEADLINE,
+        || async move {
+            let tasks = runner.claim(1, 200).await;
+            Ok::<_, String>(tasks.into_iter().next())
+        },
+    )
+    .await
+    .tap(|task: &Task| assert!(task.context.is_some(), "{step} is a step"))
+}
+
+trait Tap: Sized {
+    fn tap(self, f: impl FnOnce(&Self)) -> Self {
+        f(&self);
+        self
+    }
+}
+impl<T> Tap for T {}
+
+#[tokio::test]
+async fn a_hostile_archive_is_refused_by_the_dependent_with_nothing_written_outside() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    register(
+        &api,
+        "hostile",
+        r#"
+steps:
+  - {id: evil, kind: bash, script: "true", artifacts: ["x"]}
+  - {id: victim, depends_on: [evil], kind: bash, script: "echo the tool ran"}
+"#,
+    )
+    .await;
+    let id = start(&api, "hostile").await;
+    let liar = FakeRunner::register(&scheduler, "liar").await;
+    let task = claim_step(&liar, "evil").await;
+    assert_eq!(task.artifacts.as_ref().unwrap().collect, ["x"]);
+
+    // A traversal after a harmless file, a link, and a file claiming 10 GB.
+    let mut archive = raw_header("ok.txt", tar::EntryType::Regular, 2, "");
+    archive.extend(b"ok");
+    archive.resize(1024, 0);
+    archive.extend(raw_header("../escaped", tar::EntryType::Regular, 5, ""));
+    archive.extend(b"owned");
+    archive.resize(2048, 0);
+    archive.extend(raw_header("link", tar::EntryType::Symlink, 0, "/"));
+    archive.extend(raw_header("huge", tar::EntryType::Regular, 10 << 30, ""));
+    archive.extend([0u8; 1024]);
+    let digest: String = Sha256::digest(&archive)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+
+    // The fence: another lease, a chunk past the bound, a seal that does not match.
+    let stranger = format!(
+        "?attempt={}&lease_token={}",
+        task.attempt.0,
+        uuid::Uuid::new_v4()
+    );
+    let (status, body) = liar
+        .put_bytes(
+            &format!("{}{stranger}", paths::artifact_chunk(task.job_id, 0)),
+            archive.clone(),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = liar
+        .put_bytes(
+            &format!(
+                "{}{}",
+                paths::artifact_chunk(task.job_id, 5000),
+                lease_query(&task)
+            ),
+            vec![1],
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("seq"),
+        "{body}"
+    );
+    let (status, body) = liar
+        .put_bytes(
+            &format!(
+                "{}{}",
+                paths::artifact_chunk(task.job_id, 0),
+                lease_query(&task)
+            ),
+            archive.clone(),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let seal = |bytes: u64| ArtifactSeal {
+        attempt: task.attempt,
+        lease_token: task.lease_token,
+        chunks: 1,
+        bytes,
+        sha256: digest.clone(),
+        entries: 4,
+        skipped: vec!["a\0b".into()],
+    };
+    let (status, body) = liar
+        .send(
+            &paths::artifact_seal(task.job_id),
+            &seal(archive.len() as u64 - 1),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("chunks of"),
+        "{body}"
+    );
+    let (status, body) = liar
+        .send(
+            &paths::artifact_seal(task.job_id),
+            &seal(archive.len() as u64),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = liar.complete(&task, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The victim's sidecar downloads it, refuses it, and never runs the tool.
+    let victim = scheduler.runner("victim", 1).await;
+    let done = finished(&api, id).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let job = &step(&done, "victim")["jobs"][0];
+    let (_, job) = api.get(&format!("/api/jobs/{}", job["id"])).await;
+    assert_eq!(job["error"]["code"], "artifact_refused", "{job}");
+    assert!(
+        job["error"]["message"].as_str().unwrap().contains("'..'"),
+        "{job}"
+    );
+    assert_eq!(
+        job["attempts"].as_array().unwrap().len(),
+        1,
+        "refused for good, not retried: {job}"
+    );
+    assert_eq!(job["result"], json!({}), "the tool never ran: {job}");
+    // Nothing beside the workspaces but what the sidecar keeps there.
+    let workdir = victim.workdir.path();
+    let left: Vec<String> = std::fs::read_dir(workdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !left.iter().any(|name| name.contains("escaped")),
+        "{left:?}"
+    );
+    assert!(!workdir.parent().unwrap().join("escaped").exists());
+    assert!(left.iter().all(|name| !name.ends_with(".tar")), "{left:?}");
+
+    // A stranger's lease reads nothing; the liar's finished lease neither.
+    let (status, _) = liar
+        .get_raw(&format!(
+            "{}{}&source_attempt={}",
+            paths::artifact_input(task.job_id, task.job_id, 0),
+            lease_query(&task),
+            task.attempt.0
+        ))
+        .await;
+    assert_eq!(status, 409);
+}
