@@ -1,5 +1,5 @@
 -- Workflow artifacts: a step's files, packed by its sidecar as a tar stream when the step
--- succeeds, uploaded in chunks under the attempt's lease, sealed (`artifacts`) before the
+-- succeeds, uploaded in chunks under the attempt's lease, sealed (`step_artifacts`) before the
 -- attempt completes, and unpacked by the sidecars of its dependents. Both tables belong to
 -- the run: deleting a run (its retention) deletes its artifacts.
 --
@@ -18,7 +18,7 @@ CREATE TABLE sluice.artifact_chunks (
 CREATE INDEX artifact_chunks_run_idx ON sluice.artifact_chunks (run_id);
 ALTER TABLE sluice.artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 
-CREATE TABLE sluice.artifacts (
+CREATE TABLE sluice.step_artifacts (
     run_id    bigint NOT NULL REFERENCES sluice.workflow_runs (id) ON DELETE CASCADE,
     step_id   text NOT NULL,
     job_id    bigint NOT NULL,
@@ -31,7 +31,7 @@ CREATE TABLE sluice.artifacts (
     sealed_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, attempt)
 );
-CREATE INDEX artifacts_step_idx ON sluice.artifacts (run_id, step_id, attempt DESC);
+CREATE INDEX step_artifacts_step_idx ON sluice.step_artifacts (run_id, step_id, attempt DESC);
 
 -- Finished runs by age, for their retention.
 CREATE INDEX workflow_runs_finished_idx ON sluice.workflow_runs (finished_at)

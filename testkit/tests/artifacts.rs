@@ -195,7 +195,7 @@ async fn finished_runs_and_their_artifacts_are_pruned_after_their_retention() {
     assert_eq!(
         db.count("SELECT count(*) FROM sluice.artifact_chunks")
             .await
-            + db.count("SELECT count(*) FROM sluice.artifacts").await
+            + db.count("SELECT count(*) FROM sluice.step_artifacts").await
             + db.count("SELECT count(*) FROM sluice.run_steps").await,
         0
     );

@@ -1,4 +1,4 @@
-//! Workflow artifacts (`sluice.artifact_chunks`, `sluice.artifacts`): chunks stored under
+//! Workflow artifacts (`sluice.artifact_chunks`, `sluice.step_artifacts`): chunks stored under
 //! the uploading attempt's lease, sealed as a set, read back chunk by chunk by the attempts
 //! of the same run and by the public API. See `sql/0009_artifacts.sql`.
 
@@ -35,7 +35,7 @@ pub const SEAL: &str = "WITH lease AS (
         WHERE c.job_id = lease.id AND (c.attempt <> lease.attempt OR c.seq >= $5::integer)
           AND present.chunks = $5::integer AND present.bytes = $6::bigint
     ), sealed AS (
-        INSERT INTO sluice.artifacts AS a
+        INSERT INTO sluice.step_artifacts AS a
             (run_id, step_id, job_id, attempt, chunks, bytes, sha256, entries, skipped)
         SELECT lease.run_id, lease.step_id, lease.id, lease.attempt, $5::integer, $6::bigint, $7::text, $8::bigint, $9::jsonb
         FROM lease, present
@@ -57,7 +57,7 @@ pub const STEP_INPUTS: &str = "SELECT k.run_id, k.step_id, a.step_id, a.job_id, 
     CROSS JOIN LATERAL jsonb_array_elements_text(s.plan -> 'parents')
         WITH ORDINALITY AS p(parent, ord)
     CROSS JOIN LATERAL (
-        SELECT * FROM sluice.artifacts a
+        SELECT * FROM sluice.step_artifacts a
         WHERE a.run_id = k.run_id AND a.step_id = p.parent
         ORDER BY a.attempt DESC LIMIT 1
     ) a
@@ -72,14 +72,14 @@ pub const INPUT_CHUNK: &str = "WITH lease AS (
     )
     SELECT EXISTS (SELECT 1 FROM lease),
            (SELECT c.data FROM lease
-            JOIN sluice.artifacts a ON a.run_id = lease.run_id
+            JOIN sluice.step_artifacts a ON a.run_id = lease.run_id
             JOIN sluice.artifact_chunks c
               ON c.job_id = a.job_id AND c.attempt = a.attempt AND c.seq = $7::integer
             WHERE a.job_id = $5 AND a.attempt = $6 AND $7::integer < a.chunks)";
 
 /// A step's artifacts for the public API: its latest sealed set.
 pub const STEP_SET: &str = "SELECT job_id, attempt, chunks, bytes, sha256, entries, skipped
-    FROM sluice.artifacts WHERE run_id = $1 AND step_id = $2
+    FROM sluice.step_artifacts WHERE run_id = $1 AND step_id = $2
     ORDER BY attempt DESC LIMIT 1";
 
 /// One chunk of a sealed set.
