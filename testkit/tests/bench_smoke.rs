@@ -41,6 +41,11 @@ fn sluice_bench_quick_reports_every_measurement_as_json() {
         "tool spawn p50",
         "tool spawn p99",
         "tool spawn round trip p50",
+        "step-to-step latency p50 (chain)",
+        "step-to-step latency p99 (chain)",
+        "plain-job pickup p50",
+        "fan-out makespan",
+        "the same 200 jobs enqueued directly",
     ] {
         let found = results
             .iter()

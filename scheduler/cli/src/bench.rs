@@ -91,6 +91,8 @@ struct Sizes {
     drain_jobs: usize,
     pickup_jobs: usize,
     history_rows: i64,
+    chain_steps: usize,
+    fan_out_steps: usize,
 }
 
 impl Sizes {
@@ -103,6 +105,8 @@ impl Sizes {
                 drain_jobs: 2_000,
                 pickup_jobs: 100,
                 history_rows: 100_000,
+                chain_steps: 20,
+                fan_out_steps: 200,
             }
         } else {
             Sizes {
@@ -112,6 +116,8 @@ impl Sizes {
                 drain_jobs: 20_000,
                 pickup_jobs: 1_000,
                 history_rows: 1_000_000,
+                chain_steps: 100,
+                fan_out_steps: 1_000,
             }
         }
     }
@@ -209,7 +215,9 @@ fn with_reference(mut m: Measurement, reference: &Measurement) -> Measurement {
 }
 
 /// The parts of the benchmark, for `--only`.
-pub const SECTIONS: [&str; 6] = ["enqueue", "bulk", "core", "e2e", "spawn", "claim"];
+pub const SECTIONS: [&str; 7] = [
+    "enqueue", "bulk", "core", "e2e", "workflow", "spawn", "claim",
+];
 
 /// What every section shares: the server under test, a pool, and the run's sizes.
 struct Bench<'a> {
@@ -287,6 +295,9 @@ async fn measure_all(
     }
     if bench.wants("e2e") {
         results.extend(end_to_end(&bench).await?);
+    }
+    if bench.wants("workflow") {
+        results.extend(workflows(&bench).await?);
     }
     if bench.wants("spawn") {
         results.extend(spawn_overhead(
@@ -779,6 +790,166 @@ async fn drain_through_sidecars(
         "jobs/s",
         drain,
         &format!("real HTTP protocol, {in_flight} in flight"),
+    ))
+}
+
+/// Workflows through real sidecars: the step-to-step latency of a chain (with a plain job's
+/// pickup measured in the same setting beside it), and a fan-out's makespan against the same
+/// jobs enqueued directly.
+async fn workflows(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let runner_binary = dev::find_runner_binary()?;
+    let sizes = &bench.sizes;
+    let noop = |id: String, parent: Option<String>| {
+        let mut step = json!({"id": id, "kind": "noop"});
+        if let Some(parent) = parent {
+            step["depends_on"] = json!([parent]);
+        }
+        step
+    };
+    let chain: Vec<Value> = (0..sizes.chain_steps)
+        .map(|n| noop(format!("s{n}"), n.checked_sub(1).map(|p| format!("s{p}"))))
+        .collect();
+    let fan_out: Vec<Value> = (0..sizes.fan_out_steps)
+        .map(|n| noop(format!("s{n}"), None))
+        .collect();
+    for (name, steps) in [("bench-chain", &chain), ("bench-fan-out", &fan_out)] {
+        bench
+            .api
+            .put_workflow(name, json!({ "steps": steps }).to_string())
+            .await
+            .map_err(|e| refused("registering a bench workflow", e))?;
+    }
+    let mut results = Vec::new();
+    // The chain, beside a plain job's pickup, with the pickup's setting (2 × 5 slots).
+    let mut children = start_sidecars(bench, &runner_binary, 2, 5).await?;
+    let outcome = async {
+        let mut out = pickup_latency(bench).await?;
+        for m in &mut out {
+            m.name = m.name.replace("pickup latency", "plain-job pickup");
+        }
+        let mut edges = Vec::new();
+        for _ in 0..sizes.runs.min(3) {
+            let run = finish_run(bench, "bench-chain").await?.0;
+            edges.extend(sql::step_to_step_ms(&bench.pool, run).await?);
+        }
+        if edges.len() != sizes.runs.min(3) * (sizes.chain_steps - 1) {
+            return Err(Error::Internal(format!(
+                "{} step edges measured in the chains",
+                edges.len()
+            )));
+        }
+        edges.sort_by(f64::total_cmp);
+        let note = format!(
+            "{} edges of {}-step noop chains, 2 sidecars × 5 slots; parent's completion commit → child's claim, server clock",
+            edges.len(),
+            sizes.chain_steps
+        );
+        let mut p50 = summarize(
+            "step-to-step latency p50 (chain)",
+            "ms",
+            vec![percentile(&edges, 0.5)],
+            &note,
+        );
+        p50.min = edges.first().copied().unwrap_or(f64::NAN);
+        p50.max = edges.last().copied().unwrap_or(f64::NAN);
+        let mut p99 = p50.clone();
+        p99.name = "step-to-step latency p99 (chain)".into();
+        p99.median = percentile(&edges, 0.99);
+        out.insert(0, p50);
+        out.insert(1, p99);
+        Ok::<_, Error>(out)
+    }
+    .await;
+    dev::stop_runners(&mut children).await;
+    results.extend(outcome?);
+    // The fan-out against the same jobs enqueued directly, in the best setting.
+    let mut children = start_sidecars(bench, &runner_binary, 2, BEST_SLOTS).await?;
+    let outcome = async {
+        let (mut workflow, mut direct) = (Vec::new(), Vec::new());
+        for _ in 0..sizes.runs.min(3) {
+            let (_, seconds) = finish_run(bench, "bench-fan-out").await?;
+            workflow.push(seconds * 1000.0);
+            sql::truncate_jobs(&bench.pool).await?;
+            let xid = sql::insert_jobs_plain_repeated(
+                &bench.pool,
+                &bench.specs[0],
+                sizes.fan_out_steps as i64,
+            )
+            .await?;
+            let started = match sql::commit_timestamp(&bench.pool, &xid).await? {
+                Some(at) => at,
+                None => sql::server_clock(&bench.pool).await?,
+            };
+            wait_drained_every(
+                &bench.pool,
+                sizes.fan_out_steps as i64,
+                Duration::from_secs(120),
+                Duration::from_millis(2),
+            )
+            .await?;
+            let finished = sql::last_finished_at(&bench.pool).await?;
+            direct.push((finished - started).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        }
+        let note = format!(
+            "{} noop steps without parents, one run; 2 sidecars × {BEST_SLOTS} slots; run's commit → last step's completion commit",
+            sizes.fan_out_steps
+        );
+        let fan_out = summarize(
+            &format!("fan-out makespan ({} steps, one run)", sizes.fan_out_steps),
+            "ms",
+            workflow,
+            &note,
+        );
+        let plain = summarize(
+            &format!("the same {} jobs enqueued directly", sizes.fan_out_steps),
+            "ms",
+            direct,
+            "one INSERT of noop jobs; its commit → the last completion's commit",
+        );
+        let fan_out = with_reference(fan_out, &plain);
+        Ok::<_, Error>(vec![fan_out, plain])
+    }
+    .await;
+    dev::stop_runners(&mut children).await;
+    results.extend(outcome?);
+    sql::truncate_runs(&bench.pool).await?;
+    sql::truncate_jobs(&bench.pool).await?;
+    Ok(results)
+}
+
+/// Starts a run of `workflow` on empty tables and waits until it succeeded; its id and its
+/// makespan in seconds (its commit to its last job's completion commit).
+async fn finish_run(bench: &Bench<'_>, workflow: &str) -> Result<(i64, f64)> {
+    let pool = &bench.pool;
+    sql::truncate_jobs(pool).await?;
+    sql::truncate_runs(pool).await?;
+    let (run, xid) = sql::start_run_returning_xid(pool, workflow).await?;
+    let started = match sql::commit_timestamp(pool, &xid).await? {
+        Some(at) => at,
+        None => sql::server_clock(pool).await?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match sql::run_state(pool, run).await?.as_str() {
+            "running" => {}
+            "succeeded" => break,
+            other => {
+                return Err(Error::Internal(format!(
+                    "bench run of {workflow} ended {other}"
+                )))
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!(
+                "bench run of {workflow} did not finish in 300 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let finished = sql::last_finished_at(pool).await?;
+    Ok((
+        run,
+        (finished - started).num_microseconds().unwrap_or(0) as f64 / 1e6,
     ))
 }
 

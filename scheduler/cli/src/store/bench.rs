@@ -242,3 +242,81 @@ pub async fn live_runners(pool: &PgPool, prefix: &str) -> Result<i64> {
     .await?;
     Ok(n)
 }
+
+/// Empties the workflow runs (their steps and artifacts with them) between measurements.
+pub async fn truncate_runs(pool: &PgPool) -> Result<()> {
+    sqlx::query("TRUNCATE sluice.workflow_runs CASCADE")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Starts a run of `workflow` from SQL; returns its id and its transaction's id, for the
+/// commit timestamp.
+pub async fn start_run_returning_xid(pool: &PgPool, workflow: &str) -> Result<(i64, String)> {
+    let mut tx = pool.begin().await?;
+    let (run,): (i64,) = sqlx::query_as("SELECT sluice.run_workflow($1, '{}'::jsonb)")
+        .bind(workflow)
+        .fetch_one(&mut *tx)
+        .await?;
+    let (xid,): (String,) =
+        sqlx::query_as("SELECT xmin::text FROM sluice.workflow_runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok((run, xid))
+}
+
+/// A run's state (`running` until it ends).
+pub async fn run_state(pool: &PgPool, run: i64) -> Result<String> {
+    let (state,): (String,) =
+        sqlx::query_as("SELECT state::text FROM sluice.workflow_runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(pool)
+            .await?;
+    Ok(state)
+}
+
+/// Step edges of a run: the child's claim against its parent's completion commit.
+const EDGES_COMMITTED: &str = "SELECT extract(epoch FROM c.started_at
+                                     - pg_xact_commit_timestamp(pa.xmin))::float8 * 1000
+    FROM sluice.run_steps s
+    CROSS JOIN LATERAL jsonb_array_elements_text(s.plan -> 'parents') AS p(parent)
+    JOIN sluice.jobs cj ON cj.workflow_run_id = s.run_id AND cj.step_id = s.step_id
+    JOIN sluice.job_attempts c ON c.job_id = cj.id AND c.attempt = 1
+    JOIN sluice.jobs pj ON pj.workflow_run_id = s.run_id AND pj.step_id = p.parent
+    JOIN sluice.job_attempts pa ON pa.job_id = pj.id AND pa.attempt = pj.attempt
+    WHERE s.run_id = $1";
+/// The same against the completing statement's start (without `track_commit_timestamp`).
+const EDGES_STARTED: &str =
+    "SELECT extract(epoch FROM c.started_at - pa.finished_at)::float8 * 1000
+    FROM sluice.run_steps s
+    CROSS JOIN LATERAL jsonb_array_elements_text(s.plan -> 'parents') AS p(parent)
+    JOIN sluice.jobs cj ON cj.workflow_run_id = s.run_id AND cj.step_id = s.step_id
+    JOIN sluice.job_attempts c ON c.job_id = cj.id AND c.attempt = 1
+    JOIN sluice.jobs pj ON pj.workflow_run_id = s.run_id AND pj.step_id = p.parent
+    JOIN sluice.job_attempts pa ON pa.job_id = pj.id AND pa.attempt = pj.attempt
+    WHERE s.run_id = $1";
+
+/// For every step of `run` with a parent: from the parent's completion commit (its attempt
+/// row's commit timestamp; `finished_at`, the completing statement's start, where
+/// `track_commit_timestamp` is off) to the child's claim (`started_at`, the claiming
+/// statement's `now()`), in milliseconds.
+pub async fn step_to_step_ms(pool: &PgPool, run: i64) -> Result<Vec<f64>> {
+    let rows: std::result::Result<Vec<(f64,)>, sqlx::Error> = sqlx::query_as(EDGES_COMMITTED)
+        .bind(run)
+        .fetch_all(pool)
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(_)) => {
+            sqlx::query_as(EDGES_STARTED)
+                .bind(run)
+                .fetch_all(pool)
+                .await?
+        }
+        Err(other) => return Err(other.into()),
+    };
+    Ok(rows.into_iter().map(|(ms,)| ms).collect())
+}
