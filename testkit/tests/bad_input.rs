@@ -565,3 +565,44 @@ async fn a_failing_maintenance_step_never_stalls_the_others() {
         "the failing step is logged"
     );
 }
+
+#[tokio::test]
+async fn paths_that_cannot_be_read_are_answered_in_json_on_both_listeners() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    for path in [
+        "/api/jobs/%FF",
+        "/api/workflows/%FF%FE",
+        "/api/schedules/%C0",
+        "/api/runs/%FF",
+        "/api/runs/1/artifacts/%FF",
+        "/api/runs/1/artifacts/a%00b",
+    ] {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_request", "{path}: {body}");
+    }
+    let runner = FakeRunner::register(&scheduler, "paths").await;
+    let (status, body) = runner
+        .put_bytes(
+            "/internal/tasks/%FF/artifacts/0?attempt=1&lease_token=x",
+            vec![1],
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    // An artifact chunk over the internal body limit is a JSON 413.
+    let (status, body) = runner
+        .put_bytes(
+            &format!(
+                "{}?attempt=1&lease_token={}",
+                paths::artifact_chunk(JobId(1), 0),
+                uuid::Uuid::new_v4()
+            ),
+            vec![0u8; 9 << 20],
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+}

@@ -3,7 +3,7 @@
 //! registers with the pool's secret and gets a token; every later call is authenticated by
 //! that token alone.
 
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
@@ -16,7 +16,8 @@ use sluice_protocol::{
 };
 
 use super::{
-    bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, INTERNAL_BODY_LIMIT_BYTES,
+    bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, RawBody,
+    INTERNAL_BODY_LIMIT_BYTES,
 };
 use crate::service::{dispatch, runners, workflows::artifacts};
 use crate::store::runners::RunnerIdentity;
@@ -86,7 +87,7 @@ async fn register(
 async fn heartbeat(
     State(state): State<AppState>,
     LiveRunner(runner): LiveRunner,
-    Path(pod): Path<String>,
+    JsonPath(pod): JsonPath<String>,
     JsonBody(request): JsonBody<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
     runners::check_pod(&runner, &pod)?;
@@ -96,7 +97,7 @@ async fn heartbeat(
 async fn claim(
     State(state): State<AppState>,
     Runner(runner): Runner,
-    Path(pod): Path<String>,
+    JsonPath(pod): JsonPath<String>,
     JsonBody(request): JsonBody<ClaimRequest>,
 ) -> ApiResult<Json<ClaimResponse>> {
     runners::check_pod(&runner, &pod)?;
@@ -106,7 +107,7 @@ async fn claim(
 async fn stream(
     State(state): State<AppState>,
     Runner(runner): Runner,
-    Path(id): Path<String>,
+    JsonPath(id): JsonPath<String>,
     JsonBody(request): JsonBody<StreamRequest>,
 ) -> ApiResult<Json<StreamResponse>> {
     Ok(Json(
@@ -117,7 +118,7 @@ async fn stream(
 async fn complete(
     State(state): State<AppState>,
     Runner(runner): Runner,
-    Path(id): Path<String>,
+    JsonPath(id): JsonPath<String>,
     JsonBody(completion): JsonBody<Completion>,
 ) -> ApiResult<Json<CompleteResponse>> {
     Ok(Json(
@@ -130,7 +131,7 @@ async fn complete(
 async fn complete_many(
     State(state): State<AppState>,
     Runner(runner): Runner,
-    Path(pod): Path<String>,
+    JsonPath(pod): JsonPath<String>,
     JsonBody(request): JsonBody<CompleteManyRequest>,
 ) -> ApiResult<Json<CompleteManyResponse>> {
     runners::check_pod(&runner, &pod)?;
@@ -155,9 +156,9 @@ fn query<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, Err
 async fn artifact_chunk(
     State(state): State<AppState>,
     Runner(runner): Runner,
-    Path((id, seq)): Path<(String, String)>,
+    JsonPath((id, seq)): JsonPath<(String, String)>,
     uri: axum::http::Uri,
-    body: axum::body::Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<StatusCode> {
     let job = job_id(&id)?;
     let lease: LeaseQuery = query(&uri)?;
@@ -168,7 +169,7 @@ async fn artifact_chunk(
 async fn artifact_seal(
     State(state): State<AppState>,
     Runner(runner): Runner,
-    Path(id): Path<String>,
+    JsonPath(id): JsonPath<String>,
     JsonBody(seal): JsonBody<ArtifactSeal>,
 ) -> ApiResult<Json<ArtifactSealResponse>> {
     Ok(Json(
@@ -180,7 +181,7 @@ async fn artifact_seal(
 async fn artifact_input(
     State(state): State<AppState>,
     Runner(runner): Runner,
-    Path((id, source, seq)): Path<(String, String, String)>,
+    JsonPath((id, source, seq)): JsonPath<(String, String, String)>,
     uri: axum::http::Uri,
 ) -> ApiResult<Vec<u8>> {
     let job = job_id(&id)?;

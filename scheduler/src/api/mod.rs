@@ -171,22 +171,68 @@ impl<S: Send + Sync> FromRequest<S> for TextBody {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state))
-            .await
-            .map_err(|_| AppError(Error::Timeout("reading the request body")))?;
-        let bytes = read.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError(Error::TooLarge {
-                    what: "request body",
-                    limit_bytes: crate::service::workflows::MAX_DEFINITION_BYTES,
-                })
-            } else {
-                AppError(Error::Malformed(rejection.body_text()))
-            }
-        })?;
+        let bytes = read_body(req, state, crate::service::workflows::MAX_DEFINITION_BYTES).await?;
         String::from_utf8(bytes.to_vec())
             .map(TextBody)
             .map_err(|_| AppError(Error::Malformed("the body is not UTF-8".into())))
+    }
+}
+
+/// A raw request body (an artifact chunk), within the internal body limit and the body
+/// deadline, with errors in the API's JSON shape.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        read_body(req, state, INTERNAL_BODY_LIMIT_BYTES)
+            .await
+            .map(RawBody)
+    }
+}
+
+/// Reads a body within `BODY_READ_TIMEOUT`; over the route's limit (`limit_bytes`, as
+/// reported) is 413.
+async fn read_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+    limit_bytes: usize,
+) -> Result<Bytes, AppError> {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state))
+        .await
+        .map_err(|_| AppError(Error::Timeout("reading the request body")))?;
+    read.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError(Error::TooLarge {
+                what: "request body",
+                limit_bytes,
+            })
+        } else {
+            AppError(Error::Malformed(rejection.body_text()))
+        }
+    })
+}
+
+/// Path parameters, with a path that cannot be read (not UTF-8, a bad number) answered in
+/// the API's JSON shape instead of axum's plain text.
+pub struct JsonPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for JsonPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|path| JsonPath(path.0))
+            .map_err(|rejection| AppError(Error::invalid("path", rejection.body_text())))
     }
 }
 

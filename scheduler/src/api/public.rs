@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,8 @@ use sluice_protocol::api::{
 use sluice_protocol::JobId;
 
 use super::{
-    bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, TextBody, BODY_LIMIT_BYTES,
+    bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, TextBody,
+    BODY_LIMIT_BYTES,
 };
 use crate::service::{cron, jobs, workflows};
 use crate::{store, Error};
@@ -107,20 +108,23 @@ async fn enqueue_batch(
     Ok((StatusCode::CREATED, Json(BatchResponse { jobs })))
 }
 
-async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+async fn get_job(
+    State(state): State<AppState>,
+    JsonPath(id): JsonPath<String>,
+) -> ApiResult<Json<Job>> {
     Ok(Json(jobs::get(&state, job_id(&id)?).await?))
 }
 
 async fn cancel_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    JsonPath(id): JsonPath<String>,
 ) -> ApiResult<Json<JobStateChange>> {
     Ok(Json(jobs::cancel(&state, job_id(&id)?).await?))
 }
 
 async fn retry_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    JsonPath(id): JsonPath<String>,
 ) -> ApiResult<Json<JobStateChange>> {
     Ok(Json(jobs::retry(&state, job_id(&id)?).await?))
 }
@@ -132,21 +136,21 @@ async fn list_queues(State(state): State<AppState>) -> ApiResult<Json<QueueList>
 
 async fn pause_queue(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
 ) -> ApiResult<Json<QueuePaused>> {
     Ok(Json(jobs::set_queue_paused(&state, name, true).await?))
 }
 
 async fn resume_queue(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
 ) -> ApiResult<Json<QueuePaused>> {
     Ok(Json(jobs::set_queue_paused(&state, name, false).await?))
 }
 
 async fn register_workflow(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
     TextBody(text): TextBody,
 ) -> ApiResult<(StatusCode, Json<Workflow>)> {
     let (workflow, created) = workflows::register(&state, &name, &text).await?;
@@ -167,7 +171,7 @@ struct VersionQuery {
 
 async fn get_workflow(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
     query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Workflow>> {
     let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
@@ -197,14 +201,17 @@ fn run_id(id: &str) -> crate::Result<i64> {
     id.parse().map_err(|_| Error::NotFound("run"))
 }
 
-async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Run>> {
+async fn get_run(
+    State(state): State<AppState>,
+    JsonPath(id): JsonPath<String>,
+) -> ApiResult<Json<Run>> {
     Ok(Json(workflows::get_run(&state, run_id(&id)?).await?))
 }
 
 /// A step's artifacts: the tar archive its sidecar packed, streamed a chunk at a time.
 async fn run_artifacts(
     State(state): State<AppState>,
-    Path((id, step)): Path<(String, String)>,
+    JsonPath((id, step)): JsonPath<(String, String)>,
 ) -> ApiResult<axum::response::Response> {
     let download = workflows::artifacts::download(&state, run_id(&id)?, &step).await?;
     let mut response = axum::response::Response::new(download.body);
@@ -227,7 +234,7 @@ async fn run_artifacts(
 
 async fn cancel_run(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    JsonPath(id): JsonPath<String>,
 ) -> ApiResult<Json<RunStateChange>> {
     Ok(Json(workflows::cancel_run(&state, run_id(&id)?).await?))
 }
@@ -261,7 +268,7 @@ async fn list_runs(
 
 async fn put_schedule(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
     JsonBody(request): JsonBody<ScheduleRequest>,
 ) -> ApiResult<(StatusCode, Json<Schedule>)> {
     let (schedule, created) = cron::put(&state, &name, request).await?;
@@ -275,14 +282,14 @@ async fn put_schedule(
 
 async fn get_schedule(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
 ) -> ApiResult<Json<Schedule>> {
     Ok(Json(cron::get(&state, &name).await?))
 }
 
 async fn delete_schedule(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
 ) -> ApiResult<StatusCode> {
     cron::delete(&state, &name).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -290,14 +297,14 @@ async fn delete_schedule(
 
 async fn pause_schedule(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
 ) -> ApiResult<Json<Schedule>> {
     Ok(Json(cron::set_paused(&state, &name, true).await?))
 }
 
 async fn resume_schedule(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    JsonPath(name): JsonPath<String>,
 ) -> ApiResult<Json<Schedule>> {
     Ok(Json(cron::set_paused(&state, &name, false).await?))
 }
