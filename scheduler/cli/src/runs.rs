@@ -41,7 +41,8 @@ pub async fn follow(
                 Some(error) => format!(": {error}"),
                 None => String::new(),
             };
-            say(format!("[run {id}] {:?}{how}", run.state).to_lowercase());
+            let state = format!("{:?}", run.state).to_lowercase();
+            say(format!("[run {id}] {state}{how}"));
             return Ok(run);
         }
         tokio::time::sleep(pause).await;
