@@ -948,9 +948,18 @@ impl FakeRunner {
             wait_ms,
             complete: Vec::new(),
         };
-        let (status, body) = self
-            .send(&protocol::paths::claim(&self.pod_name), &request)
-            .await;
+        // A 503 (no database connection within the scheduler's acquire timeout, on a loaded
+        // machine) says "retry later": a runner retries, and so does this one, for a while.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (status, body) = loop {
+            let (status, body) = self
+                .send(&protocol::paths::claim(&self.pod_name), &request)
+                .await;
+            if status != 503 || Instant::now() > deadline {
+                break (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!(status, 200, "claim answered {status}: {body}");
         serde_json::from_value::<protocol::ClaimResponse>(body)
             .expect("claim response")

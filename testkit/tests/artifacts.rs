@@ -391,3 +391,71 @@ steps:
         .await;
     assert_eq!(status, 409);
 }
+
+#[tokio::test]
+async fn a_runner_killed_mid_upload_leaves_nothing_half_sealed_and_the_retry_hands_on_the_whole_file(
+) {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let mut first = scheduler.runner("upload-killed", 1).await;
+    let api = scheduler.api();
+    register(
+        &api,
+        "handover",
+        r#"
+steps:
+  - id: produce
+    kind: bash
+    script: "head -c 60000000 /dev/urandom > blob && sha256sum blob | cut -c1-64"
+    artifacts: [blob]
+  - id: consume
+    depends_on: [produce]
+    kind: bash
+    script: "sha256sum blob | cut -c1-64"
+"#,
+    )
+    .await;
+    let id = start(&api, "handover").await;
+    // Killed once the first chunks of its upload are stored, long before the seal.
+    wait_until("the upload to begin", DEADLINE, || async {
+        let chunks = db
+            .count("SELECT count(*) FROM sluice.artifact_chunks")
+            .await;
+        Ok::<_, String>((chunks > 0).then_some(()))
+    })
+    .await;
+    first.kill().await;
+    let stored = db
+        .count("SELECT count(*) FROM sluice.artifact_chunks")
+        .await;
+    assert!(
+        stored < 58,
+        "the whole upload was done before the kill ({stored} chunks)"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.step_artifacts").await,
+        0
+    );
+
+    let _second = scheduler.runner("upload-retried", 1).await;
+    let done = finished(&api, id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let made = step(&done, "produce")["output"]["stdout_tail"].clone();
+    assert_eq!(step(&done, "consume")["output"]["stdout_tail"], made);
+    // The killed attempt's chunks went with the retry's seal; one sealed set remains.
+    let (attempts, sealed_attempt, chunks): (i32, i32, i64) = sqlx::query_as(
+        "SELECT j.attempt, a.attempt,
+                (SELECT count(*) FROM sluice.artifact_chunks c WHERE c.job_id = j.id)
+         FROM sluice.jobs j JOIN sluice.step_artifacts a ON a.job_id = j.id
+         WHERE j.workflow_run_id = $1 AND j.step_id = 'produce'",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((attempts, sealed_attempt), (2, 2));
+    assert_eq!(
+        chunks, 58,
+        "60,000,000 bytes and the tar headers in 1 MiB chunks"
+    );
+}
