@@ -36,3 +36,41 @@ CREATE INDEX step_artifacts_step_idx ON sluice.step_artifacts (run_id, step_id, 
 -- Finished runs by age, for their retention.
 CREATE INDEX workflow_runs_finished_idx ON sluice.workflow_runs (finished_at)
     WHERE finished_at IS NOT NULL;
+
+-- A step job's end, after `jobs_step_ended` (triggers fire in name order): chunks of its
+-- attempts that were never sealed are dropped; and a step that declares artifacts but
+-- succeeded without sealing them (a runner too old for artifacts, or one that lies) fails
+-- its run with `artifacts_missing` instead of handing its dependents nothing.
+CREATE FUNCTION sluice.jobs_step_sealed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM sluice.artifact_chunks c
+    WHERE c.job_id = NEW.id
+      AND NOT EXISTS (SELECT 1 FROM sluice.step_artifacts a
+                      WHERE a.job_id = c.job_id AND a.attempt = c.attempt);
+    IF NEW.state = 'succeeded'
+       AND EXISTS (SELECT 1 FROM sluice.run_steps s
+                   WHERE s.run_id = NEW.workflow_run_id AND s.step_id = NEW.step_id
+                     AND s.plan ? 'artifacts')
+       AND NOT EXISTS (SELECT 1 FROM sluice.step_artifacts a
+                       WHERE a.job_id = NEW.id AND a.attempt = NEW.attempt)
+       -- The run's last step has no dependents to starve: its run stays succeeded.
+       AND EXISTS (SELECT 1 FROM sluice.workflow_runs r
+                   WHERE r.id = NEW.workflow_run_id AND r.state = 'running') THEN
+        UPDATE sluice.run_steps s SET state = 'failed'
+        WHERE s.run_id = NEW.workflow_run_id AND s.step_id = NEW.step_id;
+        PERFORM sluice.end_run(NEW.workflow_run_id, NEW.step_id, jsonb_build_object(
+            'code', 'artifacts_missing',
+            'message', 'step ' || NEW.step_id || ' succeeded without sealing its artifacts '
+                       || '(its runner is too old for artifacts, or did not upload them)'),
+            false);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER jobs_step_sealed AFTER UPDATE OF state ON sluice.jobs
+    FOR EACH ROW
+    WHEN (NEW.workflow_run_id IS NOT NULL AND OLD.state IS DISTINCT FROM NEW.state
+          AND NEW.state IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION sluice.jobs_step_sealed();

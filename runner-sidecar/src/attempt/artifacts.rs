@@ -60,9 +60,27 @@ pub enum PackError {
     Io(String),
 }
 
-/// The file an archive of `task` is written to or read from, beside the workspaces.
+/// The directory of archives in the workdir: the sidecar's own (mode 0700), so no tool can
+/// reach, let alone link, an archive.
+pub const ARCHIVE_DIR: &str = ".archives";
+
+/// Makes [`ARCHIVE_DIR`] afresh at start (what a killed sidecar left is removed).
+pub fn prepare_archive_dir(workdir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = workdir.join(ARCHIVE_DIR);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&dir)?,
+        Ok(_) => std::fs::remove_file(&dir)?,
+        Err(_) => {}
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)
+}
+
+/// The file an archive of `task` is written to or read from, in [`ARCHIVE_DIR`].
 pub fn archive_path(workdir: &Path, task: &Task, what: &str) -> PathBuf {
-    workdir.join(format!(".{what}-{}-{}.tar", task.job_id, task.attempt))
+    workdir
+        .join(ARCHIVE_DIR)
+        .join(format!("{what}-{}-{}.tar", task.job_id, task.attempt))
 }
 
 /// Counts and hashes what the tar builder writes; refuses to pass `max`.
@@ -93,28 +111,79 @@ impl Write for Sink {
 
 /// A pattern of `artifacts`: with a `/` it matches the path from the workspace root, without
 /// one a name at the root (`report.json` is the root's, not any directory's).
-struct Pattern(Glob, bool);
+struct Pattern {
+    glob: Glob,
+    whole_path: bool,
+    /// Its components, for [`Pattern::reaches`]; `None` when braces make them unknowable.
+    parts: Option<Vec<Glob>>,
+    /// Which of `parts` are `**`.
+    any_depth: Vec<bool>,
+}
 
 impl Pattern {
+    fn new(pattern: &str) -> Result<Pattern, String> {
+        let whole_path = pattern.contains('/');
+        let split: Vec<&str> = pattern.split('/').collect();
+        let parts = if pattern.contains('{') {
+            None
+        } else {
+            split
+                .iter()
+                .map(|part| Glob::new(part))
+                .collect::<Result<Vec<_>, _>>()
+                .ok()
+        };
+        Ok(Pattern {
+            glob: Glob::new(pattern)?,
+            whole_path,
+            parts,
+            any_depth: split.iter().map(|part| *part == "**").collect(),
+        })
+    }
+
     fn matches(&self, path: &str) -> bool {
-        (self.1 || !path.contains('/')) && self.0.matches(path)
+        (self.whole_path || !path.contains('/')) && self.glob.matches(path)
+    }
+
+    /// Whether something beneath directory `dir` could match: the walk does not descend where
+    /// no pattern reaches (a `node_modules` beside `report.json` is never looked through).
+    fn reaches(&self, dir: &str) -> bool {
+        if !self.whole_path {
+            return false;
+        }
+        let Some(parts) = &self.parts else {
+            return true;
+        };
+        for (i, name) in dir.split('/').enumerate() {
+            if i >= parts.len() {
+                return false;
+            }
+            if self.any_depth[i] {
+                return true;
+            }
+            if !parts[i].matches(name) {
+                return false;
+            }
+        }
+        parts.len() > dir.split('/').count()
     }
 }
 
 /// Packs what `patterns` match beneath `workspace` into `archive` (created, mode 0600). A
-/// matched directory brings its whole subtree.
+/// matched directory brings its whole subtree. With `owner`, files of any other owner are
+/// skipped (none of the tool's own making).
 pub fn pack(
     workspace: &Path,
     patterns: &[String],
     archive: &Path,
     max_bytes: u64,
+    owner: Option<u32>,
 ) -> Result<Packed, PackError> {
     let io = |what: &str, err: &dyn std::fmt::Display| PackError::Io(format!("{what}: {err}"));
     let patterns: Vec<Pattern> = patterns
         .iter()
         .map(|p| {
-            Glob::new(p)
-                .map(|g| Pattern(g, p.contains('/')))
+            Pattern::new(p)
                 .map_err(|e| PackError::TooLarge(format!("artifacts pattern {p:?}: {e}")))
         })
         .collect::<Result<_, _>>()?;
@@ -152,21 +221,22 @@ pub fn pack(
         visited: 0,
         skipped: Vec::new(),
     };
+    let too_many = || {
+        PackError::TooLarge(format!(
+            "the directories the artifacts globs reach hold more than {MAX_VISITED} entries to look through"
+        ))
+    };
+    // Names read in all: the walk's memory stays bounded however the tree is shaped.
+    let mut names_read = 0u64;
     // Depth-first with an explicit stack: each level keeps its directory and the names left.
-    let mut stack =
-        vec![Level::read(root, String::new(), false)
-            .map_err(|e| io("cannot read the workspace", &e))?];
+    let mut stack = vec![Level::read(root, String::new(), false, &mut names_read)
+        .map_err(|e| e.map_or_else(too_many, |e| io("cannot read the workspace", &e)))?];
     while let Some(level) = stack.last_mut() {
         let Some(name) = level.names.pop() else {
             stack.pop();
             continue;
         };
         walk.visited += 1;
-        if walk.visited > MAX_VISITED {
-            return Err(PackError::TooLarge(format!(
-                "the workspace holds more than {MAX_VISITED} entries to look through"
-            )));
-        }
         let Some(text) = std::str::from_utf8(name.to_bytes()).ok() else {
             walk.skip(
                 format!("{}{}", level.prefix, name.to_string_lossy()),
@@ -189,6 +259,9 @@ pub fn pack(
         };
         let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
         if kind == SFlag::S_IFDIR {
+            if !included && !walk.patterns.iter().any(|p| p.reaches(&rel)) {
+                continue;
+            }
             if stack.len() > MAX_DEPTH {
                 if included {
                     walk.skip(rel, "deeper than 128 directories");
@@ -215,8 +288,8 @@ pub fn pack(
                         }
                     })?;
             }
-            let level = Level::read(fd, format!("{rel}/"), included)
-                .map_err(|e| io("cannot read a directory", &e))?;
+            let level = Level::read(fd, format!("{rel}/"), included, &mut names_read)
+                .map_err(|e| e.map_or_else(too_many, |e| io("cannot read a directory", &e)))?;
             stack.push(level);
             continue;
         }
@@ -236,6 +309,10 @@ pub fn pack(
         }
         if stat.st_nlink > 1 {
             walk.skip(rel, "a file with several links");
+            continue;
+        }
+        if owner.is_some_and(|uid| uid != stat.st_uid) {
+            walk.skip(rel, "not the tool's own file");
             continue;
         }
         let size = stat.st_size.max(0) as u64;
@@ -318,18 +395,27 @@ struct Level {
 }
 
 impl Level {
-    fn read(fd: OwnedFd, prefix: String, included: bool) -> nix::Result<Level> {
-        let dup = fd.try_clone().map_err(|_| nix::errno::Errno::EMFILE)?;
-        let mut dir = Dir::from_fd(dup)?;
+    /// Reads a directory's names; `Err(None)` once `names_read` passes [`MAX_VISITED`].
+    fn read(
+        fd: OwnedFd,
+        prefix: String,
+        included: bool,
+        names_read: &mut u64,
+    ) -> Result<Level, Option<nix::Error>> {
+        let dup = fd
+            .try_clone()
+            .map_err(|_| Some(nix::errno::Errno::EMFILE))?;
+        let mut dir = Dir::from_fd(dup).map_err(Some)?;
         let mut names = Vec::new();
         for entry in dir.iter() {
-            let entry = entry?;
+            let entry = entry.map_err(Some)?;
             let name = entry.file_name();
             if name.to_bytes() != b"." && name.to_bytes() != b".." {
                 names.push(name.to_owned());
-            }
-            if names.len() as u64 > MAX_VISITED {
-                break;
+                *names_read += 1;
+                if *names_read > MAX_VISITED {
+                    return Err(None);
+                }
             }
         }
         // Popped from the end: sort descending so the archive lists names in order.
@@ -368,66 +454,205 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Why an archive was not unpacked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnpackError {
+    /// Its content: a path, a type, a size or a count the workspace does not take (for good).
+    Refused(String),
+    /// This runner could not write it (a full disk: another runner may do better).
+    Io(String),
+}
+
 /// Unpacks `archive` beneath `workspace` (before the tool starts), owned by `user`; refuses
-/// the archive at its first entry that could reach outside the workspace or is over the caps.
-/// `max_bytes` bounds the bytes of all files written. Returns the entries written.
+/// the archive at its first entry that could reach outside the workspace or is over the
+/// caps. `max_bytes` bounds the bytes of all files written. Returns the entries and bytes
+/// written.
+///
+/// Every path is resolved from a descriptor of the workspace, one component at a time with
+/// `O_NOFOLLOW` (directories made with `mkdirat`, files opened with `openat` and checked by
+/// `fstat` before they are truncated, owners set with `fchown`): even a process of the
+/// slot's user left over from an earlier task, swapping a directory for a link meanwhile,
+/// makes an open fail instead of sending a write outside.
 pub fn unpack(
     workspace: &Path,
     archive: &Path,
     max_bytes: u64,
     user: Option<ToolUser>,
-) -> Result<u64, String> {
-    let file = File::open(archive).map_err(|e| format!("cannot open the archive: {e}"))?;
+) -> Result<(u64, u64), UnpackError> {
+    let io = |what: &str, e: &dyn std::fmt::Display| UnpackError::Io(format!("{what}: {e}"));
+    let refused = |shown: &str, why: &dyn std::fmt::Display| {
+        UnpackError::Refused(format!("{shown:?}: {why}"))
+    };
+    let file = File::open(archive).map_err(|e| io("cannot open the archive", &e))?;
+    let root = nix::fcntl::open(
+        workspace,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io("cannot open the workspace", &e))?;
     let mut archive = tar::Archive::new(file);
     let mut entries = 0u64;
-    let mut left = max_bytes;
+    let mut written = 0u64;
     for entry in archive
         .entries()
-        .map_err(|e| format!("not a tar archive: {e}"))?
+        .map_err(|e| UnpackError::Refused(format!("not a tar archive: {e}")))?
     {
-        let mut entry = entry.map_err(|e| format!("a malformed entry: {e}"))?;
+        let mut entry =
+            entry.map_err(|e| UnpackError::Refused(format!("a malformed entry: {e}")))?;
         entries += 1;
         if entries > MAX_ENTRIES {
-            return Err(format!("more than {MAX_ENTRIES} entries"));
+            return Err(UnpackError::Refused(format!(
+                "more than {MAX_ENTRIES} entries"
+            )));
         }
         let path = entry
             .path()
-            .map_err(|e| format!("an entry's path cannot be read: {e}"))?
+            .map_err(|e| UnpackError::Refused(format!("an entry's path cannot be read: {e}")))?
             .into_owned();
         let shown = path.display().to_string();
-        let rel = checked_path(&path).map_err(|why| format!("{shown:?}: {why}"))?;
+        let rel = checked_path(&path).map_err(|why| refused(&shown, &why))?;
         let kind = entry.header().entry_type();
         let size = entry.size();
-        let target = workspace.join(&rel);
-        make_parents(workspace, &rel, user).map_err(|e| format!("{shown:?}: {e}"))?;
+        let names: Vec<&OsStr> = rel.iter().collect();
+        let (name, parents) = names.split_last().expect("a checked path has a name");
+        let mut dir = root.try_clone().map_err(|e| io("a descriptor", &e))?;
+        for part in parents {
+            dir = enter_dir(&dir, part, user).map_err(|e| e.at(&shown))?;
+        }
         match kind {
             tar::EntryType::Directory => {
-                make_dir(&target, user).map_err(|e| format!("{shown:?}: {e}"))?;
+                enter_dir(&dir, name, user).map_err(|e| e.at(&shown))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let left = max_bytes - written;
                 if size > left {
-                    return Err(format!(
-                        "{shown:?}: {size} bytes, over what is left of the cap ({left} of {max_bytes})"
+                    return Err(refused(
+                        &shown,
+                        &format!(
+                            "{size} bytes, over what is left of the cap ({left} of {max_bytes})"
+                        ),
                     ));
                 }
-                left -= size;
                 let executable = entry.header().mode().unwrap_or(0) & 0o111 != 0;
-                let mut out = create_file(&target, executable, user)
-                    .map_err(|e| format!("{shown:?}: {e}"))?;
+                let mut out = create_at(&dir, name, executable, user).map_err(|e| e.at(&shown))?;
                 let copied = std::io::copy(&mut (&mut entry).take(size), &mut out)
-                    .map_err(|e| format!("{shown:?}: {e}"))?;
+                    .map_err(|e| io(&format!("{shown:?}"), &e))?;
                 if copied != size {
-                    return Err(format!("{shown:?}: the archive ends inside it"));
+                    return Err(refused(&shown, &"the archive ends inside it"));
                 }
+                written += size;
             }
             other => {
-                return Err(format!(
-                    "{shown:?}: a {other:?} entry (only files and directories are unpacked)"
+                return Err(refused(
+                    &shown,
+                    &format!("a {other:?} entry (only files and directories are unpacked)"),
                 ))
             }
         }
     }
-    Ok(entries)
+    Ok((entries, written))
+}
+
+/// A failed step of the descriptor walk: what the archive asked for (refused), or what this
+/// runner could not do (its disk).
+enum StepError {
+    Refused(String),
+    Io(String),
+}
+
+impl StepError {
+    fn at(self, shown: &str) -> UnpackError {
+        match self {
+            StepError::Refused(why) => UnpackError::Refused(format!("{shown:?}: {why}")),
+            StepError::Io(why) => UnpackError::Io(format!("{shown:?}: {why}")),
+        }
+    }
+
+    fn of(err: nix::errno::Errno) -> StepError {
+        use nix::errno::Errno;
+        match err {
+            Errno::ENOSPC
+            | Errno::EDQUOT
+            | Errno::EIO
+            | Errno::EMFILE
+            | Errno::ENFILE
+            | Errno::ENOMEM
+            | Errno::EROFS => StepError::Io(err.desc().into()),
+            Errno::ELOOP => StepError::Refused("a link where a directory or file should be".into()),
+            Errno::ENOTDIR => {
+                StepError::Refused("not a directory (a file or a link) where one should be".into())
+            }
+            Errno::EISDIR => StepError::Refused("a directory where a file should be".into()),
+            other => StepError::Refused(other.desc().into()),
+        }
+    }
+}
+
+/// The directory `name` beneath `dir`, made (mode 0700, owned by `user`) if missing; never
+/// through a link.
+fn enter_dir(dir: &OwnedFd, name: &OsStr, user: Option<ToolUser>) -> Result<OwnedFd, StepError> {
+    let made = match nix::sys::stat::mkdirat(dir.as_fd(), name, Mode::S_IRWXU) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::EEXIST) => false,
+        Err(err) => return Err(StepError::of(err)),
+    };
+    let fd = openat(
+        dir.as_fd(),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(StepError::of)?;
+    if made {
+        fchown(&fd, user)?;
+    }
+    Ok(fd)
+}
+
+/// The file `name` beneath `dir`, created or emptied (mode 0600, or 0700 when executable,
+/// owned by `user`): opened without following a link and without truncating, checked to be
+/// a regular file with one link, then truncated.
+fn create_at(
+    dir: &OwnedFd,
+    name: &OsStr,
+    executable: bool,
+    user: Option<ToolUser>,
+) -> Result<File, StepError> {
+    let mode = if executable {
+        Mode::S_IRWXU
+    } else {
+        Mode::S_IRUSR | Mode::S_IWUSR
+    };
+    let fd = openat(
+        dir.as_fd(),
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        mode,
+    )
+    .map_err(StepError::of)?;
+    let stat = fstat(&fd).map_err(StepError::of)?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(StepError::Refused("not a regular file".into()));
+    }
+    if stat.st_nlink > 1 {
+        return Err(StepError::Refused("a file with several links".into()));
+    }
+    nix::unistd::ftruncate(&fd, 0).map_err(StepError::of)?;
+    nix::sys::stat::fchmod(&fd, mode).map_err(StepError::of)?;
+    fchown(&fd, user)?;
+    Ok(File::from(fd))
+}
+
+fn fchown(fd: &OwnedFd, user: Option<ToolUser>) -> Result<(), StepError> {
+    match user {
+        Some(user) => nix::unistd::fchown(
+            fd,
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.gid)),
+        )
+        .map_err(StepError::of),
+        None => Ok(()),
+    }
 }
 
 /// The entry's path if it stays beneath the workspace: relative, no `..`, no NUL, not the
@@ -459,60 +684,6 @@ fn checked_path(path: &Path) -> Result<PathBuf, &'static str> {
         return Err("the step's context or output file");
     }
     Ok(rel)
-}
-
-/// Creates the directories above `rel`, refusing anything but directories on the way.
-fn make_parents(workspace: &Path, rel: &Path, user: Option<ToolUser>) -> std::io::Result<()> {
-    let mut at = workspace.to_path_buf();
-    let parts: Vec<_> = rel.components().collect();
-    for part in &parts[..parts.len().saturating_sub(1)] {
-        at.push(part);
-        make_dir(&at, user)?;
-    }
-    Ok(())
-}
-
-fn make_dir(path: &Path, user: Option<ToolUser>) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => chown(path, user),
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-            if std::fs::symlink_metadata(path)?.is_dir() {
-                Ok(())
-            } else {
-                Err(std::io::Error::other("a file where a directory should be"))
-            }
-        }
-        Err(err) => Err(err),
-    }
-}
-
-fn create_file(path: &Path, executable: bool, user: Option<ToolUser>) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if executable { 0o700 } else { 0o600 })
-        .custom_flags(libc_flags())
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    chown(path, user)?;
-    Ok(file)
-}
-
-/// `O_NOFOLLOW | O_NONBLOCK`: never through a link, never blocked on a FIFO.
-fn libc_flags() -> i32 {
-    (OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits()
-}
-
-fn chown(path: &Path, user: Option<ToolUser>) -> std::io::Result<()> {
-    match user {
-        Some(user) => std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)),
-        None => Ok(()),
-    }
 }
 
 /// The query naming the attempt's lease ([`sluice_protocol::LeaseQuery`]; an input's adds
@@ -589,6 +760,8 @@ pub enum InputError {
     Call(CallError),
     /// What came is not what was sealed, or is over the cap.
     Refused(String),
+    /// This runner could not store it (a full disk).
+    Local(String),
 }
 
 /// Downloads `set` into `archive`, checking its size and digest.
@@ -602,11 +775,11 @@ pub async fn download(
     use tokio::io::AsyncWriteExt;
     if set.bytes > max_bytes {
         return Err(InputError::Refused(format!(
-            "step {:?}'s artifacts are {} bytes, over SLUICE_ARTIFACT_MAX_BYTES ({max_bytes})",
+            "step {:?}'s artifacts are {} bytes, over what SLUICE_ARTIFACT_MAX_BYTES leaves ({max_bytes})",
             set.step, set.bytes
         )));
     }
-    let io = |e: std::io::Error| InputError::Refused(format!("cannot write the archive: {e}"));
+    let io = |e: std::io::Error| InputError::Local(format!("cannot write the archive: {e}"));
     let _ = tokio::fs::remove_file(archive).await;
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)

@@ -177,9 +177,21 @@ async fn perform(
     // A succeeded step's artifacts, packed and sealed before its completion is sent.
     let ended = match (&ended, task.artifacts.as_ref()) {
         (Ended::Finished { failure: None, .. }, Some(artifacts))
-            if !artifacts.collect.is_empty() && stop.reason().is_none() =>
+            if !artifacts.collect.is_empty() && stop.reason().is_some() =>
         {
-            match pack_and_upload(ctx, task, &workspace, &artifacts.collect).await {
+            // Stopped (a drain's deadline, or for good) after the tool succeeded: a step
+            // whose files were not sealed is not done, whatever its tool said.
+            Ended::failed(
+                output_of(ended),
+                FailureCode::RunnerShutdown,
+                "the runner stopped before the step's artifacts were packed",
+                true,
+            )
+        }
+        (Ended::Finished { failure: None, .. }, Some(artifacts))
+            if !artifacts.collect.is_empty() =>
+        {
+            match pack_and_upload(ctx, task, &workspace, slot.user, &artifacts.collect).await {
                 Ok(()) => ended,
                 Err(PackedEnd::Abandon) => {
                     workspace.wipe().await;
@@ -233,7 +245,8 @@ async fn perform(
 }
 
 /// Downloads and unpacks the parents' artifacts of a workflow step; `Some` when the attempt
-/// ends there (`Some(None)`: abandoned, its lease gone).
+/// ends there (`Some(None)`: abandoned, its lease gone). One `SLUICE_ARTIFACT_MAX_BYTES`
+/// bounds what all parents' archives write together.
 async fn unpack_inputs(
     ctx: &Arc<AttemptContext>,
     task: &Task,
@@ -242,47 +255,65 @@ async fn unpack_inputs(
 ) -> Option<Option<Ended>> {
     let inputs = &task.artifacts.as_ref()?.inputs;
     let max = ctx.config.artifact_max_bytes;
-    let refused = |message: String| {
-        Some(Some(Ended::failed(
-            json!({}),
-            FailureCode::ArtifactRefused,
-            message,
-            false,
-        )))
+    let mut left = max;
+    let ended = |code: FailureCode, message: String, retryable: bool| {
+        Some(Some(Ended::failed(json!({}), code, message, retryable)))
     };
     for set in inputs {
         let archive = artifacts::archive_path(&ctx.config.workdir, task, "input");
-        let downloaded = artifacts::download(ctx, task, set, &archive, max).await;
+        let downloaded = artifacts::download(ctx, task, set, &archive, left).await;
         let result = match downloaded {
-            Err(artifacts::InputError::Call(err)) if err.is_lease_lost() => return Some(None),
-            Err(artifacts::InputError::Call(err)) => Err(Some(Ended::failed(
-                json!({}),
+            Err(artifacts::InputError::Call(err)) if err.is_lease_lost() => Err(Some(None)),
+            Err(artifacts::InputError::Call(err)) => Err(ended(
                 FailureCode::ArtifactsUnavailable,
                 format!(
                     "step {:?}'s artifacts could not be downloaded: {err}",
                     set.step
                 ),
                 true,
-            ))),
-            Err(artifacts::InputError::Refused(message)) => Err(refused(message).flatten()),
+            )),
+            Err(artifacts::InputError::Local(message)) => Err(ended(
+                FailureCode::ArtifactsUnavailable,
+                format!(
+                    "step {:?}'s artifacts could not be stored here: {message}",
+                    set.step
+                ),
+                true,
+            )),
+            Err(artifacts::InputError::Refused(message)) => {
+                Err(ended(FailureCode::ArtifactRefused, message, false))
+            }
             Ok(()) => {
                 let (root, file) = (workspace.path().to_path_buf(), archive.clone());
-                let unpacked =
-                    tokio::task::spawn_blocking(move || artifacts::unpack(&root, &file, max, user))
-                        .await
-                        .unwrap_or_else(|e| Err(e.to_string()));
-                unpacked.map(drop).map_err(|why| {
-                    refused(format!(
-                        "step {:?}'s artifacts were refused: {why}",
-                        set.step
-                    ))
-                    .flatten()
+                let unpacked = tokio::task::spawn_blocking(move || {
+                    artifacts::unpack(&root, &file, left, user)
                 })
+                .await
+                .unwrap_or_else(|e| Err(artifacts::UnpackError::Io(e.to_string())));
+                match unpacked {
+                    Ok((_, written)) => {
+                        left -= written.min(left);
+                        Ok(())
+                    }
+                    Err(artifacts::UnpackError::Refused(why)) => Err(ended(
+                        FailureCode::ArtifactRefused,
+                        format!("step {:?}'s artifacts were refused: {why}", set.step),
+                        false,
+                    )),
+                    Err(artifacts::UnpackError::Io(why)) => Err(ended(
+                        FailureCode::ArtifactsUnavailable,
+                        format!(
+                            "step {:?}'s artifacts could not be unpacked here: {why}",
+                            set.step
+                        ),
+                        true,
+                    )),
+                }
             }
         };
         let _ = tokio::fs::remove_file(&archive).await;
-        if let Err(ended) = result {
-            return Some(ended);
+        if let Err(end) = result {
+            return end;
         }
     }
     None
@@ -299,6 +330,7 @@ async fn pack_and_upload(
     ctx: &Arc<AttemptContext>,
     task: &Task,
     workspace: &Workspace,
+    user: Option<sluice_sandbox::ToolUser>,
     patterns: &[String],
 ) -> Result<(), PackedEnd> {
     let archive = artifacts::archive_path(&ctx.config.workdir, task, "pack");
@@ -308,9 +340,11 @@ async fn pack_and_upload(
         patterns.to_vec(),
     );
     let max = ctx.config.artifact_max_bytes;
-    let packed = tokio::task::spawn_blocking(move || artifacts::pack(&root, &patterns, &file, max))
-        .await
-        .unwrap_or_else(|e| Err(artifacts::PackError::Io(e.to_string())));
+    let owner = user.map(|u| u.uid);
+    let packed =
+        tokio::task::spawn_blocking(move || artifacts::pack(&root, &patterns, &file, max, owner))
+            .await
+            .unwrap_or_else(|e| Err(artifacts::PackError::Io(e.to_string())));
     let result = match packed {
         Err(artifacts::PackError::TooLarge(message)) => Err(PackedEnd::Failed(
             FailureCode::ArtifactsTooLarge,

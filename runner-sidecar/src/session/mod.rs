@@ -326,6 +326,7 @@ fn prepare_workdir(config: &Config) -> crate::Result<()> {
         std::fs::set_permissions(&config.workdir, std::fs::Permissions::from_mode(0o711))
             .map_err(fail)?;
     }
+    crate::attempt::artifacts::prepare_archive_dir(&config.workdir).map_err(fail)?;
     Ok(())
 }
 

@@ -226,10 +226,49 @@ async fn run_artifacts(
         headers.insert("x-sluice-sha256", value);
     }
     headers.insert("x-sluice-entries", HeaderValue::from(download.entries));
-    if let Ok(value) = HeaderValue::from_str(&download.skipped.to_string()) {
+    if let Ok(value) = HeaderValue::from_str(&skipped_header(&download.skipped)) {
         headers.insert("x-sluice-skipped", value);
     }
     Ok(response)
+}
+
+/// The skipped paths as a JSON array in ASCII (`\\uXXXX` escapes), at most 8 KiB: the
+/// paths that do not fit are left out, and a last element says how many.
+fn skipped_header(skipped: &serde_json::Value) -> String {
+    const MAX: usize = 8 << 10;
+    let paths: Vec<&str> = skipped
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
+        .unwrap_or_default();
+    let mut out = String::from("[");
+    for (n, path) in paths.iter().enumerate() {
+        let mut item = String::from(if n == 0 { "\"" } else { ",\"" });
+        for c in path.chars() {
+            match c {
+                '"' => item.push_str("\\\""),
+                '\\' => item.push_str("\\\\"),
+                ' '..='~' => item.push(c),
+                _ => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        item.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+            }
+        }
+        item.push('"');
+        if out.len() + item.len() + 64 > MAX {
+            out.push_str(&format!(
+                "{}\"... and {} more\"",
+                if n == 0 { "" } else { "," },
+                paths.len() - n
+            ));
+            break;
+        }
+        out.push_str(&item);
+    }
+    out.push(']');
+    out
 }
 
 async fn cancel_run(

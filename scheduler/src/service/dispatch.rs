@@ -90,8 +90,11 @@ pub async fn claim(
         let now = Instant::now();
         if !claimed.is_empty() || now >= deadline || *shutdown.borrow() {
             // Workflow steps: their contexts, stored once per step.
-            let steps: Vec<(i64, String)> =
+            // Once per step, however many of its for_each jobs were claimed.
+            let mut steps: Vec<(i64, String)> =
                 claimed.iter().filter_map(|job| job.step.clone()).collect();
+            steps.sort_unstable();
+            steps.dedup();
             let views = if steps.is_empty() {
                 Default::default()
             } else {

@@ -22,8 +22,11 @@ use crate::Result;
 
 /// Rows one statement touches at most, so that a pass never holds many locks for long.
 const BATCH: i64 = 1000;
-/// Runs deleted per statement at most: each may carry up to a GiB of artifacts.
-const RUN_BATCH: i64 = 50;
+/// Runs deleted per statement at most (their artifacts gone before).
+const RUN_BATCH: i64 = 100;
+/// Artifact chunks (1 MiB each) deleted per statement at most, so no pass holds a long
+/// transaction over a run's gigabytes.
+const CHUNK_BATCH: i64 = 64;
 
 /// What the maintenance loop is told.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +52,7 @@ pub struct PassReport {
     pub promoted: u64,
     pub pruned: u64,
     pub pruned_runs: u64,
+    pub pruned_chunks: u64,
     /// The steps that failed this pass (each is logged; the others ran regardless).
     pub failed_steps: Vec<&'static str>,
     /// A step failed because Postgres was unreachable.
@@ -84,6 +88,7 @@ impl PassReport {
             || self.promoted >= batch
             || self.pruned >= batch
             || self.pruned_runs >= RUN_BATCH as u64
+            || self.pruned_chunks >= CHUNK_BATCH as u64
     }
 }
 
@@ -185,6 +190,21 @@ pub async fn run_pass(
     report.pruned = report.record("prune", pruned);
 
     if !settings.run_retention.is_zero() {
+        let pruned_chunks = async {
+            let Some(mut tx) = lead(pool).await? else {
+                return Ok(None);
+            };
+            let count = crate::store::artifacts::prune_expired_chunks(
+                &mut tx,
+                settings.run_retention.as_secs_f64(),
+                CHUNK_BATCH,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Some(count))
+        }
+        .await;
+        report.pruned_chunks = report.record("prune artifacts", pruned_chunks);
         let pruned_runs = async {
             let Some(mut tx) = lead(pool).await? else {
                 return Ok(None);

@@ -8,13 +8,24 @@ use sqlx::PgPool;
 
 use crate::Result;
 
-/// Stores chunk `$5` of the attempt `($1, $2)` if the runner `$4` holds its lease `$3` and
-/// the job is a workflow step; an upload retried replaces the chunk. One row when stored.
-pub const PUT_CHUNK: &str =
-    "INSERT INTO sluice.artifact_chunks AS c (job_id, attempt, seq, run_id, data)
-    SELECT j.id, j.attempt, $5::integer, j.workflow_run_id, $6::bytea FROM sluice.jobs j
-    WHERE j.id = $1 AND j.attempt = $2 AND j.lease_token = $3 AND j.runner_id = $4
-      AND j.state = 'running' AND j.workflow_run_id IS NOT NULL
+/// Stores chunk `$5` of the attempt `($1, $2)` if the runner `$4` holds its lease `$3`, the
+/// job is a workflow step and the attempt has not sealed its artifacts yet; an upload
+/// retried replaces the chunk. The job row is share-locked, so a reclaim cannot slip in
+/// between the check and the write. The first chunk drops what earlier attempts of the job
+/// left (they can no longer seal). One row when stored.
+pub const PUT_CHUNK: &str = "WITH lease AS (
+        SELECT j.id, j.attempt, j.workflow_run_id FROM sluice.jobs j
+        WHERE j.id = $1 AND j.attempt = $2 AND j.lease_token = $3 AND j.runner_id = $4
+          AND j.state = 'running' AND j.workflow_run_id IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM sluice.step_artifacts a
+                          WHERE a.job_id = j.id AND a.attempt = j.attempt)
+        FOR SHARE OF j
+    ), dropped AS (
+        DELETE FROM sluice.artifact_chunks c USING lease
+        WHERE $5::integer = 0 AND c.job_id = lease.id AND c.attempt < lease.attempt
+    )
+    INSERT INTO sluice.artifact_chunks AS c (job_id, attempt, seq, run_id, data)
+    SELECT id, attempt, $5::integer, workflow_run_id, $6::bytea FROM lease
     ON CONFLICT (job_id, attempt, seq) DO UPDATE SET data = EXCLUDED.data
     RETURNING 1";
 
@@ -34,6 +45,11 @@ pub const SEAL: &str = "WITH lease AS (
         DELETE FROM sluice.artifact_chunks c USING lease, present
         WHERE c.job_id = lease.id AND (c.attempt <> lease.attempt OR c.seq >= $5::integer)
           AND present.chunks = $5::integer AND present.bytes = $6::bigint
+    ), unsealed AS (
+        -- An earlier attempt's seal, whose chunks `dropped` takes: it names nothing now.
+        DELETE FROM sluice.step_artifacts a USING lease, present
+        WHERE a.job_id = lease.id AND a.attempt <> lease.attempt
+          AND present.chunks = $5::integer AND present.bytes = $6::bigint
     ), sealed AS (
         INSERT INTO sluice.step_artifacts AS a
             (run_id, step_id, job_id, attempt, chunks, bytes, sha256, entries, skipped)
@@ -48,14 +64,17 @@ pub const SEAL: &str = "WITH lease AS (
     SELECT (SELECT count(*) FROM lease) > 0, coalesce((SELECT chunks FROM present), 0),
            coalesce((SELECT bytes FROM present), 0)::bigint, (SELECT count(*) FROM sealed) > 0";
 
-/// The sealed sets a claimed step unpacks: for each `(run, step)` of `$1`/`$2`, the latest
-/// sealed set of each of its parents, in `depends_on` order.
+/// The sealed sets a claimed step unpacks: for each `(run, step)` of `$1`/`$2`, the sealed
+/// set of each of its succeeded parents (their latest: a step succeeds only after sealing),
+/// in `depends_on` order.
 pub const STEP_INPUTS: &str = "SELECT k.run_id, k.step_id, a.step_id, a.job_id, a.attempt,
            a.chunks, a.bytes, a.sha256
     FROM unnest($1::bigint[], $2::text[]) AS k(run_id, step_id)
     JOIN sluice.run_steps s ON s.run_id = k.run_id AND s.step_id = k.step_id
     CROSS JOIN LATERAL jsonb_array_elements_text(s.plan -> 'parents')
         WITH ORDINALITY AS p(parent, ord)
+    JOIN sluice.run_steps ps
+      ON ps.run_id = k.run_id AND ps.step_id = p.parent AND ps.state = 'succeeded'
     CROSS JOIN LATERAL (
         SELECT * FROM sluice.step_artifacts a
         WHERE a.run_id = k.run_id AND a.step_id = p.parent
@@ -64,27 +83,43 @@ pub const STEP_INPUTS: &str = "SELECT k.run_id, k.step_id, a.step_id, a.job_id, 
     ORDER BY k.run_id, k.step_id, p.ord";
 
 /// One chunk of the sealed set `($5, $6)` for the attempt `($1, $2)` holding lease `$3` on
-/// runner `$4`, when both belong to the same run. Returns `(leased, data)`.
+/// runner `$4`, when the set is one of its step's parents'. Returns `(leased, data)`.
 pub const INPUT_CHUNK: &str = "WITH lease AS (
-        SELECT j.workflow_run_id AS run_id FROM sluice.jobs j
+        SELECT j.workflow_run_id AS run_id, j.step_id FROM sluice.jobs j
         WHERE j.id = $1 AND j.attempt = $2 AND j.lease_token = $3 AND j.runner_id = $4
           AND j.state = 'running' AND j.workflow_run_id IS NOT NULL
     )
     SELECT EXISTS (SELECT 1 FROM lease),
            (SELECT c.data FROM lease
-            JOIN sluice.step_artifacts a ON a.run_id = lease.run_id
+            JOIN sluice.run_steps s ON s.run_id = lease.run_id AND s.step_id = lease.step_id
+            JOIN sluice.step_artifacts a
+              ON a.run_id = lease.run_id AND s.plan -> 'parents' ? a.step_id
             JOIN sluice.artifact_chunks c
               ON c.job_id = a.job_id AND c.attempt = a.attempt AND c.seq = $7::integer
             WHERE a.job_id = $5 AND a.attempt = $6 AND $7::integer < a.chunks)";
 
-/// A step's artifacts for the public API: its latest sealed set.
-pub const STEP_SET: &str = "SELECT job_id, attempt, chunks, bytes, sha256, entries, skipped
-    FROM sluice.step_artifacts WHERE run_id = $1 AND step_id = $2
-    ORDER BY attempt DESC LIMIT 1";
+/// A step's artifacts for the public API: the sealed set of a succeeded step (its latest).
+pub const STEP_SET: &str = "SELECT a.job_id, a.attempt, a.chunks, a.bytes, a.sha256, a.entries,
+           a.skipped
+    FROM sluice.step_artifacts a
+    JOIN sluice.run_steps s
+      ON s.run_id = a.run_id AND s.step_id = a.step_id AND s.state = 'succeeded'
+    WHERE a.run_id = $1 AND a.step_id = $2
+    ORDER BY a.attempt DESC LIMIT 1";
 
 /// One chunk of a sealed set.
 pub const CHUNK: &str = "SELECT data FROM sluice.artifact_chunks
     WHERE job_id = $1 AND attempt = $2 AND seq = $3";
+
+/// Deletes up to `$2` artifact chunks (1 MiB each) of runs finished more than `$1` seconds
+/// ago: a run's artifacts are deleted in short statements before the run itself.
+pub const PRUNE_EXPIRED_CHUNKS: &str = "DELETE FROM sluice.artifact_chunks
+    WHERE (job_id, attempt, seq) IN (
+        SELECT c.job_id, c.attempt, c.seq
+        FROM sluice.workflow_runs r JOIN sluice.artifact_chunks c ON c.run_id = r.id
+        WHERE r.finished_at < now() - make_interval(secs => $1)
+        LIMIT $2
+        FOR UPDATE OF c SKIP LOCKED)";
 
 /// Every statement of this module, for the test that prepares them all.
 pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
@@ -95,6 +130,7 @@ pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
         ("INPUT_CHUNK", INPUT_CHUNK),
         ("STEP_SET", STEP_SET),
         ("CHUNK", CHUNK),
+        ("PRUNE_EXPIRED_CHUNKS", PRUNE_EXPIRED_CHUNKS),
     ]
     .into_iter()
 }
@@ -235,4 +271,18 @@ pub async fn chunk(pool: &PgPool, job: i64, attempt: i32, seq: i32) -> Result<Op
         .bind(seq)
         .fetch_optional(pool)
         .await?)
+}
+
+/// Deletes up to `limit` chunks of runs past `retention_secs`; how many.
+pub async fn prune_expired_chunks(
+    conn: &mut sqlx::PgConnection,
+    retention_secs: f64,
+    limit: i64,
+) -> Result<u64> {
+    Ok(sqlx::query(PRUNE_EXPIRED_CHUNKS)
+        .bind(retention_secs)
+        .bind(limit)
+        .execute(conn)
+        .await?
+        .rows_affected())
 }

@@ -206,8 +206,10 @@ pub async fn cancel(pool: &PgPool, id: i64) -> Result<Option<String>> {
 /// Deletes up to `$2` finished runs (with their steps and artifacts) finished more than `$1`
 /// seconds ago, oldest first.
 pub const PRUNE_RUNS: &str = "DELETE FROM sluice.workflow_runs WHERE id IN (
-        SELECT id FROM sluice.workflow_runs
+        SELECT id FROM sluice.workflow_runs r
         WHERE finished_at < now() - make_interval(secs => $1)
+          -- Their artifacts go first, a bounded batch at a time.
+          AND NOT EXISTS (SELECT 1 FROM sluice.artifact_chunks c WHERE c.run_id = r.id)
         ORDER BY finished_at LIMIT $2
         FOR UPDATE SKIP LOCKED)";
 

@@ -102,7 +102,7 @@ fn matched_files_and_directories_are_packed_and_come_back_the_same() {
     std::fs::create_dir_all(from.workspace.join("dist/empty")).unwrap();
 
     let patterns = ["dist/**".to_string(), "report.json".into(), "dist".into()];
-    let packed = pack(&from.workspace, &patterns, &from.archive, 1 << 20).unwrap();
+    let packed = pack(&from.workspace, &patterns, &from.archive, 1 << 20, None).unwrap();
     assert_eq!(
         packed.bytes,
         std::fs::metadata(&from.archive).unwrap().len()
@@ -119,8 +119,9 @@ fn matched_files_and_directories_are_packed_and_come_back_the_same() {
     );
 
     let to = Scratch::new();
-    let entries = unpack(&to.workspace, &from.archive, 1 << 20, None).unwrap();
+    let (entries, bytes) = unpack(&to.workspace, &from.archive, 1 << 20, None).unwrap();
     assert_eq!(entries, packed.entries);
+    assert_eq!(bytes, 14 + 4 + 11);
     let tree = Scratch::tree(&to.workspace);
     let expected: BTreeMap<String, Option<Vec<u8>>> = [
         ("dist", None),
@@ -150,6 +151,7 @@ fn a_huge_sparse_file_fails_the_step_without_being_read() {
         &["big".into()],
         &scratch.archive,
         64 << 20,
+        None,
     )
     .unwrap_err();
     assert!(
@@ -171,6 +173,7 @@ fn a_workspace_over_the_cap_fails_the_step() {
         &["out".into()],
         &scratch.archive,
         64 << 10,
+        None,
     )
     .unwrap_err();
     assert!(matches!(err, PackError::TooLarge(_)), "{err:?}");
@@ -284,7 +287,10 @@ fn hostile_archives_are_refused_with_nothing_written_outside_the_workspace() {
         let scratch = Scratch::new();
         hostile_archive(&scratch.archive, &entries);
         let err = unpack(&scratch.workspace, &scratch.archive, 64 << 20, None).expect_err(what);
-        assert!(err.contains(expected), "{what}: {err}");
+        assert!(
+            matches!(&err, UnpackError::Refused(m) if m.contains(expected)),
+            "{what}: {err:?}"
+        );
         scratch.assert_outside_untouched();
         assert!(!Path::new("/tmp/sluice-owned").exists(), "{what}");
         for (rel, _) in Scratch::tree(&scratch.workspace) {
@@ -306,11 +312,85 @@ fn an_archive_of_a_hundred_thousand_entries_is_refused_at_the_cap() {
     out.flush().unwrap();
     drop(out);
     let err = unpack(&scratch.workspace, &scratch.archive, 64 << 20, None).unwrap_err();
-    assert!(
-        err.contains(&format!("more than {MAX_ENTRIES} entries")),
-        "{err}"
+    assert_eq!(
+        err,
+        UnpackError::Refused(format!("more than {MAX_ENTRIES} entries"))
     );
     scratch.assert_outside_untouched();
     let written = std::fs::read_dir(&scratch.workspace).unwrap().count() as u64;
     assert_eq!(written, MAX_ENTRIES);
+}
+
+#[test]
+fn links_planted_in_the_workspace_are_never_written_through() {
+    // What a process of the slot's user left behind could plant before the unpack: a link
+    // where a directory of the archive goes, and a hard link to a file outside.
+    let scratch = Scratch::new();
+    std::os::unix::fs::symlink(&scratch.outside, scratch.workspace.join("d")).unwrap();
+    std::fs::hard_link(
+        scratch.outside.join("sentinel"),
+        scratch.workspace.join("h"),
+    )
+    .unwrap();
+    for (name, expected) in [("d/sentinel", "not a directory"), ("h", "several links")] {
+        hostile_archive(
+            &scratch.archive,
+            &[(
+                raw_header(name.as_bytes(), tar::EntryType::Regular, 5, b""),
+                b"owned".to_vec(),
+            )],
+        );
+        let err = unpack(&scratch.workspace, &scratch.archive, 64 << 20, None).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::Refused(m) if m.contains(expected)),
+            "{name}: {err:?}"
+        );
+        assert_eq!(
+            std::fs::read(scratch.outside.join("sentinel")).unwrap(),
+            b"untouched",
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn files_of_another_owner_are_skipped() {
+    let scratch = Scratch::new();
+    scratch.write("out/mine.txt", b"x");
+    let owner = nix::unistd::Uid::effective().as_raw();
+    let packed = pack(
+        &scratch.workspace,
+        &["out".into()],
+        &scratch.archive,
+        1 << 20,
+        Some(owner + 1),
+    )
+    .unwrap();
+    assert_eq!(packed.skipped, ["out/mine.txt (not the tool's own file)"]);
+    let packed = pack(
+        &scratch.workspace,
+        &["out".into()],
+        &scratch.archive,
+        1 << 20,
+        Some(owner),
+    )
+    .unwrap();
+    assert!(packed.skipped.is_empty());
+}
+
+#[test]
+fn the_walk_goes_only_where_a_glob_reaches() {
+    let reaches = |pattern: &str, dir: &str| Pattern::new(pattern).unwrap().reaches(dir);
+    assert!(reaches("dist/**", "dist"));
+    assert!(reaches("dist/**", "dist/a"));
+    assert!(!reaches("dist/**", "node_modules"));
+    assert!(reaches("a/*/c.txt", "a/b"));
+    assert!(!reaches("a/*/c.txt", "a/b/c"));
+    assert!(!reaches("a/b.txt", "a/b"));
+    assert!(reaches("**/x.json", "anything/deep"));
+    assert!(reaches("{a,b}/x", "c"), "braces: looked through");
+    assert!(
+        !reaches("report.json", "reports"),
+        "a name at the root only"
+    );
 }

@@ -426,6 +426,12 @@ fn read_step(
             problems.push(problem(format!("{at}.retry"), err.to_string()));
         }
     }
+    if !raw.artifacts.is_empty() && spec.get("kind").and_then(Value::as_str) == Some("noop") {
+        problems.push(problem(
+            format!("{at}.artifacts"),
+            "a noop step has no workspace to pack artifacts from",
+        ));
+    }
     if !raw.artifacts.is_empty() && raw.for_each.is_some() {
         problems.push(problem(
             format!("{at}.artifacts"),
@@ -838,8 +844,8 @@ on_failure: {id: alert, kind: noop}
         assert!(found[0].contains("for_each steps only"), "{found:?}");
         let found = problems(
             "steps: [{id: a, kind: bash, script: 'echo [1]', artifacts: [out]},
-                     {id: b, depends_on: [a], kind: noop, for_each: steps.a.output.value,
-                      artifacts: [x]}]",
+                     {id: b, depends_on: [a], kind: bash, script: 'true',
+                      for_each: steps.a.output.value, artifacts: [x]}]",
         );
         assert!(
             found[0].contains("for_each step cannot declare"),
@@ -853,7 +859,8 @@ on_failure: {id: alert, kind: noop}
         assert!(found[0].starts_with("line "), "{found:?}");
         let found = problems("steps: [{id: a, kind: noop, depends_on: 7}]");
         assert!(found[0].starts_with("steps[0].depends_on"), "{found:?}");
-        let found = problems("steps: [{id: a, kind: noop, artifacts: ['../x', '/etc']}]");
+        let found =
+            problems("steps: [{id: a, kind: bash, script: x, artifacts: ['../x', '/etc']}]");
         assert_eq!(found.len(), 2, "{found:?}");
         let found = problems("name: other\nsteps: [{id: a, kind: noop}]");
         assert!(found[0].contains("registered as \"wf\""), "{found:?}");
