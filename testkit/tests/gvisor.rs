@@ -139,4 +139,35 @@ async fn the_sidecar_runs_tools_confined_inside_gvisor() {
             .contains("tasks sharing this runner can see each other"),
         "no warning about shared /proc under gVisor"
     );
+
+    // Artifacts inside gVisor: packed by the descriptor walk and unpacked by descriptor.
+    let (status, body) = api
+        .put_text(
+            &sluice_protocol::api::paths::workflow("files"),
+            "steps:
+  - {id: make, kind: bash, script: 'mkdir -p out && echo inside > out/x && ln -s /etc/passwd out/l',
+     artifacts: [out]}
+  - {id: use, depends_on: [make], kind: bash, script: 'cat out/x; test -e out/l || echo no-link'}
+",
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, started) = api
+        .post(
+            sluice_protocol::api::paths::WORKFLOWS_RUN,
+            &json!({"workflow": "files"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{started}");
+    let run = started["run_id"].as_i64().unwrap();
+    let done = sluice_testkit::wait_until("the run to finish", DEADLINE, || async {
+        let (_, run) = api.get(&sluice_protocol::api::paths::run(run)).await;
+        Ok::<_, String>((run["state"] != "running").then_some(run))
+    })
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        done["steps"][1]["output"]["stdout_tail"], "inside\nno-link\n",
+        "{done}"
+    );
 }
