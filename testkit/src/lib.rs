@@ -805,6 +805,44 @@ impl Api {
         decode(response).await
     }
 
+    /// Registers workflow `name` from `definition` (YAML or JSON); panics unless 200 or 201.
+    pub async fn register_workflow(&self, name: &str, definition: &str) {
+        let (status, body) = self
+            .put_text(
+                &protocol::api::paths::workflow(name),
+                definition.to_string(),
+            )
+            .await;
+        assert!(
+            status == 201 || status == 200,
+            "register {name}: {status} {body}"
+        );
+    }
+
+    /// Starts a run (`{"workflow": …, "input": …}`); panics unless 201. Returns its id.
+    pub async fn start_run(&self, request: Value) -> i64 {
+        let (status, body) = self
+            .post(protocol::api::paths::WORKFLOWS_RUN, &request)
+            .await;
+        assert_eq!(status, 201, "start run: {body}");
+        body["run_id"].as_i64().expect("run id")
+    }
+
+    /// Waits until run `id` has ended (at most `timeout`) and returns it.
+    pub async fn run_finished(&self, id: i64, timeout: Duration) -> Value {
+        wait_until(&format!("run {id} to finish"), timeout, || async move {
+            let (status, run) = self.get(&protocol::api::paths::run(id)).await;
+            if status != 200 {
+                return Err(format!("{status}: {run}"));
+            }
+            match run["state"].as_str() {
+                Some("running") | None => Err(run["state"].to_string()),
+                Some(_) => Ok(Some(run)),
+            }
+        })
+        .await
+    }
+
     /// Enqueues a spec with extra request fields; panics unless the answer is 201.
     pub async fn enqueue(&self, request: Value) -> i64 {
         let (status, body) = self.post(protocol::api::paths::JOBS, &request).await;
@@ -853,6 +891,16 @@ async fn decode(response: reqwest::Response) -> (u16, Value) {
             .unwrap_or_else(|_| json!({"non_json": String::from_utf8_lossy(&bytes)}))
     };
     (status, body)
+}
+
+/// Step `id` of a run as `GET /api/runs/:id` shows it.
+pub fn run_step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .expect("a run's steps")
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {run}"))
 }
 
 /// The test acting as a runner over the real internal HTTP protocol.

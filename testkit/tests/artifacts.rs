@@ -10,43 +10,20 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sluice_protocol::api::paths as api_paths;
 use sluice_protocol::{paths, ArtifactSeal, Task};
-use sluice_testkit::{wait_until, Api, FakeRunner, Scheduler, TestDb, Timings};
+use sluice_testkit::{run_step as step, wait_until, Api, FakeRunner, Scheduler, TestDb, Timings};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn register(api: &Api, name: &str, definition: &str) {
-    let (status, body) = api
-        .put_text(&api_paths::workflow(name), definition.to_string())
-        .await;
-    assert!(status == 201 || status == 200, "{body}");
+    api.register_workflow(name, definition).await;
 }
 
 async fn start(api: &Api, workflow: &str) -> i64 {
-    let (status, body) = api
-        .post(api_paths::WORKFLOWS_RUN, &json!({"workflow": workflow}))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["run_id"].as_i64().unwrap()
+    api.start_run(json!({ "workflow": workflow })).await
 }
 
 async fn finished(api: &Api, id: i64) -> Value {
-    wait_until(&format!("run {id} to finish"), DEADLINE, || async move {
-        let (_, run) = api.get(&api_paths::run(id)).await;
-        match run["state"].as_str() {
-            Some("running") | None => Err(run.to_string()),
-            Some(_) => Ok(Some(run)),
-        }
-    })
-    .await
-}
-
-fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
-    run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {run}"))
+    api.run_finished(id, DEADLINE).await
 }
 
 /// The names in a tar archive.

@@ -194,12 +194,19 @@ async fn s09_plant_and_snoop_pairs_on_one_warm_runner_find_no_residue() {
             .collect();
         assert!(planted.is_empty(), "{dir} holds {planted:?}");
     }
+    // No workspace is left, and the sidecar's own archive directory is empty.
+    let left: Vec<String> = std::fs::read_dir(runner.workdir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, [".archives"], "a workspace was left");
     assert!(
-        std::fs::read_dir(runner.workdir.path())
+        std::fs::read_dir(runner.workdir.path().join(".archives"))
             .unwrap()
             .next()
             .is_none(),
-        "a workspace was left"
+        "an archive was left"
     );
     assert!(procs::with_env("S09PLANT").is_empty());
 }

@@ -15,17 +15,7 @@ use sluice_testkit::{wait_until, Api, Scheduler, TempDir, TestDb, Timings};
 const PAUSES_MS: [u64; 7] = [350, 120, 600, 240, 480, 90, 300];
 
 async fn finished(api: &Api, id: i64, deadline: Duration) -> Value {
-    wait_until(&format!("run {id} to finish"), deadline, || async move {
-        let (status, run) = api.get(&api_paths::run(id)).await;
-        if status != 200 {
-            return Err(format!("{status}: {run}"));
-        }
-        match run["state"].as_str() {
-            Some("running") | None => Err(run["state"].to_string()),
-            Some(_) => Ok(Some(run)),
-        }
-    })
-    .await
+    api.run_finished(id, deadline).await
 }
 
 #[derive(Debug, Default)]

@@ -6,45 +6,20 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_protocol::api::paths as api_paths;
-use sluice_testkit::{wait_until, Api, Scheduler, TestDb, Timings};
+use sluice_testkit::{run_step as step, wait_until, Api, Scheduler, TestDb, Timings};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn register(api: &Api, name: &str, definition: &str) {
-    let (status, body) = api
-        .put_text(&api_paths::workflow(name), definition.to_string())
-        .await;
-    assert!(status == 201 || status == 200, "{body}");
+    api.register_workflow(name, definition).await;
 }
 
 async fn run(api: &Api, request: Value) -> i64 {
-    let (status, body) = api.post(api_paths::WORKFLOWS_RUN, &request).await;
-    assert_eq!(status, 201, "{body}");
-    body["run_id"].as_i64().unwrap()
+    api.start_run(request).await
 }
 
-/// Waits until the run has finished; returns it.
 async fn finished(api: &Api, id: i64) -> Value {
-    wait_until(&format!("run {id} to finish"), DEADLINE, || async move {
-        let (status, run) = api.get(&api_paths::run(id)).await;
-        if status != 200 {
-            return Err(format!("{status}: {run}"));
-        }
-        match run["state"].as_str() {
-            Some("running") | None => Err(run.to_string()),
-            Some(_) => Ok(Some(run)),
-        }
-    })
-    .await
-}
-
-fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
-    run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {run}"))
+    api.run_finished(id, DEADLINE).await
 }
 
 #[tokio::test]

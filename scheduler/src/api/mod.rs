@@ -146,19 +146,7 @@ where
             BODY_LIMIT_BYTES
         };
         // A body trickling in byte by byte holds a connection and a task: it gets a deadline.
-        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state))
-            .await
-            .map_err(|_| AppError(Error::Timeout("reading the request body")))?;
-        let bytes = read.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError(Error::TooLarge {
-                    what: "request body",
-                    limit_bytes,
-                })
-            } else {
-                AppError(Error::Malformed(rejection.body_text()))
-            }
-        })?;
+        let bytes = read_body(req, state, limit_bytes).await?;
         parse_json(&bytes).map(JsonBody).map_err(AppError)
     }
 }
