@@ -246,8 +246,49 @@ async fn workflows_runs_and_schedules_work_from_the_command_line() {
     assert!(out.contains("10 even + 10 odd = 20"), "{out}");
     assert!(out.trim_end().ends_with("succeeded"), "{out}");
 
-    // A failing run exits non-zero and says which step failed.
+    // The combine step's artifacts, downloaded to a file and checked against their digest.
+    let run_id: String = out
+        .split("[run ")
+        .nth(1)
+        .unwrap_or_default()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
     let work = TempDir::new("cli-workflows");
+    let tar_path = work.path().join("combine.tar");
+    let (code, out, err) = sluice(&[
+        "artifacts",
+        &run_id,
+        "combine",
+        "-o",
+        tar_path.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(" bytes, sha256 "), "{out}");
+    let listed = std::process::Command::new("tar")
+        .arg("tf")
+        .arg(&tar_path)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&listed.stdout), "out/all.txt\n");
+    // A step without artifacts: a message, a non-zero exit, no file left.
+    let missing = work.path().join("generate.tar");
+    let (code, out, err) = sluice(&[
+        "artifacts",
+        &run_id,
+        "evens-typo",
+        "-o",
+        missing.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    assert_ne!(code, Some(0), "{out}{err}");
+    assert!(err.contains("not found"), "{err}");
+    assert!(!missing.exists());
+
+    // A failing run exits non-zero and says which step failed.
     let failing = work.path().join("fails.yaml");
     std::fs::write(
         &failing,

@@ -34,6 +34,24 @@ pub enum ClientError {
 }
 
 /// A client of one scheduler's public API.
+/// The error an answer of `status` with body `bytes` (the API's JSON shape, or not) carries.
+fn api_error(status: u16, bytes: &[u8]) -> ClientError {
+    let (code, message, details) = match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => (body.error.code, body.error.message, body.error.details),
+        Err(_) => (
+            ErrorCode::Other("http_error".into()),
+            String::from_utf8_lossy(bytes).into_owned(),
+            None,
+        ),
+    };
+    ClientError::Api {
+        status,
+        code,
+        message,
+        details,
+    }
+}
+
 #[derive(Clone)]
 pub struct ApiClient {
     base: String,
@@ -86,20 +104,7 @@ impl ApiClient {
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         if status >= 400 {
-            let (code, message, details) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => (body.error.code, body.error.message, body.error.details),
-                Err(_) => (
-                    ErrorCode::Other("http_error".into()),
-                    String::from_utf8_lossy(&bytes).into_owned(),
-                    None,
-                ),
-            };
-            return Err(ClientError::Api {
-                status,
-                code,
-                message,
-                details,
-            });
+            return Err(api_error(status, &bytes));
         }
         // An empty answer (204) reads as JSON null, which `()` takes.
         let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
@@ -219,6 +224,60 @@ impl ApiClient {
             .call::<(), _>(reqwest::Method::GET, &paths::run(id), None)
             .await?
             .1)
+    }
+
+    /// `GET /api/runs/:id/artifacts/:step`, written to `out` as it arrives (never held
+    /// whole); returns its bytes and SHA-256, checked against the scheduler's digest.
+    pub async fn download_artifacts(
+        &self,
+        run: i64,
+        step: &str,
+        out: &mut impl std::io::Write,
+    ) -> Result<(u64, String), ClientError> {
+        use sha2::{Digest, Sha256};
+        let url = format!("{}{}", self.base, paths::run_artifacts(run, step));
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let mut response = self
+            .http
+            .get(&url)
+            .bearer_auth(self.token.expose())
+            // A large archive takes longer than a call: an hour at most.
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status().as_u16();
+        if status >= 400 {
+            let bytes = response.bytes().await.map_err(unreachable)?;
+            return Err(api_error(status, &bytes));
+        }
+        let expected = response
+            .headers()
+            .get("x-sluice-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+            hasher.update(&chunk);
+            out.write_all(&chunk)
+                .map_err(|e| ClientError::Protocol(format!("cannot write the archive: {e}")))?;
+            written += chunk.len() as u64;
+        }
+        let digest: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if expected.is_some_and(|e| !e.eq_ignore_ascii_case(&digest)) {
+            return Err(ClientError::Protocol(
+                "the archive does not match the digest the scheduler sent".into(),
+            ));
+        }
+        Ok((written, digest))
     }
 
     /// `POST /api/runs/:id/cancel`.

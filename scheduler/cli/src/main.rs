@@ -57,6 +57,8 @@ enum Command {
     },
     /// Start a workflow run; `--wait` follows its steps and exits non-zero when it fails.
     Run(RunArgs),
+    /// Download a workflow step's artifacts (a tar archive).
+    Artifacts(ArtifactsArgs),
     /// Create, list, pause, resume and delete cron schedules that start workflow runs.
     Schedules {
         #[command(subcommand)]
@@ -169,6 +171,19 @@ struct RunArgs {
     /// Follow the run's steps until it ends; exit 1 unless it succeeded.
     #[arg(long)]
     wait: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Args)]
+struct ArtifactsArgs {
+    /// The run's id.
+    run: i64,
+    /// The step whose artifacts to download.
+    step: String,
+    /// Where to write the archive (default: `<step>.tar`); `-` writes it to stdout.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -377,6 +392,10 @@ fn main() -> ExitCode {
         Command::Schedules { command, api } => {
             init_tracing("warn");
             block_on(schedules(command, api))
+        }
+        Command::Artifacts(args) => {
+            init_tracing("warn");
+            block_on(artifacts(args))
         }
     };
     match result {
@@ -634,6 +653,47 @@ async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<Ex
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice artifacts RUN STEP [-o FILE]`: the archive streamed to a file (removed again when
+/// the download fails) or to stdout.
+async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
+    let client = args.api.client()?;
+    let to_stdout = args.output.as_deref() == Some(std::path::Path::new("-"));
+    if to_stdout {
+        let mut out = std::io::stdout().lock();
+        client
+            .download_artifacts(args.run, &args.step, &mut out)
+            .await
+            .map_err(describe)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = args
+        .output
+        .unwrap_or_else(|| PathBuf::from(format!("{}.tar", args.step)));
+    let file = std::fs::File::create(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let downloaded = client
+        .download_artifacts(args.run, &args.step, &mut out)
+        .await
+        .map_err(describe)
+        .and_then(|done| {
+            use std::io::Write;
+            out.flush()?;
+            Ok(done)
+        });
+    match downloaded {
+        Ok((bytes, sha256)) => {
+            println!("{}: {bytes} bytes, sha256 {sha256}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            drop(out);
+            let _ = std::fs::remove_file(&path);
+            Err(err)
+        }
+    }
 }
 
 async fn schedules(command: SchedulesCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
