@@ -51,13 +51,13 @@ pub mod paths {
     /// `POST`: one attempt's completion ([`super::Completion`]).
     pub const COMPLETE_ROUTE: &str = "/internal/tasks/{id}/complete";
     /// `PUT`: one chunk (`seq` from 0, at most [`crate::bounds::ARTIFACT_CHUNK_BYTES`]) of a
-    /// step's artifact archive, the raw bytes as the body, the lease in the query
-    /// ([`super::LeaseQuery`]).
+    /// step's artifact archive, the raw bytes as the body, the lease in headers
+    /// ([`super::lease_headers`]).
     pub const ARTIFACT_CHUNK_ROUTE: &str = "/internal/tasks/{id}/artifacts/{seq}";
     /// `POST`: seal the uploaded chunks as the attempt's artifacts ([`super::ArtifactSeal`]).
     pub const ARTIFACT_SEAL_ROUTE: &str = "/internal/tasks/{id}/artifacts";
     /// `GET`: one chunk of a parent step's sealed artifacts, for the attempt of `{id}` (its
-    /// lease in the query, [`super::InputQuery`]).
+    /// lease in headers, and the source's sealed attempt, [`super::lease_headers`]).
     pub const ARTIFACT_INPUT_ROUTE: &str = "/internal/tasks/{id}/inputs/{source}/{seq}";
     /// `GET`: liveness, on both listeners.
     pub const HEALTHZ: &str = "/healthz";
@@ -399,20 +399,15 @@ pub struct ArtifactSet {
     pub sha256: String,
 }
 
-/// The query of an artifact chunk upload: the uploading attempt's lease.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LeaseQuery {
-    pub attempt: Attempt,
-    pub lease_token: LeaseToken,
-}
-
-/// The query of an input chunk download: the downloading attempt's lease and the sealed
-/// attempt of the source step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InputQuery {
-    pub attempt: Attempt,
-    pub lease_token: LeaseToken,
-    pub source_attempt: Attempt,
+/// The headers naming an attempt's lease on the artifact routes, whose bodies are raw bytes
+/// (never the query string: proxies log URLs).
+pub mod lease_headers {
+    /// The attempt (`i32`).
+    pub const ATTEMPT: &str = "x-sluice-attempt";
+    /// Its lease token (a UUID).
+    pub const LEASE_TOKEN: &str = "x-sluice-lease-token";
+    /// On an input download: the sealed attempt of the source step.
+    pub const SOURCE_ATTEMPT: &str = "x-sluice-source-attempt";
 }
 
 /// `POST /internal/tasks/:id/artifacts`: the uploaded chunks `0..chunks` are the attempt's

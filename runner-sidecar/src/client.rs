@@ -116,30 +116,38 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| CallError::Decode(e.to_string()))
     }
 
-    /// One PUT of raw bytes, no retry; the answer's body is not read.
+    /// One PUT of raw bytes with `headers`, no retry; the answer's body is not read.
     pub async fn put_bytes(
         &self,
         path: &str,
         token: &Secret,
+        headers: &[(&'static str, String)],
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<(), CallError> {
-        let request = self
+        let mut request = self
             .http
             .put(format!("{}{path}", self.base))
             .header("content-type", "application/octet-stream")
             .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
         self.exchange(request, token, timeout).await.map(drop)
     }
 
-    /// One GET of raw bytes, no retry.
+    /// One GET of raw bytes with `headers`, no retry.
     pub async fn get_bytes(
         &self,
         path: &str,
         token: &Secret,
+        headers: &[(&'static str, String)],
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let request = self.http.get(format!("{}{path}", self.base));
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
         self.exchange(request, token, timeout).await
     }
 

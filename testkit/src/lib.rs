@@ -963,28 +963,34 @@ impl FakeRunner {
         self.post(path, &body).await
     }
 
-    /// PUTs raw bytes to an internal path with this runner's token.
-    pub async fn put_bytes(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let response = self
+    /// PUTs raw bytes with `headers` to an internal path with this runner's token.
+    pub async fn put_bytes(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut request = self
             .http
             .put(format!("{}{path}", self.base))
             .bearer_auth(&self.token)
-            .body(body)
-            .send()
-            .await
-            .expect("PUT to the scheduler");
-        decode(response).await
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        decode(request.send().await.expect("PUT to the scheduler")).await
     }
 
-    /// GETs an internal path with this runner's token: status and raw body.
-    pub async fn get_raw(&self, path: &str) -> (u16, Vec<u8>) {
-        let response = self
+    /// GETs an internal path with `headers` and this runner's token: status and raw body.
+    pub async fn get_raw(&self, path: &str, headers: &[(&str, String)]) -> (u16, Vec<u8>) {
+        let mut request = self
             .http
             .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .expect("GET from the scheduler");
+            .bearer_auth(&self.token);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.expect("GET from the scheduler");
         let status = response.status().as_u16();
         (status, response.bytes().await.expect("the body").to_vec())
     }

@@ -197,11 +197,17 @@ fn raw_header(name: &str, kind: tar::EntryType, size: u64, link: &str) -> Vec<u8
     header.as_bytes().to_vec()
 }
 
-fn lease_query(task: &Task) -> String {
-    format!(
-        "?attempt={}&lease_token={}",
-        task.attempt.0, task.lease_token.0
-    )
+/// The headers naming `task`'s lease; with `source`, an input download's source attempt.
+fn lease(task: &Task, source: Option<i32>) -> Vec<(&'static str, String)> {
+    use sluice_protocol::lease_headers as names;
+    let mut headers = vec![
+        (names::ATTEMPT, task.attempt.0.to_string()),
+        (names::LEASE_TOKEN, task.lease_token.0.to_string()),
+    ];
+    if let Some(source) = source {
+        headers.push((names::SOURCE_ATTEMPT, source.to_string()));
+    }
+    headers
 }
 
 /// Claims the one task of `step` as the fake runner.
@@ -262,25 +268,28 @@ steps:
         .collect();
 
     // The fence: another lease, a chunk past the bound, a seal that does not match.
-    let stranger = format!(
-        "?attempt={}&lease_token={}",
-        task.attempt.0,
-        uuid::Uuid::new_v4()
-    );
+    let stranger = vec![
+        (
+            sluice_protocol::lease_headers::ATTEMPT,
+            task.attempt.0.to_string(),
+        ),
+        (
+            sluice_protocol::lease_headers::LEASE_TOKEN,
+            uuid::Uuid::new_v4().to_string(),
+        ),
+    ];
     let (status, body) = liar
         .put_bytes(
-            &format!("{}{stranger}", paths::artifact_chunk(task.job_id, 0)),
+            &paths::artifact_chunk(task.job_id, 0),
+            &stranger,
             archive.clone(),
         )
         .await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = liar
         .put_bytes(
-            &format!(
-                "{}{}",
-                paths::artifact_chunk(task.job_id, 5000),
-                lease_query(&task)
-            ),
+            &paths::artifact_chunk(task.job_id, 5000),
+            &lease(&task, None),
             vec![1],
         )
         .await;
@@ -291,11 +300,8 @@ steps:
     );
     let (status, body) = liar
         .put_bytes(
-            &format!(
-                "{}{}",
-                paths::artifact_chunk(task.job_id, 0),
-                lease_query(&task)
-            ),
+            &paths::artifact_chunk(task.job_id, 0),
+            &lease(&task, None),
             archive.clone(),
         )
         .await;
@@ -365,12 +371,10 @@ steps:
 
     // A stranger's lease reads nothing; the liar's finished lease neither.
     let (status, _) = liar
-        .get_raw(&format!(
-            "{}{}&source_attempt={}",
-            paths::artifact_input(task.job_id, task.job_id, 0),
-            lease_query(&task),
-            task.attempt.0
-        ))
+        .get_raw(
+            &paths::artifact_input(task.job_id, task.job_id, 0),
+            &lease(&task, Some(task.attempt.0)),
+        )
         .await;
     assert_eq!(status, 409);
 }
@@ -379,7 +383,9 @@ steps:
 async fn a_runner_killed_mid_upload_leaves_nothing_half_sealed_and_the_retry_hands_on_the_whole_file(
 ) {
     let db = TestDb::new().await;
-    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    // Leases of 5 s: 60 MB through a debug build on two cores must not cost the retry its
+    // lease as well.
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
     let mut first = scheduler.runner("upload-killed", 1).await;
     let api = scheduler.api();
     register(
@@ -454,11 +460,8 @@ steps:
 async fn upload(runner: &FakeRunner, task: &Task, archive: &[u8]) {
     let (status, body) = runner
         .put_bytes(
-            &format!(
-                "{}{}",
-                paths::artifact_chunk(task.job_id, 0),
-                lease_query(task)
-            ),
+            &paths::artifact_chunk(task.job_id, 0),
+            &lease(task, None),
             archive.to_vec(),
         )
         .await;
@@ -510,11 +513,8 @@ steps:
     // A sealed set is final: its chunks cannot be overwritten.
     let (status, _) = runner
         .put_bytes(
-            &format!(
-                "{}{}",
-                paths::artifact_chunk(make.job_id, 0),
-                lease_query(&make)
-            ),
+            &paths::artifact_chunk(make.job_id, 0),
+            &lease(&make, None),
             vec![0u8; 10],
         )
         .await;
@@ -539,12 +539,10 @@ steps:
         );
         // A dependent reads its parent's set, chunk by chunk.
         let (status, chunk) = runner
-            .get_raw(&format!(
-                "{}{}&source_attempt={}",
-                paths::artifact_input(task.job_id, inputs[0].job_id, 0),
-                lease_query(task),
-                inputs[0].attempt.0
-            ))
+            .get_raw(
+                &paths::artifact_input(task.job_id, inputs[0].job_id, 0),
+                &lease(task, Some(inputs[0].attempt.0)),
+            )
             .await;
         assert_eq!((status, chunk.len()), (200, archive.len()));
     }

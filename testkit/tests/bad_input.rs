@@ -585,24 +585,48 @@ async fn paths_that_cannot_be_read_are_answered_in_json_on_both_listeners() {
     }
     let runner = FakeRunner::register(&scheduler, "paths").await;
     let (status, body) = runner
-        .put_bytes(
-            "/internal/tasks/%FF/artifacts/0?attempt=1&lease_token=x",
-            vec![1],
-        )
+        .put_bytes("/internal/tasks/%FF/artifacts/0", &[], vec![1])
         .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_request", "{body}");
     // An artifact chunk over the internal body limit is a JSON 413.
     let (status, body) = runner
         .put_bytes(
-            &format!(
-                "{}?attempt=1&lease_token={}",
-                paths::artifact_chunk(JobId(1), 0),
-                uuid::Uuid::new_v4()
-            ),
+            &paths::artifact_chunk(JobId(1), 0),
+            &[
+                (sluice_protocol::lease_headers::ATTEMPT, "1".into()),
+                (
+                    sluice_protocol::lease_headers::LEASE_TOKEN,
+                    uuid::Uuid::new_v4().to_string(),
+                ),
+            ],
             vec![0u8; 9 << 20],
         )
         .await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    // A lease missing from the headers, or malformed: 400 naming the header.
+    for headers in [
+        vec![],
+        vec![(sluice_protocol::lease_headers::ATTEMPT, "0".to_string())],
+        vec![
+            (sluice_protocol::lease_headers::ATTEMPT, "1".to_string()),
+            (
+                sluice_protocol::lease_headers::LEASE_TOKEN,
+                "not-a-uuid".to_string(),
+            ),
+        ],
+    ] {
+        let (status, body) = runner
+            .put_bytes(&paths::artifact_chunk(JobId(1), 0), &headers, vec![1])
+            .await;
+        assert_eq!(status, 400, "{headers:?}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("x-sluice-"),
+            "{body}"
+        );
+    }
 }

@@ -686,13 +686,13 @@ fn checked_path(path: &Path) -> Result<PathBuf, &'static str> {
     Ok(rel)
 }
 
-/// The query naming the attempt's lease ([`sluice_protocol::LeaseQuery`]; an input's adds
-/// `source_attempt`, [`sluice_protocol::InputQuery`]).
-fn lease_query(task: &Task) -> String {
-    format!(
-        "?attempt={}&lease_token={}",
-        task.attempt.0, task.lease_token.0
-    )
+/// The headers naming the attempt's lease ([`sluice_protocol::lease_headers`]).
+fn lease_headers(task: &Task) -> Vec<(&'static str, String)> {
+    use sluice_protocol::lease_headers as names;
+    vec![
+        (names::ATTEMPT, task.attempt.0.to_string()),
+        (names::LEASE_TOKEN, task.lease_token.0.to_string()),
+    ]
 }
 
 /// Uploads `archive` in chunks under the attempt's lease and seals it.
@@ -706,7 +706,7 @@ pub async fn upload(
     let mut file = tokio::fs::File::open(archive)
         .await
         .map_err(|e| CallError::Transport(format!("cannot read the archive: {e}")))?;
-    let query = lease_query(task);
+    let headers = lease_headers(task);
     let timeout = std::time::Duration::from_secs(60);
     let mut chunks = 0u32;
     let mut sent = 0u64;
@@ -716,14 +716,11 @@ pub async fn upload(
         file.read_exact(&mut chunk)
             .await
             .map_err(|e| CallError::Transport(format!("cannot read the archive: {e}")))?;
-        let path = format!(
-            "{}{query}",
-            sluice_protocol::paths::artifact_chunk(task.job_id, chunks)
-        );
+        let path = sluice_protocol::paths::artifact_chunk(task.job_id, chunks);
         let mut stop = ctx.hard_stop.clone();
         retrying(&path, ctx.delivery_budget, &mut stop, || {
             ctx.client
-                .put_bytes(&path, &ctx.token, chunk.clone(), timeout)
+                .put_bytes(&path, &ctx.token, &headers, chunk.clone(), timeout)
         })
         .await?;
         sent += want as u64;
@@ -788,18 +785,19 @@ pub async fn download(
         .open(archive)
         .await
         .map_err(io)?;
-    let query = format!("{}&source_attempt={}", lease_query(task), set.attempt.0);
+    let mut headers = lease_headers(task);
+    headers.push((
+        sluice_protocol::lease_headers::SOURCE_ATTEMPT,
+        set.attempt.0.to_string(),
+    ));
     let timeout = std::time::Duration::from_secs(60);
     let mut hasher = Sha256::new();
     let mut received = 0u64;
     for seq in 0..set.chunks {
-        let path = format!(
-            "{}{query}",
-            sluice_protocol::paths::artifact_input(task.job_id, set.job_id, seq)
-        );
+        let path = sluice_protocol::paths::artifact_input(task.job_id, set.job_id, seq);
         let mut stop = ctx.hard_stop.clone();
         let chunk = retrying(&path, ctx.delivery_budget, &mut stop, || {
-            ctx.client.get_bytes(&path, &ctx.token, timeout)
+            ctx.client.get_bytes(&path, &ctx.token, &headers, timeout)
         })
         .await
         .map_err(InputError::Call)?;

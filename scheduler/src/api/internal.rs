@@ -9,9 +9,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use sluice_protocol::{
-    paths, ArtifactSeal, ArtifactSealResponse, ClaimRequest, ClaimResponse, CompleteManyRequest,
-    CompleteManyResponse, CompleteResponse, Completion, HeartbeatRequest, HeartbeatResponse,
-    InputQuery, JobId, LeaseQuery, RegisterRequest, RegisterResponse, StreamRequest,
+    paths, ArtifactSeal, ArtifactSealResponse, Attempt, ClaimRequest, ClaimResponse,
+    CompleteManyRequest, CompleteManyResponse, CompleteResponse, Completion, HeartbeatRequest,
+    HeartbeatResponse, JobId, LeaseToken, RegisterRequest, RegisterResponse, StreamRequest,
     StreamResponse,
 };
 
@@ -145,11 +145,48 @@ fn chunk_seq(seq: &str) -> Result<u32, Error> {
         .map_err(|_| Error::invalid("seq", "must be a chunk number"))
 }
 
-/// A query string read by shape, with the same JSON 400 as a bad body.
-fn query<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, Error> {
-    axum::extract::Query::<T>::try_from_uri(uri)
-        .map(|q| q.0)
-        .map_err(|e| Error::invalid("query", e.body_text()))
+/// The lease an artifact request names in its headers ([`sluice_protocol::lease_headers`]),
+/// with the source's attempt on an input download.
+pub struct LeaseHeaders {
+    attempt: Attempt,
+    lease_token: LeaseToken,
+    source_attempt: Option<Attempt>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for LeaseHeaders {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        use sluice_protocol::lease_headers as names;
+        let header = |name: &'static str| {
+            parts
+                .headers
+                .get(name)
+                .map(|v| v.to_str().unwrap_or_default().trim().to_string())
+        };
+        let attempt = |name: &'static str| -> Result<Option<Attempt>, Error> {
+            header(name)
+                .map(|v| {
+                    v.parse::<i32>()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .map(Attempt)
+                        .ok_or_else(|| Error::invalid(name, "must be an attempt number"))
+                })
+                .transpose()
+        };
+        let lease_token = header(names::LEASE_TOKEN)
+            .ok_or_else(|| Error::invalid(names::LEASE_TOKEN, "is missing"))?
+            .parse::<uuid::Uuid>()
+            .map(LeaseToken)
+            .map_err(|_| Error::invalid(names::LEASE_TOKEN, "must be a UUID"))?;
+        Ok(LeaseHeaders {
+            attempt: attempt(names::ATTEMPT)?
+                .ok_or_else(|| Error::invalid(names::ATTEMPT, "is missing"))?,
+            lease_token,
+            source_attempt: attempt(names::SOURCE_ATTEMPT)?,
+        })
+    }
 }
 
 /// One chunk of an attempt's artifacts, the raw bytes as the body.
@@ -157,12 +194,20 @@ async fn artifact_chunk(
     State(state): State<AppState>,
     Runner(runner): Runner,
     JsonPath((id, seq)): JsonPath<(String, String)>,
-    uri: axum::http::Uri,
+    lease: LeaseHeaders,
     RawBody(body): RawBody,
 ) -> ApiResult<StatusCode> {
     let job = job_id(&id)?;
-    let lease: LeaseQuery = query(&uri)?;
-    artifacts::put_chunk(&state, &runner, job, chunk_seq(&seq)?, lease, &body).await?;
+    let (attempt, token) = (lease.attempt, lease.lease_token);
+    artifacts::put_chunk(
+        &state,
+        &runner,
+        job,
+        chunk_seq(&seq)?,
+        (attempt, token),
+        &body,
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -182,13 +227,24 @@ async fn artifact_input(
     State(state): State<AppState>,
     Runner(runner): Runner,
     JsonPath((id, source, seq)): JsonPath<(String, String, String)>,
-    uri: axum::http::Uri,
+    lease: LeaseHeaders,
 ) -> ApiResult<Vec<u8>> {
     let job = job_id(&id)?;
     let source: JobId = source
         .parse()
         .map(JobId)
         .map_err(|_| Error::NotFound("artifact chunk"))?;
-    let input: InputQuery = query(&uri)?;
-    Ok(artifacts::input_chunk(&state, &runner, job, source, chunk_seq(&seq)?, input).await?)
+    let source_attempt = lease.source_attempt.ok_or_else(|| {
+        Error::invalid(sluice_protocol::lease_headers::SOURCE_ATTEMPT, "is missing")
+    })?;
+    let lease_of = (lease.attempt, lease.lease_token);
+    Ok(artifacts::input_chunk(
+        &state,
+        &runner,
+        job,
+        (source, source_attempt),
+        chunk_seq(&seq)?,
+        lease_of,
+    )
+    .await?)
 }

@@ -10,16 +10,19 @@ use crate::Result;
 
 /// Stores chunk `$5` of the attempt `($1, $2)` if the runner `$4` holds its lease `$3`, the
 /// job is a workflow step and the attempt has not sealed its artifacts yet; an upload
-/// retried replaces the chunk. The job row is share-locked, so a reclaim cannot slip in
-/// between the check and the write. The first chunk drops what earlier attempts of the job
-/// left (they can no longer seal). One row when stored.
+/// retried replaces the chunk. The first chunk drops what earlier attempts of the job left
+/// (they can no longer seal). One row when stored.
+///
+/// The job row is not locked: a heartbeat skips locked rows rather than wait, so locking it
+/// for each of a long upload's chunks would starve the lease it renews. A chunk that lands
+/// in the instant a reclaim ends the attempt is harmless — only a live lease can seal
+/// (`SEAL` locks the row), and the next attempt's first chunk or the step's end drops it.
 pub const PUT_CHUNK: &str = "WITH lease AS (
         SELECT j.id, j.attempt, j.workflow_run_id FROM sluice.jobs j
         WHERE j.id = $1 AND j.attempt = $2 AND j.lease_token = $3 AND j.runner_id = $4
           AND j.state = 'running' AND j.workflow_run_id IS NOT NULL
           AND NOT EXISTS (SELECT 1 FROM sluice.step_artifacts a
                           WHERE a.job_id = j.id AND a.attempt = j.attempt)
-        FOR SHARE OF j
     ), dropped AS (
         DELETE FROM sluice.artifact_chunks c USING lease
         WHERE $5::integer = 0 AND c.job_id = lease.id AND c.attempt < lease.attempt

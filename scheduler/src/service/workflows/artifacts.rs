@@ -5,9 +5,7 @@
 
 use axum::body::{Body, Bytes};
 use serde_json::Value;
-use sluice_protocol::{
-    bounds, ArtifactSeal, ArtifactSealResponse, Attempt, InputQuery, JobId, LeaseQuery,
-};
+use sluice_protocol::{bounds, ArtifactSeal, ArtifactSealResponse, Attempt, JobId, LeaseToken};
 
 use crate::service::Context;
 use crate::store::artifacts::{self, Lease, Seal};
@@ -48,7 +46,7 @@ pub async fn put_chunk(
     runner: &RunnerIdentity,
     job: JobId,
     seq: u32,
-    query: LeaseQuery,
+    (attempt, token): (Attempt, LeaseToken),
     data: &[u8],
 ) -> Result<()> {
     check_seq(seq)?;
@@ -61,7 +59,7 @@ pub async fn put_chunk(
             ),
         ));
     }
-    let lease = lease(runner, job, query.attempt, query.lease_token);
+    let lease = lease(runner, job, attempt, token);
     if !artifacts::put_chunk_if_leased(&ctx.pool, lease, seq, data).await? {
         return Err(Error::LeaseLost);
     }
@@ -137,15 +135,13 @@ pub async fn input_chunk(
     ctx: &Context,
     runner: &RunnerIdentity,
     job: JobId,
-    source: JobId,
+    (source, source_attempt): (JobId, Attempt),
     seq: u32,
-    query: InputQuery,
+    (attempt, token): (Attempt, LeaseToken),
 ) -> Result<Vec<u8>> {
     check_seq(seq)?;
-    let lease = lease(runner, job, query.attempt, query.lease_token);
-    match artifacts::input_chunk_if_leased(&ctx.pool, lease, source, query.source_attempt, seq)
-        .await?
-    {
+    let lease = lease(runner, job, attempt, token);
+    match artifacts::input_chunk_if_leased(&ctx.pool, lease, source, source_attempt, seq).await? {
         None => Err(Error::LeaseLost),
         Some(None) => Err(Error::NotFound("artifact chunk")),
         Some(Some(data)) => Ok(data),
