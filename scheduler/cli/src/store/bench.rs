@@ -278,19 +278,12 @@ pub async fn run_state(pool: &PgPool, run: i64) -> Result<String> {
     Ok(state)
 }
 
-/// Step edges of a run: the child's claim against its parent's completion commit.
-const EDGES_COMMITTED: &str = "SELECT extract(epoch FROM c.started_at
-                                     - pg_xact_commit_timestamp(pa.xmin))::float8 * 1000
-    FROM sluice.run_steps s
-    CROSS JOIN LATERAL jsonb_array_elements_text(s.plan -> 'parents') AS p(parent)
-    JOIN sluice.jobs cj ON cj.workflow_run_id = s.run_id AND cj.step_id = s.step_id
-    JOIN sluice.job_attempts c ON c.job_id = cj.id AND c.attempt = 1
-    JOIN sluice.jobs pj ON pj.workflow_run_id = s.run_id AND pj.step_id = p.parent
-    JOIN sluice.job_attempts pa ON pa.job_id = pj.id AND pa.attempt = pj.attempt
-    WHERE s.run_id = $1";
-/// The same against the completing statement's start (without `track_commit_timestamp`).
-const EDGES_STARTED: &str =
-    "SELECT extract(epoch FROM c.started_at - pa.finished_at)::float8 * 1000
+/// Step edges of a run: the child's claim against its parent's completion commit (its
+/// attempt row's commit timestamp; the completing statement's start where
+/// `track_commit_timestamp` is off — `CASE` never asks for a timestamp that is not kept).
+const EDGES: &str = "SELECT extract(epoch FROM c.started_at - CASE
+               WHEN current_setting('track_commit_timestamp')::boolean
+               THEN pg_xact_commit_timestamp(pa.xmin) ELSE pa.finished_at END)::float8 * 1000
     FROM sluice.run_steps s
     CROSS JOIN LATERAL jsonb_array_elements_text(s.plan -> 'parents') AS p(parent)
     JOIN sluice.jobs cj ON cj.workflow_run_id = s.run_id AND cj.step_id = s.step_id
@@ -304,19 +297,6 @@ const EDGES_STARTED: &str =
 /// `track_commit_timestamp` is off) to the child's claim (`started_at`, the claiming
 /// statement's `now()`), in milliseconds.
 pub async fn step_to_step_ms(pool: &PgPool, run: i64) -> Result<Vec<f64>> {
-    let rows: std::result::Result<Vec<(f64,)>, sqlx::Error> = sqlx::query_as(EDGES_COMMITTED)
-        .bind(run)
-        .fetch_all(pool)
-        .await;
-    let rows = match rows {
-        Ok(rows) => rows,
-        Err(sqlx::Error::Database(_)) => {
-            sqlx::query_as(EDGES_STARTED)
-                .bind(run)
-                .fetch_all(pool)
-                .await?
-        }
-        Err(other) => return Err(other.into()),
-    };
+    let rows: Vec<(f64,)> = sqlx::query_as(EDGES).bind(run).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(ms,)| ms).collect())
 }
