@@ -1004,16 +1004,17 @@ impl FakeRunner {
         };
         // A 503 (no database connection within the scheduler's acquire timeout, on a loaded
         // machine) says "retry later": a runner retries, and so does this one, for a while.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let (status, body) = loop {
+        let answered = poll_until(Duration::from_secs(15), || async {
             let (status, body) = self
                 .send(&protocol::paths::claim(&self.pod_name), &request)
                 .await;
-            if status != 503 || Instant::now() > deadline {
-                break (status, body);
+            if status == 503 {
+                return Err(body.to_string());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+            Ok(Some((status, body)))
+        })
+        .await;
+        let (status, body) = answered.unwrap_or_else(|last| (503, json!({ "last": last })));
         assert_eq!(status, 200, "claim answered {status}: {body}");
         serde_json::from_value::<protocol::ClaimResponse>(body)
             .expect("claim response")
