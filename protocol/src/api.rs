@@ -56,6 +56,8 @@ pub mod paths {
     /// `POST`: resume a schedule ([`super::Schedule`]).
     pub const SCHEDULE_RESUME_ROUTE: &str = "/api/schedules/{name}/resume";
     /// `GET`: liveness ([`super::Health`]), without a token.
+    /// `GET`: an agent session's history ([`super::AgentSession`]); `DELETE` forgets it.
+    pub const SESSION_ROUTE: &str = "/api/sessions/{name}";
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: readiness (Postgres reachable), without a token.
     pub const READYZ: &str = "/readyz";
@@ -86,6 +88,9 @@ pub mod paths {
     }
     pub fn resume_schedule(name: &str) -> String {
         SCHEDULE_RESUME_ROUTE.replace("{name}", name)
+    }
+    pub fn session(name: &str) -> String {
+        SESSION_ROUTE.replace("{name}", name)
     }
     pub fn run(id: i64) -> String {
         RUN_ROUTE.replace("{id}", &id.to_string())
@@ -527,4 +532,19 @@ mod tests {
         assert!(serde_json::from_value::<BatchRequest>(json!({"jobs": [], "x": 1})).is_err());
         assert!(serde_json::from_value::<BatchRequest>(json!("jobs")).is_err());
     }
+}
+
+/// `GET /api/sessions/:name`: an agent session's stored conversation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentSession {
+    pub name: String,
+    /// Messages API messages, oldest first (old tool results may be elided to keep the
+    /// history under its cap).
+    pub messages: Vec<Value>,
+    /// Agent jobs that added turns.
+    pub jobs: i64,
+    /// The job whose attempt holds the session now, if any.
+    pub held_by: Option<JobId>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }

@@ -46,6 +46,28 @@ pub const MAX_COMPLETION_BYTES: usize = 4 << 20;
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 pub const MAX_QUEUE_NAME_BYTES: usize = 128;
 pub const MAX_EVENT_KIND_BYTES: usize = 64;
+/// Most turns an agent step may take.
+pub const MAX_AGENT_TURNS: u64 = 1000;
+/// Largest `max_tokens` of one model response.
+pub const MAX_AGENT_RESPONSE_TOKENS: u64 = 1_000_000;
+/// Longest model name.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+/// Longest agent session name.
+pub const MAX_SESSION_NAME_BYTES: usize = 128;
+
+/// A session name: 1-128 bytes of letters, digits and `._:@-` (it appears in paths).
+pub fn check_session_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_SESSION_NAME_BYTES {
+        return Err(format!("must be 1-{MAX_SESSION_NAME_BYTES} bytes"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+    {
+        return Err("may hold only letters, digits and . _ : @ -".into());
+    }
+    Ok(())
+}
 /// A retry policy's first wait (`retry.initial_ms`): at most one day.
 pub const MAX_RETRY_INITIAL_MS: u64 = 24 * 60 * 60 * 1000;
 /// A retry policy's longest wait (`retry.max_ms`): as far as a delay may reach.

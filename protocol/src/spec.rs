@@ -39,6 +39,7 @@ impl JobSpec {
     pub fn timeout_ms(&self) -> Option<u64> {
         match self {
             JobSpec::Bash(spec) => spec.timeout_ms,
+            JobSpec::Agent(spec) => spec.timeout_ms,
             _ => None,
         }
     }
@@ -122,7 +123,9 @@ pub struct ToolSpec {
     pub network: Option<Network>,
 }
 
-/// `{"kind":"agent","prompt":"…"}`: an Anthropic Messages tool-use loop run by the sidecar.
+/// `{"kind":"agent","prompt":"…"}`: an Anthropic Messages tool-use loop run by the sidecar,
+/// its tool calls run through the same confined tools as `tool` jobs, in the task's
+/// workspace. Every field but `prompt` defaults from the runner's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentSpec {
     pub prompt: String,
@@ -130,12 +133,28 @@ pub struct AgentSpec {
     pub system: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The tools offered to the model (default: all five; `[]` offers none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<ToolName>>,
+    /// Most model responses (turns); the loop stops after exactly this many and the job
+    /// fails with `max_turns`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_turns: Option<u32>,
+    /// `max_tokens` of each model response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// Most tokens (input and output, summed over turns) the whole loop may use; past it the
+    /// job fails with `token_budget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_budget: Option<u64>,
+    /// Wall time of the whole loop, tools included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Continue this conversation: the scheduler hands the attempt the session's stored
+    /// history and keeps the new turns when the job succeeds. Jobs of one session run one
+    /// at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// `{"kind":"noop"}`.
@@ -185,6 +204,34 @@ pub fn parse_stored_spec(value: &Value) -> Result<JobSpec, SpecError> {
 
 /// The ranges of a typed spec's own fields.
 fn check_spec(spec: &JobSpec) -> Result<(), String> {
+    if let JobSpec::Agent(agent) = spec {
+        if agent.prompt.trim().is_empty() {
+            return Err("prompt must not be empty".into());
+        }
+        bounds::check_range("timeout_ms", agent.timeout_ms, 1..=bounds::MAX_TIMEOUT_MS)?;
+        bounds::check_range(
+            "max_turns",
+            agent.max_turns.map(u64::from),
+            1..=bounds::MAX_AGENT_TURNS,
+        )?;
+        bounds::check_range(
+            "max_tokens",
+            agent.max_tokens.map(u64::from),
+            1..=bounds::MAX_AGENT_RESPONSE_TOKENS,
+        )?;
+        bounds::check_range("token_budget", agent.token_budget, 1..=bounds::MAX_LIMIT)?;
+        if let Some(model) = &agent.model {
+            if model.is_empty() || model.len() > bounds::MAX_MODEL_NAME_BYTES {
+                return Err(format!(
+                    "model must be 1-{} bytes",
+                    bounds::MAX_MODEL_NAME_BYTES
+                ));
+            }
+        }
+        if let Some(session) = &agent.session {
+            bounds::check_session_name(session).map_err(|e| format!("session {e}"))?;
+        }
+    }
     if let JobSpec::Bash(bash) = spec {
         bounds::check_range("timeout_ms", bash.timeout_ms, 1..=bounds::MAX_TIMEOUT_MS)?;
         bounds::check_env(&bash.env)?;
@@ -209,11 +256,23 @@ fn check_spec(spec: &JobSpec) -> Result<(), String> {
 /// which serde's message for an internally tagged enum would not give.
 fn check_typed_fields(object: &serde_json::Map<String, Value>) -> Result<(), SpecError> {
     let not_unsigned = |v: &Value| !v.is_null() && !v.is_u64();
-    for field in ["timeout_ms", "max_turns", "max_tokens"] {
+    for field in ["timeout_ms", "max_turns", "max_tokens", "token_budget"] {
         if object.get(field).is_some_and(not_unsigned) {
             return Err(SpecError(format!(
                 "spec.{field} must be a positive integer"
             )));
+        }
+    }
+    for (field, max) in [
+        ("max_turns", bounds::MAX_AGENT_TURNS),
+        ("max_tokens", bounds::MAX_AGENT_RESPONSE_TOKENS),
+    ] {
+        if let Some(value) = object.get(field).and_then(Value::as_u64) {
+            if value > max {
+                return Err(SpecError(format!(
+                    "spec.{field} must be between 1 and {max}, got {value}"
+                )));
+            }
         }
     }
     if let Some(network) = object.get("network") {

@@ -59,8 +59,14 @@ pub mod paths {
     /// `GET`: one chunk of a parent step's sealed artifacts, for the attempt of `{id}` (its
     /// lease in headers, and the source's sealed attempt, [`super::lease_headers`]).
     pub const ARTIFACT_INPUT_ROUTE: &str = "/internal/tasks/{id}/inputs/{source}/{seq}";
+    /// `POST`: an agent step's new turns for its session ([`super::SessionTurns`]).
+    pub const SESSION_ROUTE: &str = "/internal/tasks/{id}/session";
     /// `GET`: liveness, on both listeners.
     pub const HEALTHZ: &str = "/healthz";
+
+    pub fn session(job: crate::JobId) -> String {
+        SESSION_ROUTE.replace("{id}", &job.to_string())
+    }
 
     pub fn heartbeat(pod: &str) -> String {
         HEARTBEAT_ROUTE.replace("{pod}", pod)
@@ -169,6 +175,19 @@ wire_names! {
         Started = "started",
         /// `{"exit_code", "signal"}` or `{"tool", "ok"}` — the tool ended.
         Exited = "exited",
+        /// `{"turn", "text"}` — an agent's text, deltas coalesced.
+        Text = "text",
+        /// `{"turn", "id", "name", "input"}` — an agent's tool call.
+        ToolCall = "tool_call",
+        /// `{"turn", "id", "name", "is_error", "content", "truncated"}` — its result, as sent
+        /// back to the model (truncated for the event).
+        ToolResult = "tool_result",
+        /// `{"turn", "stop_reason", "input_tokens", "output_tokens", …}` — one model response's
+        /// usage.
+        Usage = "usage",
+        /// `{"status"?, "error", "retry", "delay_ms"}` — a model request failed and is tried
+        /// again.
+        ModelRetry = "model_retry",
     }
 }
 
@@ -243,6 +262,22 @@ wire_names! {
         ArtifactRefused = "artifact_refused",
         /// Artifacts could not be uploaded or downloaded within the retry budget (retried).
         ArtifactsUnavailable = "artifacts_unavailable",
+        /// The runner is not configured for the job (an agent step without
+        /// `ANTHROPIC_API_KEY`); not retried.
+        Configuration = "configuration",
+        /// An agent step used its `max_turns` without the model ending its turn (not retried).
+        MaxTurns = "max_turns",
+        /// An agent step used its token budget (not retried).
+        TokenBudget = "token_budget",
+        /// The model API refused the request (400, 401, 403, 404, 413): not retried.
+        ModelRefused = "model_refused",
+        /// The model API stayed unavailable (429, 529, 5xx, a cut stream) through every
+        /// retry (retried).
+        ModelUnavailable = "model_unavailable",
+        /// The model API answered with something the protocol does not allow (not retried).
+        ModelProtocol = "model_protocol",
+        /// An agent step's new turns could not be handed to the scheduler (retried).
+        SessionUnavailable = "session_unavailable",
     }
 }
 
@@ -372,6 +407,34 @@ pub struct Task {
     /// globs to pack when it succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<TaskArtifacts>,
+    /// An agent step's session: the conversation so far, which the attempt continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<TaskSession>,
+}
+
+/// The stored conversation of an agent session, handed to the attempt that holds it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskSession {
+    pub name: String,
+    /// Messages API messages (`{"role", "content"}`), oldest first; starts with a user
+    /// message and ends with an assistant one.
+    #[serde(default)]
+    pub messages: Vec<Value>,
+}
+
+/// `POST /internal/tasks/:id/session`: the turns the attempt added to its session, kept
+/// aside and made the session's history when the job succeeds. Sent before the completion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionTurns {
+    pub attempt: Attempt,
+    pub lease_token: LeaseToken,
+    pub messages: Vec<Value>,
+}
+
+/// The answer to [`SessionTurns`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionTurnsResponse {
+    pub stored: bool,
 }
 
 /// What a step's attempt does with artifacts.

@@ -30,6 +30,8 @@ pub struct ServeConfig {
     /// How long a finished workflow run (its steps, outputs and artifacts) is kept; zero:
     /// for ever.
     pub run_retention: Duration,
+    /// Largest stored agent session history, in bytes of JSON.
+    pub session_max_bytes: usize,
     pub max_connections: u32,
     /// Apply migrations at start.
     pub migrate: bool,
@@ -54,6 +56,7 @@ impl ServeConfig {
             claim_poll_interval: Duration::from_secs(1),
             cron_interval: Some(Duration::from_secs(1)),
             run_retention: Duration::from_secs(7 * 24 * 3600),
+            session_max_bytes: 2 << 20,
             max_connections: 16,
             migrate: true,
             public_limits: ListenerLimits {

@@ -287,6 +287,10 @@ struct ServeArgs {
     /// 0 keeps them for ever.
     #[arg(long, env = "SLUICE_RUN_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
     run_retention_seconds: u64,
+    /// Largest stored agent session (its messages as JSON): past it, the oldest tool
+    /// results are elided, then the oldest exchanges dropped.
+    #[arg(long, env = "SLUICE_SESSION_MAX_BYTES", default_value_t = 2 << 20)]
+    session_max_bytes: u64,
     /// Do not apply migrations at start.
     #[arg(long)]
     no_migrate: bool,
@@ -478,6 +482,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "SLUICE_RUN_RETENTION_SECONDS must be between 0 (keep for ever) and 3162240000 (100 years)"
     );
     config.run_retention = Duration::from_secs(args.run_retention_seconds);
+    anyhow::ensure!(
+        (4096..=64 << 20).contains(&args.session_max_bytes),
+        "SLUICE_SESSION_MAX_BYTES must be between 4096 and 67108864"
+    );
+    config.session_max_bytes = args.session_max_bytes as usize;
     let server = sluice::server::Server::start(config).await?;
     // One line on stdout that scripts (and the testkit) can wait for.
     println!(

@@ -11,15 +11,15 @@ use axum::{Json, Router};
 use sluice_protocol::{
     paths, ArtifactSeal, ArtifactSealResponse, Attempt, ClaimRequest, ClaimResponse,
     CompleteManyRequest, CompleteManyResponse, CompleteResponse, Completion, HeartbeatRequest,
-    HeartbeatResponse, JobId, LeaseToken, RegisterRequest, RegisterResponse, StreamRequest,
-    StreamResponse,
+    HeartbeatResponse, JobId, LeaseToken, RegisterRequest, RegisterResponse, SessionTurns,
+    SessionTurnsResponse, StreamRequest, StreamResponse,
 };
 
 use super::{
     bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, RawBody,
     INTERNAL_BODY_LIMIT_BYTES,
 };
-use crate::service::{dispatch, runners, workflows::artifacts};
+use crate::service::{dispatch, runners, sessions, workflows::artifacts};
 use crate::store::runners::RunnerIdentity;
 use crate::Error;
 
@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::ARTIFACT_CHUNK_ROUTE, put(artifact_chunk))
         .route(paths::ARTIFACT_SEAL_ROUTE, post(artifact_seal))
         .route(paths::ARTIFACT_INPUT_ROUTE, get(artifact_input))
+        .route(paths::SESSION_ROUTE, post(session_turns))
         .route(paths::HEALTHZ, get(healthz))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
@@ -219,6 +220,18 @@ async fn artifact_seal(
 ) -> ApiResult<Json<ArtifactSealResponse>> {
     Ok(Json(
         artifacts::seal(&state, &runner, job_id(&id)?, seal).await?,
+    ))
+}
+
+/// An agent attempt's new turns for its session, kept until its job succeeds.
+async fn session_turns(
+    State(state): State<AppState>,
+    Runner(runner): Runner,
+    JsonPath(id): JsonPath<String>,
+    JsonBody(turns): JsonBody<SessionTurns>,
+) -> ApiResult<Json<SessionTurnsResponse>> {
+    Ok(Json(
+        sessions::keep_turns(&state, &runner, job_id(&id)?, turns).await?,
     ))
 }
 

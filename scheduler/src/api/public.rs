@@ -22,7 +22,7 @@ use super::{
     bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, TextBody,
     BODY_LIMIT_BYTES,
 };
-use crate::service::{cron, jobs, workflows};
+use crate::service::{cron, jobs, sessions, workflows};
 use crate::{store, Error};
 
 /// The public router (`/api/*`, `/healthz`, `/readyz`).
@@ -46,6 +46,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             paths::SCHEDULE_ROUTE,
             put(put_schedule).get(get_schedule).delete(delete_schedule),
+        )
+        .route(
+            paths::SESSION_ROUTE,
+            get(get_session).delete(delete_session),
         )
         .route(paths::SCHEDULE_PAUSE_ROUTE, post(pause_schedule))
         .route(paths::SCHEDULE_RESUME_ROUTE, post(resume_schedule))
@@ -331,6 +335,21 @@ async fn delete_schedule(
     JsonPath(name): JsonPath<String>,
 ) -> ApiResult<StatusCode> {
     cron::delete(&state, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_session(
+    State(state): State<AppState>,
+    JsonPath(name): JsonPath<String>,
+) -> ApiResult<Json<sluice_protocol::api::AgentSession>> {
+    Ok(Json(sessions::get(&state, &name).await?))
+}
+
+async fn delete_session(
+    State(state): State<AppState>,
+    JsonPath(name): JsonPath<String>,
+) -> ApiResult<StatusCode> {
+    sessions::delete(&state, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

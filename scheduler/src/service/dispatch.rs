@@ -17,7 +17,7 @@ use sluice_protocol::{
 };
 use tokio::time::Instant;
 
-use super::{lifecycle, workflows, Context};
+use super::{lifecycle, sessions, workflows, Context};
 use crate::store::runners::RunnerIdentity;
 use crate::store::{artifacts, jobs, runs};
 use crate::{Error, Result};
@@ -126,7 +126,7 @@ pub async fn claim(
 async fn task_of(
     ctx: &Context,
     runner: &RunnerIdentity,
-    job: jobs::ClaimedJob,
+    mut job: jobs::ClaimedJob,
     views: &StepViews,
 ) -> Result<Option<Task>> {
     // A step's context, with a for_each job's own item and index.
@@ -145,32 +145,29 @@ async fn task_of(
         context
     });
     let spec = match &context {
-        None => job.spec,
+        None => std::mem::take(&mut job.spec),
         Some(context) => match workflows::template::render(&job.spec, context) {
             Ok(spec) => spec,
             Err(message) => {
-                let error = serde_json::json!({"code": "template_error", "message": message});
-                let output = serde_json::json!({});
-                jobs::complete_if_leased(
-                    &ctx.pool,
-                    jobs::Completion {
-                        runner: runner.id,
-                        job: job.id,
-                        attempt: job.attempt,
-                        lease_token: job.lease_token,
-                        outcome: Outcome::Failed,
-                        output: &output,
-                        error: Some(error),
-                        retryable: false,
-                        final_seq: Some(0),
-                        retry_jitter: 1.0,
-                    },
-                )
-                .await?;
                 tracing::info!(job_id = %job.id, %message, "a step's template does not resolve");
+                fail_claimed(ctx, runner, &job, "template_error", message).await?;
                 return Ok(None);
             }
         },
+    };
+    // An agent step's session: held by one attempt at a time.
+    let session = match agent_session(&spec) {
+        None => None,
+        Some(Err(message)) => {
+            fail_claimed(ctx, runner, &job, "invalid_spec", message).await?;
+            return Ok(None);
+        }
+        Some(Ok(name)) => {
+            match sessions::hand_over(ctx, &name, job.id, job.attempt, job.lease_token).await? {
+                sessions::HandOver::Held(session) => Some(session),
+                sessions::HandOver::Postponed => return Ok(None),
+            }
+        }
     };
     Ok(Some(Task {
         job_id: job.id,
@@ -181,7 +178,55 @@ async fn task_of(
         timeout_ms: job.timeout_ms.map(|ms| ms as u64),
         context,
         artifacts: job.step.as_ref().and_then(|key| views.artifacts(key)),
+        session,
     }))
+}
+
+/// The session an agent spec names, checked (a spec stored with plain SQL, or filled from a
+/// template, was not checked at enqueue).
+fn agent_session(spec: &serde_json::Value) -> Option<std::result::Result<String, String>> {
+    if spec.get("kind").and_then(|k| k.as_str()) != Some("agent") {
+        return None;
+    }
+    match spec.get("session")? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(name) => Some(
+            bounds::check_session_name(name)
+                .map(|()| name.clone())
+                .map_err(|reason| format!("spec.session {reason}")),
+        ),
+        _ => Some(Err("spec.session must be a string".into())),
+    }
+}
+
+/// Ends a claimed attempt at once as failed with `code` (not retried: another attempt would
+/// read the same spec), without handing it out.
+async fn fail_claimed(
+    ctx: &Context,
+    runner: &RunnerIdentity,
+    job: &jobs::ClaimedJob,
+    code: &str,
+    message: String,
+) -> Result<()> {
+    let error = serde_json::json!({"code": code, "message": message});
+    let output = serde_json::json!({});
+    jobs::complete_if_leased(
+        &ctx.pool,
+        jobs::Completion {
+            runner: runner.id,
+            job: job.id,
+            attempt: job.attempt,
+            lease_token: job.lease_token,
+            outcome: Outcome::Failed,
+            output: &output,
+            error: Some(error),
+            retryable: false,
+            final_seq: Some(0),
+            retry_jitter: 1.0,
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 /// The claimed steps' contexts, artifact globs and parents' artifacts.

@@ -10,6 +10,8 @@
 //! - [`lifecycle`] — the job lifecycle's policy: lease timings, retry back-off, what a
 //!   completion asks of the store.
 //! - [`maintenance`] — the leader-elected loop: reclaim, timeouts, promotion, pruning.
+//! - [`sessions`] — agent sessions: handing one to a claimed attempt, keeping its turns,
+//!   reading and forgetting it.
 //!
 //! Where the next capabilities go (ARCHITECTURE.md has the map): workflow advancement (a
 //! step's completion releasing its children) is part of [`dispatch`]'s completion and a
@@ -23,6 +25,7 @@ pub mod jobs;
 pub mod lifecycle;
 pub mod maintenance;
 pub mod runners;
+pub mod sessions;
 pub mod workflows;
 
 use std::sync::atomic::AtomicBool;

@@ -17,6 +17,7 @@ pub mod queues;
 pub mod runners;
 pub mod runs;
 pub mod schedules;
+pub mod sessions;
 pub mod workflows;
 
 use std::str::FromStr;
