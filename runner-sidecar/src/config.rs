@@ -116,6 +116,64 @@ pub struct Args {
     /// How long one claim long-poll waits.
     #[arg(long, env = "SLUICE_RUNNER_CLAIM_WAIT_MS", default_value_t = 30_000)]
     pub claim_wait_ms: u64,
+    /// The Anthropic API key agent steps use; without it they fail with `configuration`.
+    /// Held by the sidecar only: never in a tool's environment, an event, a log or an error.
+    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true, value_parser = secret)]
+    pub anthropic_api_key: Option<Secret>,
+    /// The Messages API's base URL.
+    #[arg(
+        long,
+        env = "ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_base_url: String,
+    /// The model of agent steps that name none.
+    #[arg(long, env = "SLUICE_AGENT_MODEL", default_value = "claude-sonnet-4-5")]
+    pub agent_model: String,
+    /// Most model responses of an agent step that names no `max_turns`.
+    #[arg(long, env = "SLUICE_AGENT_MAX_TURNS", default_value_t = 50)]
+    pub agent_max_turns: u32,
+    /// `max_tokens` of each response of an agent step that names none.
+    #[arg(long, env = "SLUICE_AGENT_MAX_TOKENS", default_value_t = 8192)]
+    pub agent_max_tokens: u32,
+    /// Tokens (input and output over all turns) of an agent step that names no
+    /// `token_budget`.
+    #[arg(long, env = "SLUICE_AGENT_TOKEN_BUDGET", default_value_t = 2_000_000)]
+    pub agent_token_budget: u64,
+    /// Retries of one model request (429, 529, 5xx, a cut stream) before the step fails.
+    #[arg(long, env = "SLUICE_AGENT_MAX_RETRIES", default_value_t = 6)]
+    pub agent_max_retries: u32,
+    /// First back-off between model retries (doubled each time, at most 60 s) when the
+    /// answer names no `retry-after`.
+    #[arg(long, env = "SLUICE_AGENT_RETRY_BASE_MS", default_value_t = 1000)]
+    pub agent_retry_base_ms: u64,
+    /// Largest tool result sent back to the model; longer ones are cut with a marker.
+    #[arg(
+        long,
+        env = "SLUICE_AGENT_TOOL_RESULT_MAX_BYTES",
+        default_value_t = 100_000
+    )]
+    pub agent_tool_result_max_bytes: u64,
+}
+
+/// A secret flag's value, wrapped at once so that `Args`' `Debug` cannot show it.
+fn secret(value: &str) -> std::result::Result<Secret, String> {
+    Ok(Secret::new(value))
+}
+
+/// What agent steps need from the runner's configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `None`: agent steps fail with `configuration`.
+    pub api_key: Option<Secret>,
+    pub base_url: String,
+    pub model: String,
+    pub max_turns: u32,
+    pub max_tokens: u32,
+    pub token_budget: u64,
+    pub max_retries: u32,
+    pub retry_base: Duration,
+    pub tool_result_max_bytes: usize,
 }
 
 /// The validated configuration.
@@ -142,6 +200,8 @@ pub struct Config {
     pub tool_policy: crate::tools::Policy,
     /// Largest artifact archive packed or unpacked.
     pub artifact_max_bytes: u64,
+    /// Agent steps: the API key and endpoint, defaults and caps.
+    pub agent: AgentConfig,
 }
 
 impl Config {
@@ -225,6 +285,37 @@ impl Config {
             fetch_timeout_ms: args.fetch_timeout_ms,
             fetch_allow,
         };
+        let base_url = args.anthropic_base_url.trim_end_matches('/').to_string();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(Error::Config(format!(
+                "ANTHROPIC_BASE_URL must start with http:// or https://, got {base_url:?}"
+            )));
+        }
+        if args.agent_max_turns == 0
+            || u64::from(args.agent_max_turns) > sluice_protocol::bounds::MAX_AGENT_TURNS
+            || args.agent_max_tokens == 0
+            || args.agent_token_budget == 0
+            || args.agent_tool_result_max_bytes < 1024
+            || args.agent_max_retries > 100
+        {
+            return Err(Error::Config(
+                "SLUICE_AGENT_MAX_TURNS must be 1-1000, SLUICE_AGENT_MAX_TOKENS and SLUICE_AGENT_TOKEN_BUDGET above 0, SLUICE_AGENT_TOOL_RESULT_MAX_BYTES at least 1024 and SLUICE_AGENT_MAX_RETRIES at most 100".into(),
+            ));
+        }
+        let agent = AgentConfig {
+            api_key: args
+                .anthropic_api_key
+                .filter(|key| !key.expose().trim().is_empty())
+                .map(|key| Secret::new(key.expose().trim())),
+            base_url,
+            model: args.agent_model,
+            max_turns: args.agent_max_turns,
+            max_tokens: args.agent_max_tokens,
+            token_budget: args.agent_token_budget,
+            max_retries: args.agent_max_retries,
+            retry_base: Duration::from_millis(args.agent_retry_base_ms.clamp(1, 60_000)),
+            tool_result_max_bytes: args.agent_tool_result_max_bytes.min(16 << 20) as usize,
+        };
         let workdir = args
             .workdir
             .unwrap_or_else(|| std::env::temp_dir().join(format!("sluice-runner-{pod_name}")));
@@ -263,6 +354,7 @@ impl Config {
             },
             tool_policy,
             artifact_max_bytes: args.artifact_max_bytes,
+            agent,
         })
     }
 }

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_protocol::{
-    bounds, parse_stored_spec, BashSpec, Completion, Failure, FailureCode, JobSpec, Network,
-    Outcome, Task, ToolName, ToolSpec,
+    bounds, parse_stored_spec, AgentSpec, BashSpec, Completion, Failure, FailureCode, JobSpec,
+    Network, Outcome, SessionTurns, SessionTurnsResponse, Task, ToolName, ToolSpec,
 };
 use sluice_sandbox::Sandbox;
 use tokio::sync::watch;
@@ -171,6 +171,26 @@ async fn perform(
     let ended = match &work {
         Work::Bash(spec) => exec::bash::run(exec, spec).await,
         Work::Tool(spec) => exec::tool::run(exec, spec).await,
+        Work::Agent(spec) => {
+            let agent = exec::agent::run(exec, spec, task.session.as_ref()).await;
+            match (agent.new_turns, &task.session) {
+                (Some(turns), Some(_)) => match keep_session_turns(ctx, task, turns).await {
+                    Ok(()) => agent.ended,
+                    Err(err) if err.is_lease_lost() => {
+                        // Abandoned below, like any attempt whose lease is gone.
+                        stop.order(StopReason::LeaseLost);
+                        agent.ended
+                    }
+                    Err(err) => Ended::failed(
+                        output_of(agent.ended),
+                        FailureCode::SessionUnavailable,
+                        format!("the session's new turns could not be handed over: {err}"),
+                        true,
+                    ),
+                },
+                _ => agent.ended,
+            }
+        }
         Work::Noop => Ended::succeeded(json!({})),
     };
     let streamed = stream.finish(events).await;
@@ -242,6 +262,38 @@ async fn perform(
         (_, finished) => finished,
     };
     Some(completion(task, ended, streamed.last_seq))
+}
+
+/// Hands an agent attempt's new turns to the scheduler, which keeps them for its session
+/// until the job succeeds.
+async fn keep_session_turns(
+    ctx: &Arc<AttemptContext>,
+    task: &Task,
+    messages: Vec<Value>,
+) -> Result<(), CallError> {
+    let mut messages = Value::Array(messages);
+    bounds::scrub_nul(&mut messages);
+    let turns = SessionTurns {
+        attempt: task.attempt,
+        lease_token: task.lease_token,
+        messages: match messages {
+            Value::Array(messages) => messages,
+            _ => Vec::new(),
+        },
+    };
+    let mut stop = ctx.hard_stop.clone();
+    let _: SessionTurnsResponse = ctx
+        .client
+        .post_retrying(
+            &sluice_protocol::paths::session(task.job_id),
+            &ctx.token,
+            &turns,
+            Duration::from_secs(60),
+            ctx.delivery_budget,
+            &mut stop,
+        )
+        .await?;
+    Ok(())
 }
 
 /// Downloads and unpacks the parents' artifacts of a workflow step; `Some` when the attempt
@@ -377,6 +429,8 @@ async fn pack_and_upload(
 enum Work {
     Noop,
     Bash(BashSpec),
+    /// An agent's tool-use loop.
+    Agent(AgentSpec),
     /// A confined tool (a `bash` tool call runs as [`Work::Bash`]).
     Tool(ToolSpec),
 }
@@ -408,21 +462,14 @@ impl Work {
                     network: spec.network,
                 }))
             }
-            // Kinds this runner version cannot run yet: the later issues replace this.
-            Ok(other) => Err(refused(
-                FailureCode::UnsupportedKind,
-                format!(
-                    "the {:?} kind is not supported by this runner version yet",
-                    other.kind()
-                ),
-            )),
+            Ok(JobSpec::Agent(spec)) => Ok(Work::Agent(spec)),
         }
     }
 
     /// The network its spec asks for.
     fn network(&self) -> Option<Network> {
         match self {
-            Work::Noop => None,
+            Work::Noop | Work::Agent(_) => None,
             Work::Bash(spec) => spec.network,
             Work::Tool(spec) => spec.network,
         }

@@ -1,6 +1,6 @@
-//! Executors: one piece of an attempt's work run in the sandbox — a bash script ([`bash`])
-//! or a confined tool call ([`tool`]). They share one shape, which the agent step reuses for
-//! each tool call it makes: an executor takes an [`Exec`] (where and as whom to run, the
+//! Executors: one piece of an attempt's work run in the sandbox — a bash script ([`bash`]),
+//! a confined tool call ([`tool`]) or an agent's tool-use loop ([`agent`], which runs each
+//! of its tool calls through the other two). They share one shape: an executor takes an [`Exec`] (where and as whom to run, the
 //! attempt's event sink and its stop signal) and returns [`Ended`] — finished, with an output
 //! and the failure if it failed, or stopped from outside.
 //!
@@ -8,6 +8,7 @@
 //! - [`output`] — bounded output: the per-attempt cap, the tails, bytes to event data.
 //! - [`events`] — the attempt's event sink, in `seq` order.
 
+pub mod agent;
 pub mod bash;
 pub mod events;
 pub mod output;

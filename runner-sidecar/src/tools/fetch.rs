@@ -395,7 +395,7 @@ where
 }
 
 /// rustls with the ring provider and the Mozilla roots compiled in (no system files needed).
-fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, ToolError> {
+pub(crate) fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, ToolError> {
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
