@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod anthropic;
 pub mod procs;
 pub mod proxy;
 
