@@ -24,8 +24,10 @@ CREATE INDEX agent_sessions_holder_idx ON sluice.agent_sessions (holder_job)
     WHERE holder_job IS NOT NULL;
 
 -- Agent jobs of a session that have not finished, oldest first: the FIFO check of the
--- hand-over. Partial, so other jobs are not in it.
-CREATE INDEX jobs_agent_session_idx ON sluice.jobs ((spec ->> 'session'), id)
+-- hand-over. Partial, so other jobs are not in it; on the name's first 129 characters, so
+-- that a huge `session` written with plain SQL cannot make an index row too large (names
+-- are at most 128, so equality on the prefix is equality on the name).
+CREATE INDEX jobs_agent_session_idx ON sluice.jobs ((left(spec ->> 'session', 129)), id)
     WHERE spec ->> 'kind' = 'agent' AND state IN ('available', 'scheduled', 'running');
 
 -- An agent job's attempt ended (any way out of `running`): its session is free again, and

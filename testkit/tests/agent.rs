@@ -663,3 +663,51 @@ async fn bad_agent_specs_and_session_names_are_refused_with_the_field_named() {
         assert!(body["error"]["code"].is_string(), "{body}");
     }
 }
+
+/// `examples/coding.yaml`: the agent step's files reach the bash step as artifacts, and the
+/// tests it wrote pass there. The fake plays a model that writes working scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coding_example_hands_the_agents_files_to_a_bash_step_that_tests_them() {
+    let slugify = "#!/usr/bin/env bash\nread -r line\nprintf '%s\\n' \"$line\" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//'\n";
+    let tests = "#!/usr/bin/env bash\nfail=0\ncheck() {\n  got=$(printf '%s\\n' \"$1\" | bash slugify.sh)\n  if [ \"$got\" = \"$2\" ]; then echo \"ok: $1 -> $got\"; else echo \"FAIL: $1 -> $got, want $2\"; fail=1; fi\n}\ncheck 'Hello, World!' hello-world\ncheck '  Sluice  Jobs ' sluice-jobs\ncheck 'a--b' a-b\nexit $fail\n";
+    let write = |path: &str, content: &str| json!({"path": path, "content": content}).to_string();
+    let (w1, w2) = (write("slugify.sh", slugify), write("test_slugify.sh", tests));
+    let fake = FakeAnthropic::replay(vec![
+        Reply::tools(
+            "Writing both scripts.",
+            &[("toolu_1", "write_file", &w1), ("toolu_2", "write_file", &w2)],
+        ),
+        Reply::tools("", &[("toolu_3", "bash", r#"{"command": "bash test_slugify.sh"}"#)]),
+        Reply::text("done"),
+    ])
+    .await;
+    let setup = setup(fake, &[]).await;
+    let api = setup.scheduler.api();
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/coding.yaml"),
+    )
+    .unwrap();
+    api.register_workflow("coding", &example).await;
+    let run = api.start_run(json!({"workflow": "coding"})).await;
+    let finished = api.run_finished(run, WAIT).await;
+    assert_eq!(finished["state"], "succeeded", "{finished}");
+    let test = sluice_testkit::run_step(&finished, "test");
+    assert_eq!(test["output"]["value"], json!({"passed": true, "agent_turns": 3}), "{test}");
+
+    // The model saw the example's prompt and tools, and its own check ran in the sandbox.
+    let received = setup.fake.received();
+    assert_eq!(received.len(), 3);
+    let prompt = received[0].body["messages"][0]["content"].as_str().unwrap();
+    assert!(prompt.contains("slugify.sh"), "{prompt}");
+    let offered: Vec<&str> = received[0].body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(offered, ["write_file", "read_file", "bash"]);
+    let check: Value =
+        serde_json::from_str(tool_results(&received[2])[0]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(check["exit_code"], 0, "{check}");
+    assert!(check["stdout_tail"].as_str().unwrap().contains("ok: Hello, World! -> hello-world"));
+}

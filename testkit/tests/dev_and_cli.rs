@@ -34,6 +34,7 @@ fn sluice_dev_runs_the_example_job_and_leaves_nothing_behind_on_ctrl_c() {
         ])
         .current_dir(home.path())
         .env_remove("DATABASE_URL")
+        .env_remove("ANTHROPIC_API_KEY")
         // As a user runs the built binary (not through `cargo run`, which sets CARGO).
         .env_remove("CARGO")
         .env("RUST_LOG", "warn")
@@ -94,6 +95,12 @@ fn sluice_dev_runs_the_example_job_and_leaves_nothing_behind_on_ctrl_c() {
     );
     assert!(transcript_text.contains("curl -H"), "{transcript_text}");
     assert!(transcript_text.contains("psql"), "{transcript_text}");
+    // Without a key, it says how to enable agent steps.
+    assert!(
+        transcript_text.contains("agent steps: not enabled")
+            && transcript_text.contains("ANTHROPIC_API_KEY"),
+        "{transcript_text}"
+    );
 
     // dev.env is shell-sourceable and names a working API.
     let env = std::fs::read_to_string(state_dir.join("dev.env")).expect("dev.env written");

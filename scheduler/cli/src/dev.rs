@@ -183,6 +183,7 @@ async fn serve_dev(
         &masked_password(database_url.expose()),
         &env_path,
     );
+    println!("{}", agent_steps_note());
 
     let pool = store::pool(
         store::connect_options(database_url.expose())?,
@@ -361,7 +362,17 @@ pub fn spawn_runner(launch: &RunnerLaunch<'_>) -> Result<Child> {
     let mut command = Command::new(launch.binary);
     // The sidecar gets what it needs and nothing else: no DATABASE_URL, no API token.
     command.env_clear();
-    for name in ["PATH", "HOME", "TMPDIR", "RUST_LOG", "LANG"] {
+    // The Anthropic variables enable agent steps; the sidecar keeps them from its tools.
+    for name in [
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "RUST_LOG",
+        "LANG",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+        "SLUICE_AGENT_MODEL",
+    ] {
         if let Some(value) = std::env::var_os(name) {
             command.env(name, value);
         }
@@ -405,6 +416,19 @@ pub async fn stop_runners(runners: &mut Vec<Child>) {
         }
     }
     runners.clear();
+}
+
+/// Whether the runners can run agent steps, and how to enable them when they cannot.
+pub fn agent_steps_note() -> String {
+    match std::env::var("ANTHROPIC_API_KEY") {
+        Ok(key) if !key.trim().is_empty() => {
+            "  agent steps: enabled (ANTHROPIC_API_KEY is set; try examples/coding.yaml)".into()
+        }
+        _ => "  agent steps: not enabled; start `sluice dev` with ANTHROPIC_API_KEY set (and \
+              ANTHROPIC_BASE_URL for another endpoint) to run {\"kind\":\"agent\"} jobs; \
+              without it they fail with error code \"configuration\""
+            .into(),
+    }
 }
 
 /// `url` with its password shown as `***` (the whole URL is in `dev.env`).

@@ -18,7 +18,7 @@ pub const LOCK_SESSION: &str = "SELECT pg_advisory_xact_lock(hashtext('sluice.se
 pub const ACQUIRE: &str = "WITH ready AS (
         SELECT 1 WHERE NOT EXISTS (
             SELECT 1 FROM sluice.jobs w
-            WHERE w.spec ->> 'kind' = 'agent' AND w.spec ->> 'session' = $1
+            WHERE w.spec ->> 'kind' = 'agent' AND left(w.spec ->> 'session', 129) = $1
               AND w.state IN ('available', 'scheduled') AND w.id < $2)
     )
     INSERT INTO sluice.agent_sessions AS s (name, holder_job, holder_attempt)
@@ -79,6 +79,20 @@ pub const DELETE: &str = "WITH target AS (
         RETURNING 1
     )
     SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM deleted)";
+
+/// Every statement here, named, for the statement check of the testkit.
+pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
+    [
+        ("LOCK_SESSION", LOCK_SESSION),
+        ("ACQUIRE", ACQUIRE),
+        ("POSTPONE", POSTPONE),
+        ("HELD_HISTORY", HELD_HISTORY),
+        ("KEEP_PENDING", KEEP_PENDING),
+        ("GET", GET),
+        ("DELETE", DELETE),
+    ]
+    .into_iter()
+}
 
 /// A session as stored.
 #[derive(Debug, sqlx::FromRow)]
