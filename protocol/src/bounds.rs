@@ -52,6 +52,9 @@ pub const MAX_AGENT_TURNS: u64 = 1000;
 pub const MAX_AGENT_RESPONSE_TOKENS: u64 = 1_000_000;
 /// Longest model name.
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
+/// Most bytes of the turns an agent attempt sends for its session (under the internal body
+/// limit); the sidecar elides old tool results to fit.
+pub const MAX_SESSION_TURNS_BYTES: usize = 6 << 20;
 /// Longest agent session name.
 pub const MAX_SESSION_NAME_BYTES: usize = 128;
 

@@ -22,9 +22,11 @@
 pub mod api;
 pub mod bounds;
 mod ids;
+mod session;
 mod spec;
 pub mod wire;
 
 pub use ids::*;
+pub use session::cap_history;
 pub use spec::*;
 pub use wire::*;

@@ -671,13 +671,22 @@ async fn the_coding_example_hands_the_agents_files_to_a_bash_step_that_tests_the
     let slugify = "#!/usr/bin/env bash\nread -r line\nprintf '%s\\n' \"$line\" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//'\n";
     let tests = "#!/usr/bin/env bash\nfail=0\ncheck() {\n  got=$(printf '%s\\n' \"$1\" | bash slugify.sh)\n  if [ \"$got\" = \"$2\" ]; then echo \"ok: $1 -> $got\"; else echo \"FAIL: $1 -> $got, want $2\"; fail=1; fi\n}\ncheck 'Hello, World!' hello-world\ncheck '  Sluice  Jobs ' sluice-jobs\ncheck 'a--b' a-b\nexit $fail\n";
     let write = |path: &str, content: &str| json!({"path": path, "content": content}).to_string();
-    let (w1, w2) = (write("slugify.sh", slugify), write("test_slugify.sh", tests));
+    let (w1, w2) = (
+        write("slugify.sh", slugify),
+        write("test_slugify.sh", tests),
+    );
     let fake = FakeAnthropic::replay(vec![
         Reply::tools(
             "Writing both scripts.",
-            &[("toolu_1", "write_file", &w1), ("toolu_2", "write_file", &w2)],
+            &[
+                ("toolu_1", "write_file", &w1),
+                ("toolu_2", "write_file", &w2),
+            ],
         ),
-        Reply::tools("", &[("toolu_3", "bash", r#"{"command": "bash test_slugify.sh"}"#)]),
+        Reply::tools(
+            "",
+            &[("toolu_3", "bash", r#"{"command": "bash test_slugify.sh"}"#)],
+        ),
         Reply::text("done"),
     ])
     .await;
@@ -692,7 +701,11 @@ async fn the_coding_example_hands_the_agents_files_to_a_bash_step_that_tests_the
     let finished = api.run_finished(run, WAIT).await;
     assert_eq!(finished["state"], "succeeded", "{finished}");
     let test = sluice_testkit::run_step(&finished, "test");
-    assert_eq!(test["output"]["value"], json!({"passed": true, "agent_turns": 3}), "{test}");
+    assert_eq!(
+        test["output"]["value"],
+        json!({"passed": true, "agent_turns": 3}),
+        "{test}"
+    );
 
     // The model saw the example's prompt and tools, and its own check ran in the sandbox.
     let received = setup.fake.received();
@@ -709,5 +722,69 @@ async fn the_coding_example_hands_the_agents_files_to_a_bash_step_that_tests_the
     let check: Value =
         serde_json::from_str(tool_results(&received[2])[0]["content"].as_str().unwrap()).unwrap();
     assert_eq!(check["exit_code"], 0, "{check}");
-    assert!(check["stdout_tail"].as_str().unwrap().contains("ok: Hello, World! -> hello-world"));
+    assert!(check["stdout_tail"]
+        .as_str()
+        .unwrap()
+        .contains("ok: Hello, World! -> hello-world"));
+}
+
+/// The session route's contract, driven by a fake runner: only the holder's live lease may
+/// keep turns, NUL is refused, and kept turns reach the next holder only once the job
+/// succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_turns_are_fenced_by_the_lease_and_kept_only_on_success() {
+    use sluice_protocol::{paths, LeaseToken, SessionTurns};
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let runner = sluice_testkit::FakeRunner::register(&scheduler, "fake-agent").await;
+    let spec = json!({"spec": {"kind": "agent", "prompt": "p1", "session": "fenced"}});
+    let first = api.enqueue(spec.clone()).await;
+    let task = runner.claim(1, 5000).await.remove(0);
+    assert_eq!(task.job_id.0, first);
+    let session = task.session.clone().expect("the holder gets its session");
+    assert_eq!(session.name, "fenced");
+    assert!(session.messages.is_empty());
+    let turns = |lease_token: LeaseToken, text: &str| SessionTurns {
+        attempt: task.attempt,
+        lease_token,
+        messages: vec![
+            json!({"role": "user", "content": "p1"}),
+            json!({"role": "assistant", "content": [{"type": "text", "text": text}]}),
+        ],
+    };
+    let path = paths::session(task.job_id);
+    let (status, body) = runner
+        .send(&path, &turns(LeaseToken(uuid::Uuid::new_v4()), "forged"))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "lease_lost");
+    let (status, body) = runner
+        .send(&path, &turns(task.lease_token, "nul\u{0}"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages"),
+        "{body}"
+    );
+    let (status, body) = runner.send(&path, &turns(task.lease_token, "a1")).await;
+    assert_eq!(status, 200, "{body}");
+    // Not the history until the job succeeds.
+    let (_, stored) = api.get(&api_paths::session("fenced")).await;
+    assert_eq!(stored["messages"], json!([]));
+    assert_eq!(stored["held_by"], first);
+    let (status, _) = runner.complete(&task, json!({"text": "a1"})).await;
+    assert_eq!(status, 200);
+    let (_, stored) = api.get(&api_paths::session("fenced")).await;
+    assert_eq!(stored["messages"].as_array().unwrap().len(), 2, "{stored}");
+    assert_eq!(stored["held_by"], Value::Null);
+    // The next job of the session starts from it.
+    let second = api.enqueue(spec).await;
+    let task = runner.claim(1, 5000).await.remove(0);
+    assert_eq!(task.job_id.0, second);
+    let session = task.session.expect("the next holder gets its session");
+    assert_eq!(session.messages[1]["content"][0]["text"], "a1");
 }

@@ -271,6 +271,8 @@ async fn keep_session_turns(
     task: &Task,
     messages: Vec<Value>,
 ) -> Result<(), CallError> {
+    let mut messages = messages;
+    sluice_protocol::cap_history(&mut messages, bounds::MAX_SESSION_TURNS_BYTES);
     let mut messages = Value::Array(messages);
     bounds::scrub_nul(&mut messages);
     let turns = SessionTurns {

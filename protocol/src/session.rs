@@ -1,0 +1,150 @@
+//! Agent session histories: Messages API messages, kept under a size cap in a way the API
+//! still accepts. Used by the scheduler on what it stores and by the sidecar on what it
+//! sends.
+
+use serde_json::{json, Value};
+
+/// What an elided tool result or input says instead.
+const ELIDED: &str = "[elided: an older tool result, to keep the session under its size cap]";
+
+/// Keeps `messages` under `max` bytes of JSON: the oldest tool results are elided first,
+/// then the oldest tool inputs, then whole exchanges (a user prompt and everything up to the
+/// next prompt) are dropped from the front, the last exchange always kept. The history
+/// stays one the Messages API accepts: it starts with a prompt, and every `tool_use` keeps
+/// its `tool_result`.
+pub fn cap_history(messages: &mut Vec<Value>, max: usize) {
+    let size = |messages: &Vec<Value>| serde_json::to_vec(messages).map_or(0, |v| v.len());
+    let mut current = size(messages);
+    if current <= max {
+        return;
+    }
+    // Tool results, oldest first; then tool inputs.
+    for (kind, field, replacement) in [
+        ("tool_result", "content", json!(ELIDED)),
+        ("tool_use", "input", json!({ "elided": ELIDED })),
+    ] {
+        for message in messages.iter_mut() {
+            let Some(blocks) = message.get_mut("content").and_then(Value::as_array_mut) else {
+                continue;
+            };
+            for block in blocks.iter_mut() {
+                if block.get("type").and_then(Value::as_str) != Some(kind) {
+                    continue;
+                }
+                let Some(slot) = block.get_mut(field) else {
+                    continue;
+                };
+                if *slot == replacement {
+                    continue;
+                }
+                let before = serde_json::to_vec(slot).map_or(0, |v| v.len());
+                let after = serde_json::to_vec(&replacement).map_or(0, |v| v.len());
+                if before <= after {
+                    continue;
+                }
+                *slot = replacement.clone();
+                current -= before - after;
+                if current <= max {
+                    return;
+                }
+            }
+        }
+    }
+    // Whole exchanges, oldest first.
+    loop {
+        let next_prompt = messages
+            .iter()
+            .enumerate()
+            .skip(1)
+            .find(|(_, m)| is_prompt(m))
+            .map(|(i, _)| i);
+        let Some(next) = next_prompt else { return };
+        messages.drain(..next);
+        current = size(messages);
+        if current <= max {
+            return;
+        }
+    }
+}
+
+/// A user message that starts an exchange (not one carrying tool results).
+fn is_prompt(message: &Value) -> bool {
+    if message.get("role").and_then(Value::as_str) != Some("user") {
+        return false;
+    }
+    match message.get("content") {
+        Some(Value::Array(blocks)) => !blocks
+            .iter()
+            .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result")),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(prompt: &str, result: &str) -> Vec<Value> {
+        vec![
+            json!({"role": "user", "content": prompt}),
+            json!({"role": "assistant", "content": [
+                {"type": "tool_use", "id": format!("t-{prompt}"), "name": "bash", "input": {"command": "x".repeat(100)}}
+            ]}),
+            json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": format!("t-{prompt}"), "content": result}
+            ]}),
+            json!({"role": "assistant", "content": [{"type": "text", "text": "done"}]}),
+        ]
+    }
+
+    fn bytes(messages: &Vec<Value>) -> usize {
+        serde_json::to_vec(messages).unwrap().len()
+    }
+
+    #[test]
+    fn a_history_under_the_cap_is_untouched() {
+        let mut messages = exchange("a", "small");
+        let before = messages.clone();
+        cap_history(&mut messages, 1 << 20);
+        assert_eq!(messages, before);
+    }
+
+    #[test]
+    fn the_oldest_tool_results_are_elided_first() {
+        let big = "r".repeat(10_000);
+        let mut messages = exchange("a", &big);
+        messages.extend(exchange("b", &big));
+        let max = bytes(&messages) - 5_000;
+        cap_history(&mut messages, max);
+        assert!(bytes(&messages) <= max);
+        assert_eq!(messages.len(), 8, "no exchange dropped");
+        assert_eq!(messages[2]["content"][0]["content"], ELIDED);
+        assert_eq!(
+            messages[6]["content"][0]["content"], big,
+            "the newest result is kept"
+        );
+        // The pairing the API needs is intact.
+        assert_eq!(messages[2]["content"][0]["tool_use_id"], "t-a");
+    }
+
+    #[test]
+    fn whole_exchanges_go_when_elision_is_not_enough() {
+        let mut messages = Vec::new();
+        for prompt in ["a", "b", "c"] {
+            messages.extend(exchange(prompt, "ok"));
+        }
+        let last = exchange("c", "ok");
+        cap_history(&mut messages, bytes(&last) + 10);
+        assert_eq!(messages.len(), 4);
+        assert_eq!(messages[0]["content"], "c", "starts with a prompt");
+        assert!(is_prompt(&messages[0]));
+    }
+
+    #[test]
+    fn the_last_exchange_is_kept_even_over_the_cap() {
+        let mut messages = exchange("only", &"r".repeat(1000));
+        cap_history(&mut messages, 10);
+        assert_eq!(messages.len(), 4);
+        assert_eq!(messages[0]["content"], "only");
+    }
+}
