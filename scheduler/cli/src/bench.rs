@@ -551,14 +551,23 @@ async fn queue_core(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
                             retry_jitter: 0.0,
                         })
                         .collect();
-                    let (_, claimed) = jobs::complete_and_claim(
-                        &pool,
-                        runner,
-                        &completions,
-                        CORE_BATCH,
-                        Duration::from_secs(30),
-                    )
-                    .await?;
+                    // A deadlock between the two workers' statements is rolled back whole
+                    // and tried again, as a sidecar does with a 503 `busy`: a row one
+                    // worker's claim skipped stays locked until its statement ends.
+                    let claimed = loop {
+                        match jobs::complete_and_claim(
+                            &pool,
+                            runner,
+                            &completions,
+                            CORE_BATCH,
+                            Duration::from_secs(30),
+                        )
+                        .await
+                        {
+                            Err(Error::Busy(_)) => continue,
+                            result => break result?.1,
+                        }
+                    };
                     if claimed.is_empty() {
                         return Ok::<_, Error>(());
                     }
