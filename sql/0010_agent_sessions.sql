@@ -1,9 +1,9 @@
 -- Agent sessions (issue 20): the conversation an agent step with `spec.session` continues.
 --
 -- One agent job of a session runs at a time: the scheduler hands a claimed attempt the
--- session (`holder_*`) only when no other attempt holds it and no older agent job of the
--- session is still waiting; otherwise the claim is undone and the job waits (see
--- `store/sessions.rs`). The holder's new turns are kept aside (`pending_*`) and become the
+-- session (`holder_*`, kept after it ends as the last holder) only when the last holder is
+-- neither running nor still being stopped and no older agent job of the session is ready to
+-- run; otherwise the claim is undone and the job waits (see `store/sessions.rs`). The holder's new turns are kept aside (`pending_*`) and become the
 -- history only when its job succeeds, in the statement that records the success (the
 -- trigger below), so a failed, cancelled or reclaimed attempt never adds turns.
 CREATE TABLE sluice.agent_sessions (
@@ -30,8 +30,10 @@ CREATE INDEX agent_sessions_holder_idx ON sluice.agent_sessions (holder_job)
 CREATE INDEX jobs_agent_session_idx ON sluice.jobs ((left(spec ->> 'session', 129)), id)
     WHERE spec ->> 'kind' = 'agent' AND state IN ('available', 'scheduled', 'running');
 
--- An agent job's attempt ended (any way out of `running`): its session is free again, and
--- on success the turns it sent are the history.
+-- An agent job's attempt ended (any way out of `running`): on success the turns it sent are
+-- the history. The holder columns stay as the last holder: the next hand-over waits until
+-- that attempt is not running and, when it was stopped (cancel, timeout), until its runner
+-- confirmed the stop (`sluice.attempt_stops`), so its tool and model request are gone.
 CREATE FUNCTION sluice.jobs_agent_ended() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -42,7 +44,6 @@ BEGIN
                         THEN s.pending_messages ELSE s.messages END,
         jobs = s.jobs + CASE WHEN kept AND s.pending_attempt = NEW.attempt THEN 1 ELSE 0 END,
         updated_at = now(),
-        holder_job = NULL, holder_attempt = NULL,
         pending_attempt = NULL, pending_messages = NULL
     WHERE s.holder_job = NEW.id AND s.holder_attempt = OLD.attempt;
     RETURN NULL;

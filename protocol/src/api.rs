@@ -55,9 +55,9 @@ pub mod paths {
     pub const SCHEDULE_PAUSE_ROUTE: &str = "/api/schedules/{name}/pause";
     /// `POST`: resume a schedule ([`super::Schedule`]).
     pub const SCHEDULE_RESUME_ROUTE: &str = "/api/schedules/{name}/resume";
-    /// `GET`: liveness ([`super::Health`]), without a token.
     /// `GET`: an agent session's history ([`super::AgentSession`]); `DELETE` forgets it.
     pub const SESSION_ROUTE: &str = "/api/sessions/{name}";
+    /// `GET`: liveness ([`super::Health`]), without a token.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: readiness (Postgres reachable), without a token.
     pub const READYZ: &str = "/readyz";

@@ -9,9 +9,9 @@ const ELIDED: &str = "[elided: an older tool result, to keep the session under i
 
 /// Keeps `messages` under `max` bytes of JSON: the oldest tool results are elided first,
 /// then the oldest tool inputs, then whole exchanges (a user prompt and everything up to the
-/// next prompt) are dropped from the front, the last exchange always kept. The history
-/// stays one the Messages API accepts: it starts with a prompt, and every `tool_use` keeps
-/// its `tool_result`.
+/// next prompt) are dropped from the front; when even the last exchange is over the cap the
+/// history is emptied. What is left is a history the Messages API accepts: it starts with a
+/// prompt, and every `tool_use` keeps its `tool_result`. Linear in the history's size.
 pub fn cap_history(messages: &mut Vec<Value>, max: usize) {
     let size = |messages: &Vec<Value>| serde_json::to_vec(messages).map_or(0, |v| v.len());
     let mut current = size(messages);
@@ -50,21 +50,22 @@ pub fn cap_history(messages: &mut Vec<Value>, max: usize) {
             }
         }
     }
-    // Whole exchanges, oldest first.
-    loop {
-        let next_prompt = messages
-            .iter()
-            .enumerate()
-            .skip(1)
-            .find(|(_, m)| is_prompt(m))
-            .map(|(i, _)| i);
-        let Some(next) = next_prompt else { return };
-        messages.drain(..next);
-        current = size(messages);
-        if current <= max {
+    // Whole exchanges, oldest first: each message measured once, the cut made once.
+    let sizes: Vec<usize> = messages
+        .iter()
+        .map(|m| serde_json::to_vec(m).map_or(0, |v| v.len()))
+        .collect();
+    let mut suffix = 2 + sizes.iter().sum::<usize>() + sizes.len().saturating_sub(1);
+    for start in 1..messages.len() {
+        suffix -= sizes[start - 1] + 1;
+        if is_prompt(&messages[start]) && suffix <= max {
+            messages.drain(..start);
             return;
         }
     }
+    // Even the last exchange is over the cap: a history the model could not take would fail
+    // every later job of the session, so it starts over.
+    messages.clear();
 }
 
 /// A user message that starts an exchange (not one carrying tool results).
@@ -141,10 +142,25 @@ mod tests {
     }
 
     #[test]
-    fn the_last_exchange_is_kept_even_over_the_cap() {
+    fn a_last_exchange_over_the_cap_empties_the_history() {
         let mut messages = exchange("only", &"r".repeat(1000));
         cap_history(&mut messages, 10);
-        assert_eq!(messages.len(), 4);
-        assert_eq!(messages[0]["content"], "only");
+        assert!(messages.is_empty());
+    }
+
+    #[test]
+    fn many_small_exchanges_are_cut_in_linear_time() {
+        let mut messages = Vec::new();
+        for i in 0..100_000 {
+            messages.push(json!({"role": "user", "content": format!("p{i}")}));
+            messages
+                .push(json!({"role": "assistant", "content": [{"type": "text", "text": "ok"}]}));
+        }
+        let started = std::time::Instant::now();
+        cap_history(&mut messages, 10_000);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(bytes(&messages) <= 10_000, "{}", bytes(&messages));
+        assert!(is_prompt(&messages[0]));
+        assert_eq!(messages.last().unwrap()["content"][0]["text"], "ok");
     }
 }

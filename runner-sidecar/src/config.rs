@@ -286,9 +286,18 @@ impl Config {
             fetch_allow,
         };
         let base_url = args.anthropic_base_url.trim_end_matches('/').to_string();
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        let loopback = url::Url::parse(&base_url)
+            .ok()
+            .and_then(|u| u.host().map(|h| h.to_owned()))
+            .is_some_and(|host| match host {
+                url::Host::Domain(name) => name == "localhost",
+                url::Host::Ipv4(ip) => ip.is_loopback(),
+                url::Host::Ipv6(ip) => ip.is_loopback(),
+            });
+        // The key travels in a header: plain http only to this machine.
+        if !(base_url.starts_with("https://") || (base_url.starts_with("http://") && loopback)) {
             return Err(Error::Config(format!(
-                "ANTHROPIC_BASE_URL must start with http:// or https://, got {base_url:?}"
+                "ANTHROPIC_BASE_URL must be an https:// URL (http:// only for a loopback address, since the API key travels in a header), got {base_url:?}"
             )));
         }
         if args.agent_max_turns == 0
@@ -356,5 +365,66 @@ impl Config {
             artifact_max_bytes: args.artifact_max_bytes,
             agent,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_base_url(url: &str) -> Result<Config> {
+        let args = Args::try_parse_from([
+            "sluice-runner",
+            "--api-url",
+            "http://127.0.0.1:7071",
+            "--secret",
+            "s",
+            "--anthropic-base-url",
+            url,
+        ])
+        .expect("flags parse");
+        Config::from_args(args, None)
+    }
+
+    #[test]
+    fn the_api_key_goes_over_plain_http_only_to_this_machine() {
+        for ok in [
+            "https://api.anthropic.com",
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:9",
+        ] {
+            assert!(with_base_url(ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://api.anthropic.com",
+            "http://10.0.0.1",
+            "ftp://x",
+            "x",
+        ] {
+            let err = with_base_url(refused).unwrap_err().to_string();
+            assert!(err.contains("ANTHROPIC_BASE_URL"), "{refused}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_key_never_shows_in_debug_output() {
+        let args = Args::try_parse_from([
+            "sluice-runner",
+            "--api-url",
+            "http://127.0.0.1:7071",
+            "--secret",
+            "s",
+            "--anthropic-api-key",
+            "sk-ant-canary-debug",
+        ])
+        .expect("flags parse");
+        assert!(!format!("{args:?}").contains("sk-ant-canary-debug"));
+        let config = Config::from_args(args, None).unwrap();
+        assert!(!format!("{config:?}").contains("sk-ant-canary-debug"));
+        assert_eq!(
+            config.agent.api_key.as_ref().map(|k| k.expose()),
+            Some("sk-ant-canary-debug")
+        );
     }
 }

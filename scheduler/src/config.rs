@@ -56,7 +56,7 @@ impl ServeConfig {
             claim_poll_interval: Duration::from_secs(1),
             cron_interval: Some(Duration::from_secs(1)),
             run_retention: Duration::from_secs(7 * 24 * 3600),
-            session_max_bytes: 2 << 20,
+            session_max_bytes: 384 << 10,
             max_connections: 16,
             migrate: true,
             public_limits: ListenerLimits {

@@ -788,3 +788,64 @@ async fn session_turns_are_fenced_by_the_lease_and_kept_only_on_success() {
     let session = task.session.expect("the next holder gets its session");
     assert_eq!(session.messages[1]["content"][0]["text"], "a1");
 }
+
+/// The hand-over's edges, driven by a fake runner: a cancelled holder keeps the session
+/// until its runner confirms the stop; a claim whose jobs were all put back keeps waiting
+/// instead of answering empty at once; an older job of the session that cannot run (its
+/// queue paused) does not hold a newer one back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_holder_keeps_the_session_until_its_stop_is_confirmed() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let runner = sluice_testkit::FakeRunner::register(&scheduler, "fake-agent").await;
+    let spec = |queue: &str| json!({"queue": queue, "spec": {"kind": "agent", "prompt": "p", "session": "edges"}});
+    let first = api.enqueue(spec("default")).await;
+    let holder = runner.claim(1, 5000).await.remove(0);
+    assert_eq!(holder.job_id.0, first);
+    let (status, _) = api
+        .post(
+            &api_paths::cancel(sluice_protocol::JobId(first)),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let second = api.enqueue(spec("default")).await;
+    // The stop is not confirmed: the second job is put back, and the long-poll waits on.
+    let started = std::time::Instant::now();
+    let tasks = runner.claim(1, 1500).await;
+    assert!(
+        tasks.is_empty(),
+        "handed out beside a dying holder: {tasks:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "a claim whose jobs were all put back answered at once"
+    );
+    // The runner hears the cancel, then confirms its tool is gone.
+    let (status, body) = runner.heartbeat(&[holder.lease()], Some(1)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["cancel"][0]["reason"], "cancelled", "{body}");
+    let (status, _) = runner.heartbeat(&[], Some(2)).await;
+    assert_eq!(status, 200);
+    let task = wait_until("the second job to get the session", WAIT, || async {
+        let mut tasks = runner.claim(1, 1000).await;
+        match tasks.pop() {
+            Some(task) => Ok(Some(task)),
+            None => Err("not handed out yet".to_string()),
+        }
+    })
+    .await;
+    assert_eq!(task.job_id.0, second);
+    assert!(task.session.is_some());
+    runner.complete(&task, json!({"text": "ok"})).await;
+
+    // An older job in a paused queue does not hold the session's next job back.
+    let (status, _) = api.post(&api_paths::pause("frozen"), &json!({})).await;
+    assert!(status == 200 || status == 201, "{status}");
+    let _frozen = api.enqueue(spec("frozen")).await;
+    let third = api.enqueue(spec("default")).await;
+    let task = runner.claim(1, 5000).await.remove(0);
+    assert_eq!(task.job_id.0, third);
+    assert!(task.session.is_some());
+}

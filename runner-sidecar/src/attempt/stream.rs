@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_protocol::{paths, Event, StreamRequest, StreamResponse, Task};
+use sluice_protocol::{paths, Event, EventKind, StreamRequest, StreamResponse, Task};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -129,6 +129,8 @@ async fn post_batches(
     }
 }
 
+/// An event's share of a batch: output chunks by their text and bytes (the hot case, no
+/// serialising), anything else (an agent's tool calls and results) by its JSON.
 fn event_size(event: &Event) -> usize {
     let field = |name: &str| {
         event
@@ -137,5 +139,8 @@ fn event_size(event: &Event) -> usize {
             .and_then(Value::as_str)
             .map_or(0, str::len)
     };
-    field("text") + field("base64") + 64
+    match event.kind {
+        EventKind::Stdout | EventKind::Stderr => field("text") + field("base64") + 64,
+        _ => serde_json::to_vec(&event.data).map_or(0, |v| v.len()) + 64,
+    }
 }

@@ -288,8 +288,9 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_RUN_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
     run_retention_seconds: u64,
     /// Largest stored agent session (its messages as JSON): past it, the oldest tool
-    /// results are elided, then the oldest exchanges dropped.
-    #[arg(long, env = "SLUICE_SESSION_MAX_BYTES", default_value_t = 2 << 20)]
+    /// results are elided, then the oldest exchanges dropped. The default, 384 KiB, stays
+    /// well inside a 200k-token context even at 3 bytes a token.
+    #[arg(long, env = "SLUICE_SESSION_MAX_BYTES", default_value_t = 384 << 10)]
     session_max_bytes: u64,
     /// Do not apply migrations at start.
     #[arg(long)]

@@ -109,7 +109,12 @@ pub async fn claim(
                     tasks.push(task);
                 }
             }
-            return Ok(ClaimResponse { tasks, completed });
+            // Every job claimed was put back (its session busy) or failed at once: nothing
+            // to hand out, so the long-poll goes on waiting rather than answer empty at once
+            // (the runner would claim again straight away).
+            if !tasks.is_empty() || now >= deadline || *shutdown.borrow() {
+                return Ok(ClaimResponse { tasks, completed });
+            }
         }
         let poll = (now + config.claim_poll_interval).min(deadline);
         tokio::select! {
@@ -163,9 +168,16 @@ async fn task_of(
             return Ok(None);
         }
         Some(Ok(name)) => {
-            match sessions::hand_over(ctx, &name, job.id, job.attempt, job.lease_token).await? {
-                sessions::HandOver::Held(session) => Some(session),
-                sessions::HandOver::Postponed => return Ok(None),
+            match sessions::hand_over(ctx, &name, job.id, job.attempt, job.lease_token).await {
+                Ok(sessions::HandOver::Held(session)) => Some(session),
+                Ok(sessions::HandOver::Postponed) => return Ok(None),
+                // This job alone is not handed out (the claim's other tasks are): put back if
+                // the database lets us, else its lease runs out and it is claimed again.
+                Err(err) => {
+                    tracing::warn!(job_id = %job.id, error = %err, "session hand-over failed; the job waits");
+                    let _ = sessions::put_back(ctx, &job).await;
+                    return Ok(None);
+                }
             }
         }
     };

@@ -56,6 +56,11 @@ pub async fn hand_over(
     }
 }
 
+/// Undoes the claim of `job` (best effort), as when its session is busy.
+pub async fn put_back(ctx: &Context, job: &crate::store::jobs::ClaimedJob) -> Result<bool> {
+    sessions::postpone(&ctx.pool, job.id, job.attempt, job.lease_token, POSTPONE_MS).await
+}
+
 /// `POST /internal/tasks/:id/session`: keeps the attempt's new turns, to become the session's
 /// history when the job succeeds.
 pub async fn keep_turns(

@@ -12,24 +12,33 @@ use crate::Result;
 /// statement's snapshot sees every hand-over committed before it.
 pub const LOCK_SESSION: &str = "SELECT pg_advisory_xact_lock(hashtext('sluice.session:' || $1))";
 
-/// Hands session $1 to the attempt `($2, $3)` when no other running attempt holds it and no
-/// older agent job of the session is waiting; creates it when new. One row, the history,
-/// when handed over. Run after [`LOCK_SESSION`] in the same transaction.
+/// Hands session $1 to the attempt `($2, $3)` when its last holder (another attempt) is
+/// neither running nor being stopped (an `attempt_stops` row its runner has not confirmed),
+/// and no older agent job of the session is ready to run (available within a second, its
+/// queue not paused: a delayed or paused job does not hold the others back); creates the
+/// session when new. One row, the history, when handed over. Run after [`LOCK_SESSION`] in
+/// the same transaction.
 pub const ACQUIRE: &str = "WITH ready AS (
         SELECT 1 WHERE NOT EXISTS (
             SELECT 1 FROM sluice.jobs w
             WHERE w.spec ->> 'kind' = 'agent' AND left(w.spec ->> 'session', 129) = $1
-              AND w.state IN ('available', 'scheduled') AND w.id < $2)
+              AND w.state = 'available' AND w.id < $2
+              AND w.run_at <= now() + interval '1 second'
+              AND NOT EXISTS (SELECT 1 FROM sluice.queues q WHERE q.name = w.queue AND q.paused))
     )
     INSERT INTO sluice.agent_sessions AS s (name, holder_job, holder_attempt)
     SELECT $1, $2, $3 FROM ready
     ON CONFLICT (name) DO UPDATE
         SET holder_job = EXCLUDED.holder_job, holder_attempt = EXCLUDED.holder_attempt,
             pending_attempt = NULL, pending_messages = NULL
-        WHERE s.holder_job IS NULL OR s.holder_job = EXCLUDED.holder_job
-           OR NOT EXISTS (SELECT 1 FROM sluice.jobs h
-                          WHERE h.id = s.holder_job AND h.attempt = s.holder_attempt
-                            AND h.state = 'running')
+        WHERE s.holder_job IS NULL
+           OR (s.holder_job = EXCLUDED.holder_job AND s.holder_attempt = EXCLUDED.holder_attempt)
+           OR (NOT EXISTS (SELECT 1 FROM sluice.jobs h
+                           WHERE h.id = s.holder_job AND h.attempt = s.holder_attempt
+                             AND h.state = 'running')
+               AND NOT EXISTS (SELECT 1 FROM sluice.attempt_stops st
+                               WHERE st.job_id = s.holder_job AND st.attempt = s.holder_attempt
+                                 AND st.stop_by > now()))
     RETURNING s.messages";
 
 /// Undoes the claim of attempt `($1, $2)` with lease $3 whose session is busy: the job is
@@ -188,7 +197,18 @@ pub async fn get(pool: &PgPool, name: &str) -> Result<Option<SessionRow>> {
     Ok(sqlx::query_as(GET).bind(name).fetch_optional(pool).await?)
 }
 
-/// Forgets `name` unless held: `(existed, deleted)`.
+/// Forgets `name` unless held: `(existed, deleted)`. Behind the hand-over's lock, so that
+/// it sees a hand-over committed while it waited.
 pub async fn delete(pool: &PgPool, name: &str) -> Result<(bool, bool)> {
-    Ok(sqlx::query_as(DELETE).bind(name).fetch_one(pool).await?)
+    let mut tx = pool.begin().await?;
+    sqlx::query(LOCK_SESSION)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    let result = sqlx::query_as(DELETE)
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(result)
 }

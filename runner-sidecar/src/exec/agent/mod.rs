@@ -108,11 +108,17 @@ pub async fn run(exec: Exec<'_>, spec: &AgentSpec, session: Option<&TaskSession>
     let budget = spec.token_budget.unwrap_or(agent.token_budget).max(1);
     let timeout = policy::timeout_of(config, task, spec.timeout_ms);
     let deadline = Instant::now() + timeout;
-    let mut offered: Vec<ToolName> = spec
+    // In the spec's order, each tool once (the API refuses a name offered twice).
+    let mut offered: Vec<ToolName> = Vec::new();
+    for tool in spec
         .tools
         .clone()
-        .unwrap_or_else(|| tools::all().into_iter().map(|def| def.name).collect());
-    offered.dedup();
+        .unwrap_or_else(|| tools::all().into_iter().map(|def| def.name).collect())
+    {
+        if !offered.contains(&tool) {
+            offered.push(tool);
+        }
+    }
     let tool_defs: Vec<Value> = offered
         .iter()
         .map(|&name| {

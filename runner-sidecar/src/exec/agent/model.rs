@@ -129,19 +129,29 @@ pub async fn open(
             serde_json::to_vec(body).unwrap_or_default(),
         )))
         .map_err(|e| ModelError::Protocol(format!("cannot build the request: {e}")))?;
-    let sent = if url.scheme() == "https" {
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| ModelError::Protocol(format!("ANTHROPIC_BASE_URL's host: {e}")))?;
-        let tls = crate::tools::fetch::tls_config().map_err(|e| ModelError::Protocol(e.message))?;
-        let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| unanswered(format!("TLS handshake failed: {e}")))?;
-        send(hyper_util::rt::TokioIo::new(tls), request).await
-    } else {
-        send(hyper_util::rt::TokioIo::new(tcp), request).await
+    let exchange = async {
+        if url.scheme() == "https" {
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| ModelError::Protocol(format!("ANTHROPIC_BASE_URL's host: {e}")))?;
+            let tls =
+                crate::tools::fetch::tls_config().map_err(|e| ModelError::Protocol(e.message))?;
+            let tls = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| unanswered(format!("TLS handshake failed: {e}")))?;
+            send(hyper_util::rt::TokioIo::new(tls), request)
+                .await
+                .map_err(|e| unanswered(chain(&e)))
+        } else {
+            send(hyper_util::rt::TokioIo::new(tcp), request)
+                .await
+                .map_err(|e| unanswered(chain(&e)))
+        }
     };
-    let (response, driver) = sent.map_err(|e| unanswered(chain(&e)))?;
+    // The TLS handshake and the response's head, within the read timeout.
+    let (response, driver) = tokio::time::timeout(READ_TIMEOUT, exchange)
+        .await
+        .map_err(|_| unanswered(format!("no response within {} s", READ_TIMEOUT.as_secs())))??;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -165,8 +175,8 @@ pub async fn open(
         }
     }
     bytes.truncate(ERROR_BODY_BYTES);
-    let detail = error_detail(&bytes);
-    let message = scrub(&format!("the model API answered {status}: {detail}"), key);
+    let detail = error_detail(&bytes, key);
+    let message = format!("the model API answered {status}: {detail}");
     if status == 429 || status == 408 || status >= 500 {
         Err(ModelError::Retryable {
             status: Some(status),
@@ -206,15 +216,26 @@ where
     }
 }
 
-/// `error.type: error.message` of an error answer, or the start of its body.
-fn error_detail(body: &[u8]) -> String {
+/// `error.type: error.message` of an error answer, or the start of its body; the key is
+/// replaced before anything is cut, so no part of it can survive.
+fn error_detail(body: &[u8], key: &Secret) -> String {
     if let Ok(value) = serde_json::from_slice::<Value>(body) {
         let error = value.get("error").unwrap_or(&value);
-        let kind = error.get("type").and_then(Value::as_str).unwrap_or("error");
-        let message = error.get("message").and_then(Value::as_str).unwrap_or("");
+        let kind = scrub(
+            error.get("type").and_then(Value::as_str).unwrap_or("error"),
+            key,
+        );
+        let message = scrub(
+            error.get("message").and_then(Value::as_str).unwrap_or(""),
+            key,
+        );
+        let kind: String = kind.chars().take(100).collect();
         return format!("{kind}: {}", message.chars().take(1000).collect::<String>());
     }
-    String::from_utf8_lossy(body).chars().take(500).collect()
+    scrub(&String::from_utf8_lossy(body), key)
+        .chars()
+        .take(500)
+        .collect()
 }
 
 /// An error with its sources, for a message.
@@ -232,7 +253,7 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 /// `text` with every occurrence of the key replaced.
 pub fn scrub(text: &str, key: &Secret) -> String {
     let key = key.expose();
-    if key.len() < 4 {
+    if key.is_empty() {
         return text.to_string();
     }
     text.replace(key, "***")
@@ -244,14 +265,13 @@ mod tests {
 
     #[test]
     fn error_answers_are_read_for_their_message_and_the_key_is_scrubbed() {
-        let body = br#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key sk-canary-123"}}"#;
-        let detail = error_detail(body);
-        assert_eq!(
-            detail,
-            "authentication_error: invalid x-api-key sk-canary-123"
-        );
         let key = Secret::new("sk-canary-123");
-        assert!(!scrub(&detail, &key).contains("sk-canary-123"));
-        assert_eq!(error_detail(b"<html>oops"), "<html>oops");
+        let body = br#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key sk-canary-123"}}"#;
+        let detail = error_detail(body, &key);
+        assert_eq!(detail, "authentication_error: invalid x-api-key ***");
+        assert_eq!(error_detail(b"<html>oops", &key), "<html>oops");
+        // A key that a cut would split is replaced before the cut.
+        let long = format!("{}sk-canary-123", "x".repeat(495));
+        assert!(!error_detail(long.as_bytes(), &key).contains("sk-can"));
     }
 }
