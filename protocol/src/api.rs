@@ -55,6 +55,8 @@ pub mod paths {
     pub const SCHEDULE_PAUSE_ROUTE: &str = "/api/schedules/{name}/pause";
     /// `POST`: resume a schedule ([`super::Schedule`]).
     pub const SCHEDULE_RESUME_ROUTE: &str = "/api/schedules/{name}/resume";
+    /// `GET`: the registered runners ([`super::RunnerList`]).
+    pub const RUNNERS: &str = "/api/runners";
     /// `GET`: an agent session's history ([`super::AgentSession`]); `DELETE` forgets it.
     pub const SESSION_ROUTE: &str = "/api/sessions/{name}";
     /// `GET`: liveness ([`super::Health`]), without a token.
@@ -547,4 +549,27 @@ pub struct AgentSession {
     pub held_by: Option<JobId>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// `GET /api/runners`: runners registered now, and those gone within the last hour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerList {
+    pub runners: Vec<RunnerInfo>,
+}
+
+/// One runner as the scheduler knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerInfo {
+    pub id: Uuid,
+    pub pod_name: String,
+    /// `starting`, `idle` (no task), `busy` (at least one), `draining` or `gone` (replaced,
+    /// or revoked); written by its heartbeats.
+    pub state: String,
+    pub slots: i32,
+    /// Attempts it holds now.
+    pub slots_in_use: i64,
+    pub version: String,
+    pub labels: Value,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
 }

@@ -116,6 +116,10 @@ pub struct Args {
     /// How long one claim long-poll waits.
     #[arg(long, env = "SLUICE_RUNNER_CLAIM_WAIT_MS", default_value_t = 30_000)]
     pub claim_wait_ms: u64,
+    /// Tasks this runner takes before it drains and exits (0: no limit). `1` gives every task
+    /// a fresh runner when a pool replaces the ones that exit.
+    #[arg(long, env = "SLUICE_RUNNER_RECYCLE_AFTER", default_value_t = 0)]
+    pub recycle_after: u64,
     /// The Anthropic API key agent steps use; without it they fail with `configuration`.
     /// Held by the sidecar only: never in a tool's environment, an event, a log or an error.
     #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true, value_parser = secret)]
@@ -202,6 +206,8 @@ pub struct Config {
     pub artifact_max_bytes: u64,
     /// Agent steps: the API key and endpoint, defaults and caps.
     pub agent: AgentConfig,
+    /// Tasks taken before the runner drains and exits; `None`: no limit.
+    pub recycle_after: Option<u64>,
 }
 
 impl Config {
@@ -364,6 +370,7 @@ impl Config {
             tool_policy,
             artifact_max_bytes: args.artifact_max_bytes,
             agent,
+            recycle_after: (args.recycle_after > 0).then_some(args.recycle_after),
         })
     }
 }

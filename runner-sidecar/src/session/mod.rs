@@ -81,10 +81,21 @@ impl SessionState {
     }
 }
 
+/// The attempts this process runs, and how many tasks it has taken in all (for
+/// SLUICE_RUNNER_RECYCLE_AFTER).
+#[derive(Default)]
+struct Attempts {
+    set: JoinSet<()>,
+    taken: u64,
+}
+
 /// How a session's claiming ended.
 enum Claiming {
     /// The sidecar is shutting down.
     Shutdown,
+    /// The runner took its `SLUICE_RUNNER_RECYCLE_AFTER` tasks: it lets them finish, then
+    /// exits.
+    Recycled,
     /// The registration is gone.
     Lost,
 }
@@ -109,7 +120,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let client = Client::new(&config.api_url);
     let leases = Leases::default();
     let (hard_stop_tx, hard_stop) = watch::channel(false);
-    let mut attempts = JoinSet::new();
+    let mut attempts = Attempts::default();
 
     while let Some(registration) = register(&client, &config, &mut shutdown).await? {
         tracing::info!(
@@ -159,8 +170,22 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         // No more claims in this registration: the flusher sends every completion.
         outbox.release_carrier();
         match claiming {
-            Claiming::Shutdown => {
-                drain(&config, &leases, &mut attempts, &hard_stop_tx).await;
+            Claiming::Shutdown | Claiming::Recycled => {
+                if matches!(claiming, Claiming::Recycled) {
+                    // Its tasks run to their ends (each has its own timeout); a SIGTERM
+                    // meanwhile still drains with the deadline.
+                    tracing::info!(
+                        taken = attempts.taken,
+                        "took the tasks SLUICE_RUNNER_RECYCLE_AFTER allows; exiting when they end"
+                    );
+                    loop {
+                        tokio::select! {
+                            next = attempts.set.join_next() => if next.is_none() { break },
+                            _ = shutdown.changed() => break,
+                        }
+                    }
+                }
+                drain(&config, &leases, &mut attempts.set, &hard_stop_tx).await;
                 let _ = hard_stop_tx.send(true);
                 state.send_replace(SessionState::Ended);
                 outbox.end();
@@ -174,14 +199,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 leases.stop_all(StopReason::LeaseLost);
                 state.send_replace(SessionState::Ended);
                 outbox.end();
-                while attempts.join_next().await.is_some() {}
+                while attempts.set.join_next().await.is_some() {}
                 let _ = heartbeat.await;
                 let _ = flusher.await;
             }
         }
     }
     let _ = hard_stop_tx.send(true);
-    while attempts.join_next().await.is_some() {}
+    while attempts.set.join_next().await.is_some() {}
     tracing::info!("sluice-runner stopped");
     Ok(())
 }
@@ -202,7 +227,7 @@ async fn claim_until_done(
     registration: &Registration,
     slots: &Arc<Slots>,
     leases: &Leases,
-    attempts: &mut JoinSet<()>,
+    attempts: &mut Attempts,
     mut state: watch::Receiver<SessionState>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Claiming {
@@ -219,6 +244,12 @@ async fn claim_until_done(
         }
         if now >= SessionState::Lost {
             return Claiming::Lost;
+        }
+        let room = config
+            .recycle_after
+            .map(|limit| limit.saturating_sub(attempts.taken));
+        if room == Some(0) {
+            return Claiming::Recycled;
         }
         if now == SessionState::Draining {
             outbox.release_carrier();
@@ -246,6 +277,10 @@ async fn claim_until_done(
         let mut permits = vec![first];
         while let Some(slot) = slots.try_acquire() {
             permits.push(slot);
+        }
+        // Never more tasks than the recycle limit leaves.
+        if let Some(room) = room {
+            permits.truncate(room.min(permits.len() as u64) as usize);
         }
         let carried = outbox.carry(outbox.carry_limit());
         let request = ClaimBody {
@@ -276,6 +311,7 @@ async fn claim_until_done(
         match answer {
             Ok(response) => {
                 outbox.answered_by_claim(carried, response.completed);
+                attempts.taken += response.tasks.len() as u64;
                 for task in response.tasks {
                     let Some(slot) = permits.pop() else {
                         tracing::error!(job_id = %task.job_id, "the scheduler sent more tasks than asked for");
@@ -284,7 +320,7 @@ async fn claim_until_done(
                     let stop = Stop::default();
                     let lease = leases.hold(task.lease(), stop.clone());
                     let unpolled = Unpolled::spawned(&unpolled);
-                    attempts.spawn(first_poll_counted(
+                    attempts.set.spawn(first_poll_counted(
                         unpolled,
                         attempt::run(ctx.clone(), task, stop, slot, lease),
                     ));
@@ -307,7 +343,7 @@ async fn claim_until_done(
             }
         }
         // Reap finished attempts without waiting.
-        while attempts.try_join_next().is_some() {}
+        while attempts.set.try_join_next().is_some() {}
     }
 }
 

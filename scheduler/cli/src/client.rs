@@ -308,6 +308,14 @@ impl ApiClient {
             .1)
     }
 
+    /// `GET /api/runners`.
+    pub async fn runners(&self) -> Result<sluice_protocol::api::RunnerList, ClientError> {
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, paths::RUNNERS, None)
+            .await?
+            .1)
+    }
+
     /// `GET /api/schedules`.
     pub async fn schedules(&self) -> Result<ScheduleList, ClientError> {
         Ok(self

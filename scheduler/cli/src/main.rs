@@ -59,6 +59,13 @@ enum Command {
     Run(RunArgs),
     /// Download a workflow step's artifacts (a tar archive).
     Artifacts(ArtifactsArgs),
+    /// The runners the scheduler knows: state, slots in use, version, last heartbeat.
+    Runners {
+        #[command(subcommand)]
+        command: RunnersCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Create, list, pause, resume and delete cron schedules that start workflow runs.
     Schedules {
         #[command(subcommand)]
@@ -66,6 +73,12 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum RunnersCommand {
+    /// One line per runner: pod, state, slots in use of slots, version, last seen.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -402,6 +415,10 @@ fn main() -> ExitCode {
             init_tracing("warn");
             block_on(artifacts(args))
         }
+        Command::Runners { command, api } => {
+            init_tracing("warn");
+            block_on(runners(command, api))
+        }
     };
     match result {
         Ok(code) => code,
@@ -658,6 +675,36 @@ async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<Ex
                 println!(
                     "{}\t{}\t{} steps\t{}",
                     workflow.name, workflow.version, workflow.steps, workflow.registered_at
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice runners ls`: a table of the runners.
+async fn runners(command: RunnersCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    match command {
+        RunnersCommand::Ls => {
+            let list = client.runners().await.map_err(describe)?;
+            println!("POD\tSTATE\tSLOTS\tVERSION\tLAST SEEN\tID");
+            for runner in list.runners {
+                println!(
+                    "{}\t{}\t{}/{}\t{}\t{}\t{}",
+                    runner.pod_name,
+                    runner.state,
+                    runner.slots_in_use,
+                    runner.slots,
+                    if runner.version.is_empty() {
+                        "-"
+                    } else {
+                        &runner.version
+                    },
+                    runner
+                        .last_seen_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    runner.id
                 );
             }
         }

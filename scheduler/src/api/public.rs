@@ -22,7 +22,7 @@ use super::{
     bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, TextBody,
     BODY_LIMIT_BYTES,
 };
-use crate::service::{cron, jobs, sessions, workflows};
+use crate::service::{cron, jobs, runners, sessions, workflows};
 use crate::{store, Error};
 
 /// The public router (`/api/*`, `/healthz`, `/readyz`).
@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
             paths::SCHEDULE_ROUTE,
             put(put_schedule).get(get_schedule).delete(delete_schedule),
         )
+        .route(paths::RUNNERS, get(list_runners))
         .route(
             paths::SESSION_ROUTE,
             get(get_session).delete(delete_session),
@@ -336,6 +337,12 @@ async fn delete_schedule(
 ) -> ApiResult<StatusCode> {
     cron::delete(&state, &name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_runners(
+    State(state): State<AppState>,
+) -> ApiResult<Json<sluice_protocol::api::RunnerList>> {
+    Ok(Json(runners::list(&state).await?))
 }
 
 async fn get_session(

@@ -130,6 +130,26 @@ fn agreed_protocol(runner: Option<u32>) -> Result<u32> {
     }
 }
 
+/// `GET /api/runners`: the runners, with their states and the attempts each holds.
+pub async fn list(ctx: &Context) -> Result<sluice_protocol::api::RunnerList> {
+    let runners = runners::list(&ctx.pool)
+        .await?
+        .into_iter()
+        .map(|r| sluice_protocol::api::RunnerInfo {
+            id: r.id,
+            pod_name: r.pod_name,
+            state: r.state,
+            slots: r.slots,
+            slots_in_use: r.slots_in_use,
+            version: r.version,
+            labels: r.labels,
+            registered_at: r.registered_at,
+            last_seen_at: r.last_seen_at,
+        })
+        .collect();
+    Ok(sluice_protocol::api::RunnerList { runners })
+}
+
 /// Renews the listed leases the runner still holds and answers with its orders: attempts to
 /// stop (and why), and those not renewed this time because their rows were busy.
 pub async fn heartbeat(

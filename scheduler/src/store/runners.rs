@@ -158,3 +158,33 @@ impl TokenCache {
             .retain(|_, (runner, _)| runner.pod_name != pod_name);
     }
 }
+
+/// Runners not gone, and those gone within the last hour, newest first, each with the
+/// attempts it holds now.
+pub const LIST: &str = "SELECT r.id, r.pod_name, r.state, r.slots, r.version, r.labels,
+        r.registered_at, r.last_seen_at,
+        (SELECT count(*) FROM sluice.jobs j
+         WHERE j.runner_id = r.id AND j.state = 'running') AS slots_in_use
+    FROM sluice.runners r
+    WHERE r.state <> 'gone' OR r.last_seen_at > now() - interval '1 hour'
+    ORDER BY r.registered_at DESC, r.id
+    LIMIT 1000";
+
+/// A runner as listed.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RunnerRow {
+    pub id: Uuid,
+    pub pod_name: String,
+    pub state: String,
+    pub slots: i32,
+    pub version: String,
+    pub labels: Value,
+    pub registered_at: chrono::DateTime<chrono::Utc>,
+    pub last_seen_at: chrono::DateTime<chrono::Utc>,
+    pub slots_in_use: i64,
+}
+
+/// The runners [`LIST`] shows.
+pub async fn list(pool: &PgPool) -> Result<Vec<RunnerRow>> {
+    Ok(sqlx::query_as(LIST).fetch_all(pool).await?)
+}

@@ -11,14 +11,21 @@ use super::complete::CUSTOM_PLAN_FROM;
 use crate::Result;
 
 /// Renews the listed leases (parallel arrays $2 jobs, $3 attempts, $4 tokens) that runner $1
-/// still holds by $5 ms, skipping rows others hold; marks the runner seen; keeps the stops of
+/// still holds by $5 ms, skipping rows others hold; marks the runner seen (and `busy` or
+/// `idle`); keeps the stops of
 /// its attempts for heartbeat number $6. One row per listed lease: its place, whether it was
 /// renewed, whether it is still held, and how its attempt ended if it did.
 pub const RENEW_LEASES: &str = "WITH listed AS (
         SELECT * FROM unnest($2::bigint[], $3::int[], $4::uuid[])
             WITH ORDINALITY AS l(job_id, attempt, lease_token, ord)
     ), seen AS (
-        UPDATE sluice.runners SET last_seen_at = now() WHERE id = $1
+        -- Seen now; `busy` while it lists an attempt, `idle` otherwise (a draining or gone
+        -- runner stays so).
+        UPDATE sluice.runners
+        SET last_seen_at = now(),
+            state = CASE WHEN state IN ('draining', 'gone') THEN state
+                         WHEN cardinality($2::bigint[]) > 0 THEN 'busy' ELSE 'idle' END
+        WHERE id = $1
     ), held AS (
         -- The leases still held, as the snapshot shows them.
         SELECT j.id, j.attempt FROM sluice.jobs j JOIN listed l

@@ -1,0 +1,129 @@
+//! The runner pool (issue 21): what a runner does for the pool on its own side.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_testkit::{wait_until, Runner, Scheduler, TestDb, Timings};
+
+/// `SLUICE_RUNNER_RECYCLE_AFTER=N`: a runner takes exactly N tasks, lets them finish, and
+/// exits cleanly — a pool then replaces it with a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recycled_runner_takes_exactly_n_tasks_then_exits_cleanly() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            api.enqueue(
+                json!({"spec": {"kind": "bash", "script": format!("sleep 0.2; echo {n}")}}),
+            )
+            .await,
+        );
+    }
+    let mut first = Runner::start(
+        &scheduler,
+        "recycled-1",
+        4,
+        &[("SLUICE_RUNNER_RECYCLE_AFTER", "2")],
+    )
+    .await;
+    let status = first.wait_exit(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        first.log_text()
+    );
+    let succeeded = db
+        .count("SELECT count(*) FROM sluice.jobs WHERE state = 'succeeded'")
+        .await;
+    assert_eq!(succeeded, 2, "a runner recycled after 2 ran 2");
+    assert_eq!(
+        db.count("SELECT count(*) FROM sluice.jobs WHERE state = 'available'")
+            .await,
+        3,
+        "the rest wait for the next runner"
+    );
+    // A fresh runner takes the rest.
+    let _second = Runner::start(
+        &scheduler,
+        "recycled-2",
+        4,
+        &[("SLUICE_RUNNER_RECYCLE_AFTER", "3")],
+    )
+    .await;
+    for id in ids {
+        let job = api.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    wait_until("every job to be done", Duration::from_secs(10), || async {
+        match db
+            .count("SELECT count(*) FROM sluice.jobs WHERE state <> 'succeeded'")
+            .await
+        {
+            0 => Ok(Some(())),
+            n => Err(format!("{n} not done")),
+        }
+    })
+    .await;
+}
+
+/// `GET /api/runners` and `sluice runners ls`: each runner's state follows its heartbeats
+/// (`busy` while it holds an attempt, `idle` after), with its slots in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_are_listed_with_their_state_and_slots_in_use() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let _runner = Runner::start(&scheduler, "listed", 2, &[]).await;
+    // Long enough for several heartbeats (1 s apart) to see it.
+    let id = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "sleep 8"}}))
+        .await;
+    let listed = |state: &'static str, in_use: i64| {
+        let api = &api;
+        async move {
+            let (status, body) = api.get(sluice_protocol::api::paths::RUNNERS).await;
+            assert_eq!(status, 200, "{body}");
+            let runner = body["runners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["pod_name"] == "listed")
+                .cloned();
+            match runner {
+                Some(r) if r["state"] == state && r["slots_in_use"] == in_use => {
+                    assert_eq!(r["slots"], 2);
+                    assert!(!r["version"].as_str().unwrap().is_empty());
+                    Ok(Some(r))
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    };
+    wait_until("the runner to be busy", Duration::from_secs(30), || {
+        listed("busy", 1)
+    })
+    .await;
+    let output = std::process::Command::new(sluice_testkit::bin("sluice"))
+        .args(["runners", "ls"])
+        .env("SLUICE_API_URL", &scheduler.api_url)
+        .env("SLUICE_API_TOKEN", &scheduler.api_token)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("listed\t"))
+        .expect(&text);
+    assert!(line.contains("\tbusy\t1/2\t"), "{line}");
+    assert_eq!(
+        api.wait_terminal(id, Duration::from_secs(30)).await["state"],
+        "succeeded"
+    );
+    wait_until("the runner to be idle", Duration::from_secs(30), || {
+        listed("idle", 0)
+    })
+    .await;
+}
