@@ -93,6 +93,29 @@ impl Server {
                 shutdown_rx.clone(),
             ));
         }
+        // The warm pool, with a local backend: its runners register at this process's
+        // internal listener.
+        if let Some(settings) = state.config.pool.clone() {
+            let host = match internal_addr.ip() {
+                ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+                ip => ip,
+            };
+            let internal_url = format!(
+                "http://{}",
+                std::net::SocketAddr::new(host, internal_addr.port())
+            );
+            let backend = Box::new(crate::service::pool::LocalBackend::new(
+                settings.backend.clone(),
+            ));
+            tasks.spawn(crate::service::pool::run(
+                pool.clone(),
+                settings,
+                backend,
+                internal_url,
+                state.config.runner_secret.expose().to_string(),
+                shutdown_rx.clone(),
+            ));
+        }
         let (public_limits, internal_limits) =
             (state.config.public_limits, state.config.internal_limits);
         tasks.spawn(listener::serve(

@@ -127,3 +127,137 @@ async fn runners_are_listed_with_their_state_and_slots_in_use() {
     })
     .await;
 }
+
+/// The pool's runners now: `(pod_name, state)` of those not gone.
+async fn pool_runners(api: &sluice_testkit::Api) -> Vec<(String, String)> {
+    let (status, body) = api.get(sluice_protocol::api::paths::RUNNERS).await;
+    assert_eq!(status, 200, "{body}");
+    body["runners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["pod_name"].as_str().unwrap().starts_with("pool-") && r["state"] != "gone")
+        .map(|r| {
+            (
+                r["pod_name"].as_str().unwrap().to_string(),
+                r["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The local pool: warms to `min_warm`, grows under a backlog to `max_warm` and no further,
+/// shrinks back after `idle_timeout`, and replaces a runner killed with SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
+    let db = TestDb::new().await;
+    let workdir = sluice_testkit::TempDir::new("pool");
+    let runner_bin = sluice_testkit::bin("sluice-runner");
+    let scheduler = Scheduler::start_with(
+        &db,
+        Timings::TEST,
+        &[
+            ("SLUICE_POOL_BACKEND", "local"),
+            ("SLUICE_POOL_MIN_WARM", "1"),
+            ("SLUICE_POOL_MAX_WARM", "3"),
+            ("SLUICE_POOL_IDLE_TIMEOUT_MS", "2000"),
+            ("SLUICE_POOL_RUNNER_SLOTS", "1"),
+            ("SLUICE_POOL_RUNNER_BIN", runner_bin.to_str().unwrap()),
+            ("SLUICE_POOL_WORKDIR", workdir.path().to_str().unwrap()),
+        ],
+    )
+    .await;
+    let api = scheduler.api();
+    let warm = wait_until(
+        "the pool to warm one runner",
+        Duration::from_secs(30),
+        || async {
+            match pool_runners(&api).await.as_slice() {
+                [(name, state)] if state == "idle" => Ok(Some(name.clone())),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    // Six one-slot jobs of 3 s: the pool grows to its maximum of three, never past it.
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(
+            api.enqueue(json!({"spec": {"kind": "bash", "script": "sleep 3"}}))
+                .await,
+        );
+    }
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    wait_until(
+        "the pool to grow to three",
+        Duration::from_secs(30),
+        || async {
+            let now = pool_runners(&api).await.len();
+            most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            if now == 3 {
+                Ok(Some(()))
+            } else {
+                Err(format!("{now} runners"))
+            }
+        },
+    )
+    .await;
+    let mut most = most.into_inner();
+    for id in &ids {
+        let job = api.wait_terminal(*id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        most = most.max(pool_runners(&api).await.len());
+    }
+    assert!(most <= 3, "the pool grew past max_warm: {most}");
+
+    // Idle past the timeout: back to the minimum of one.
+    let left = wait_until(
+        "the pool to shrink to one",
+        Duration::from_secs(30),
+        || async {
+            match pool_runners(&api).await.as_slice() {
+                [(name, state)] if state == "idle" => Ok(Some(name.clone())),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let _ = warm;
+
+    // A runner killed outright is replaced by a fresh one.
+    let pids = sluice_testkit::procs::with_env("RUNNER_POD_NAME")
+        .into_iter()
+        .filter(|pid| {
+            sluice_testkit::procs::Process::read(*pid)
+                .is_some_and(|p| p.has_var(&format!("RUNNER_POD_NAME={left}")))
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(pids.len(), 1, "the pool runner's process: {pids:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(
+        "a fresh runner to replace it",
+        Duration::from_secs(30),
+        || async {
+            match pool_runners(&api).await.as_slice() {
+                [(name, state)] if *name != left && state == "idle" => Ok(Some(())),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    // The dead one is marked gone, not left registered.
+    let (_, body) = api.get(sluice_protocol::api::paths::RUNNERS).await;
+    let dead = body["runners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pod_name"] == left.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(dead["state"], "gone", "{dead}");
+}

@@ -24,6 +24,7 @@ pub mod dispatch;
 pub mod jobs;
 pub mod lifecycle;
 pub mod maintenance;
+pub mod pool;
 pub mod runners;
 pub mod sessions;
 pub mod workflows;

@@ -34,15 +34,11 @@ pub struct RegisterParams<'a> {
     pub version: &'a str,
 }
 
-/// Registers a new runner instance with a fresh id and token. Earlier instances with the same
-/// pod name are marked `gone` and their leases end now, so the reaper hands their jobs out
-/// again on its next pass (a restarted pod's old attempts are dead by definition).
-pub async fn register(pool: &PgPool, params: RegisterParams<'_>) -> Result<(RunnerId, Secret)> {
-    let id = Uuid::new_v4();
-    let token = Secret::generate("slr_");
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "WITH gone AS (
+/// Marks every instance of pod $1 `gone` and ends its leases now (rows being completed are
+/// skipped, not waited for; their leases run out as they would anyway); stops it never
+/// confirmed are dropped and the retries that waited for them released: its tools died with
+/// it.
+pub const RETIRE_POD: &str = "WITH gone AS (
              UPDATE sluice.runners SET state = 'gone'
              WHERE pod_name = $1 AND state <> 'gone'
              RETURNING id
@@ -62,11 +58,25 @@ pub async fn register(pool: &PgPool, params: RegisterParams<'_>) -> Result<(Runn
              WHERE j.id = r.job_id AND j.attempt = r.attempt AND j.state = 'scheduled'
          )
          UPDATE sluice.jobs j SET lease_expires_at = now()
-         FROM leased l WHERE j.id = l.id",
-    )
-    .bind(params.pod_name)
-    .execute(&mut *tx)
-    .await?;
+         FROM leased l WHERE j.id = l.id";
+
+/// Retires pod `pod_name` (see [`RETIRE_POD`]): the runner process is known to be dead.
+pub async fn retire(pool: &PgPool, pod_name: &str) -> Result<()> {
+    sqlx::query(RETIRE_POD).bind(pod_name).execute(pool).await?;
+    Ok(())
+}
+
+/// Registers a new runner instance with a fresh id and token. Earlier instances with the same
+/// pod name are marked `gone` and their leases end now, so the reaper hands their jobs out
+/// again on its next pass (a restarted pod's old attempts are dead by definition).
+pub async fn register(pool: &PgPool, params: RegisterParams<'_>) -> Result<(RunnerId, Secret)> {
+    let id = Uuid::new_v4();
+    let token = Secret::generate("slr_");
+    let mut tx = pool.begin().await?;
+    sqlx::query(RETIRE_POD)
+        .bind(params.pod_name)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "INSERT INTO sluice.runners (id, pod_name, token_hash, labels, slots, version, state)
          VALUES ($1, $2, $3, $4, $5, $6, 'idle')",
@@ -187,4 +197,18 @@ pub struct RunnerRow {
 /// The runners [`LIST`] shows.
 pub async fn list(pool: &PgPool) -> Result<Vec<RunnerRow>> {
     Ok(sqlx::query_as(LIST).fetch_all(pool).await?)
+}
+
+/// Jobs ready to be claimed now, counted up to $1 (the pool only asks whether the backlog
+/// exceeds the free slots).
+pub const READY_BACKLOG: &str = "SELECT count(*) FROM (
+        SELECT 1 FROM sluice.jobs WHERE state = 'available' AND run_at <= now() LIMIT $1
+    ) ready";
+
+/// Jobs ready now, up to `cap`.
+pub async fn ready_backlog(pool: &PgPool, cap: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(READY_BACKLOG)
+        .bind(cap)
+        .fetch_one(pool)
+        .await?)
 }
