@@ -261,3 +261,56 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
         .unwrap();
     assert_eq!(dead["state"], "gone", "{dead}");
 }
+
+/// `SLUICE_RUNNER_RECYCLE_AFTER=1` under the local pool: every task runs on a runner no
+/// other task used, and the pool keeps replacing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_recycle_after_one_every_task_gets_a_fresh_runner() {
+    let db = TestDb::new().await;
+    let workdir = sluice_testkit::TempDir::new("pool-recycle");
+    let runner_bin = sluice_testkit::bin("sluice-runner");
+    let scheduler = Scheduler::start_with(
+        &db,
+        Timings::TEST,
+        &[
+            ("SLUICE_POOL_BACKEND", "local"),
+            ("SLUICE_POOL_MIN_WARM", "1"),
+            ("SLUICE_POOL_MAX_WARM", "2"),
+            ("SLUICE_POOL_RUNNER_SLOTS", "1"),
+            ("SLUICE_POOL_RUNNER_BIN", runner_bin.to_str().unwrap()),
+            ("SLUICE_POOL_WORKDIR", workdir.path().to_str().unwrap()),
+            ("SLUICE_RUNNER_RECYCLE_AFTER", "1"),
+        ],
+    )
+    .await;
+    let api = scheduler.api();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            api.enqueue(json!({"spec": {"kind": "bash", "script": format!("echo {n}")}}))
+                .await,
+        );
+    }
+    let mut runners = std::collections::HashSet::new();
+    for id in ids {
+        let job = api.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let attempts = job["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{job}");
+        let runner = attempts[0]["runner_id"].as_str().unwrap().to_string();
+        assert!(runners.insert(runner), "two tasks shared a runner: {job}");
+    }
+    // The pool is warm again afterwards.
+    wait_until("a warm runner", Duration::from_secs(30), || async {
+        match pool_runners(&api)
+            .await
+            .iter()
+            .filter(|(_, s)| s == "idle")
+            .count()
+        {
+            0 => Err("none idle".to_string()),
+            _ => Ok(Some(())),
+        }
+    })
+    .await;
+}

@@ -9,7 +9,8 @@
 //!
 //! Each tick reads what the database knows of the pool's runners (`GET /api/runners`' view)
 //! and the ready backlog; a runner counts as `starting` until it registers. A start that
-//! fails backs off (1 s doubling to a minute), logged once per failure, never a hot loop.
+//! fails, and a runner that crashes, back off further starts (1 s doubling to a minute, reset
+//! once every runner is registered), logged once each, never a hot loop.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -58,8 +59,8 @@ pub trait RunnerBackend: Send {
     ) -> Result<(), String>;
     /// Asks runner `name` to drain and exit.
     fn stop(&mut self, name: &str);
-    /// The runners that ended since the last call, with how.
-    fn reap(&mut self) -> Vec<(String, String)>;
+    /// The runners that ended since the last call: name, how, and whether cleanly (exit 0).
+    fn reap(&mut self) -> Vec<(String, String, bool)>;
     /// The runners started and not ended.
     fn running(&self) -> Vec<String>;
     /// Stops every runner (the scheduler is shutting down).
@@ -123,16 +124,16 @@ impl RunnerBackend for LocalBackend {
         }
     }
 
-    fn reap(&mut self) -> Vec<(String, String)> {
+    fn reap(&mut self) -> Vec<(String, String, bool)> {
         let mut ended = Vec::new();
         self.children.retain(|name, child| match child.try_wait() {
             Ok(Some(status)) => {
-                ended.push((name.clone(), status.to_string()));
+                ended.push((name.clone(), status.to_string(), status.success()));
                 false
             }
             Ok(None) => true,
             Err(err) => {
-                ended.push((name.clone(), err.to_string()));
+                ended.push((name.clone(), err.to_string(), false));
                 false
             }
         });
@@ -239,13 +240,21 @@ pub async fn run(
         "runner pool started (local backend)"
     );
     loop {
-        for (name, how) in backend.reap() {
+        let mut died = false;
+        for (name, how, clean) in backend.reap() {
             idle_since.remove(&name);
             let expected = stopping.remove(&name);
-            if expected {
+            if expected || clean {
+                // Drained on our order, or exited by itself after its last task
+                // (SLUICE_RUNNER_RECYCLE_AFTER): replaced as needed, at once.
                 tracing::info!(runner = %name, status = %how, "pool runner ended");
             } else {
-                tracing::warn!(runner = %name, status = %how, "pool runner died; replacing it");
+                // A crash: replaced, but starts back off so a runner that cannot live is
+                // not restarted in a hot loop.
+                died = true;
+                backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                not_before = Instant::now() + backoff;
+                tracing::warn!(runner = %name, status = %how, retry_in_ms = backoff.as_millis() as u64, "pool runner died; replacing it");
             }
             // Its leases end now: its jobs are handed out again on the reaper's next pass.
             if let Err(err) = runners::retire(&pool, &name).await {
@@ -294,6 +303,10 @@ pub async fn run(
                 }
             })
             .collect();
+        // Every runner registered and none died: the back-off starts over.
+        if !died && seen.iter().all(|r| r.registered.is_some()) {
+            backoff = Duration::ZERO;
+        }
         let decided = plan(&settings, &seen, backlog, now);
         for name in decided.stop {
             tracing::info!(runner = %name, "pool runner idle past the timeout; draining it");
@@ -305,10 +318,7 @@ pub async fn run(
                 next += 1;
                 let name = format!("{prefix}-{next}");
                 match backend.start(&name, &internal_url, &secret, settings.slots) {
-                    Ok(()) => {
-                        tracing::info!(runner = %name, "pool runner starting");
-                        backoff = Duration::ZERO;
-                    }
+                    Ok(()) => tracing::info!(runner = %name, "pool runner starting"),
                     Err(err) => {
                         backoff =
                             (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -327,7 +337,7 @@ pub async fn run(
     // The runners drain (each within its own drain timeout); they die with the process.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !backend.running().is_empty() && Instant::now() < deadline {
-        for (name, _) in backend.reap() {
+        for (name, _, _) in backend.reap() {
             let _ = runners::retire(&pool, &name).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
