@@ -304,7 +304,7 @@ pub async fn run(
             })
             .collect();
         // Every runner registered and none died: the back-off starts over.
-        if !died && seen.iter().all(|r| r.registered.is_some()) {
+        if !died && !seen.is_empty() && seen.iter().all(|r| r.registered.is_some()) {
             backoff = Duration::ZERO;
         }
         let decided = plan(&settings, &seen, backlog, now);
