@@ -128,6 +128,23 @@ async fn runners_are_listed_with_their_state_and_slots_in_use() {
     .await;
 }
 
+/// A scheduler keeping a local pool of one-slot runners, at least one warm, with `settings`
+/// on top; the pool's work directory lives as long as the returned guard.
+async fn pooled(db: &TestDb, settings: &[(&str, &str)]) -> (Scheduler, sluice_testkit::TempDir) {
+    let workdir = sluice_testkit::TempDir::new("pool");
+    let runner_bin = sluice_testkit::bin("sluice-runner");
+    let mut env = vec![
+        ("SLUICE_POOL_BACKEND", "local"),
+        ("SLUICE_POOL_MIN_WARM", "1"),
+        ("SLUICE_POOL_RUNNER_SLOTS", "1"),
+        ("SLUICE_POOL_RUNNER_BIN", runner_bin.to_str().unwrap()),
+        ("SLUICE_POOL_WORKDIR", workdir.path().to_str().unwrap()),
+    ];
+    env.extend_from_slice(settings);
+    let scheduler = Scheduler::start_with(db, Timings::TEST, &env).await;
+    (scheduler, workdir)
+}
+
 /// The pool's runners now: `(pod_name, state)` of those not gone.
 async fn pool_runners(api: &sluice_testkit::Api) -> Vec<(String, String)> {
     let (status, body) = api.get(sluice_protocol::api::paths::RUNNERS).await;
@@ -151,19 +168,11 @@ async fn pool_runners(api: &sluice_testkit::Api) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
     let db = TestDb::new().await;
-    let workdir = sluice_testkit::TempDir::new("pool");
-    let runner_bin = sluice_testkit::bin("sluice-runner");
-    let scheduler = Scheduler::start_with(
+    let (scheduler, _workdir) = pooled(
         &db,
-        Timings::TEST,
         &[
-            ("SLUICE_POOL_BACKEND", "local"),
-            ("SLUICE_POOL_MIN_WARM", "1"),
             ("SLUICE_POOL_MAX_WARM", "3"),
             ("SLUICE_POOL_IDLE_TIMEOUT_MS", "2000"),
-            ("SLUICE_POOL_RUNNER_SLOTS", "1"),
-            ("SLUICE_POOL_RUNNER_BIN", runner_bin.to_str().unwrap()),
-            ("SLUICE_POOL_WORKDIR", workdir.path().to_str().unwrap()),
         ],
     )
     .await;
@@ -267,18 +276,10 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_recycle_after_one_every_task_gets_a_fresh_runner() {
     let db = TestDb::new().await;
-    let workdir = sluice_testkit::TempDir::new("pool-recycle");
-    let runner_bin = sluice_testkit::bin("sluice-runner");
-    let scheduler = Scheduler::start_with(
+    let (scheduler, _workdir) = pooled(
         &db,
-        Timings::TEST,
         &[
-            ("SLUICE_POOL_BACKEND", "local"),
-            ("SLUICE_POOL_MIN_WARM", "1"),
             ("SLUICE_POOL_MAX_WARM", "2"),
-            ("SLUICE_POOL_RUNNER_SLOTS", "1"),
-            ("SLUICE_POOL_RUNNER_BIN", runner_bin.to_str().unwrap()),
-            ("SLUICE_POOL_WORKDIR", workdir.path().to_str().unwrap()),
             ("SLUICE_RUNNER_RECYCLE_AFTER", "1"),
         ],
     )
