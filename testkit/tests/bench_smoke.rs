@@ -46,6 +46,8 @@ fn sluice_bench_quick_reports_every_measurement_as_json() {
         "plain-job pickup p50",
         "fan-out makespan",
         "the same 200 jobs enqueued directly",
+        "pool start latency p50, warm runners kept",
+        "pool start latency p99, fresh runner per task",
     ] {
         let found = results
             .iter()

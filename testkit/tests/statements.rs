@@ -2,7 +2,7 @@
 //! schema, whether or not a test happens to run it: a statement that runs only after an
 //! outage or on a timeout must not carry a syntax error until that day (one did).
 
-use sluice::store::{artifacts, jobs, runs, schedules, sessions, workflows};
+use sluice::store::{artifacts, jobs, runners, runs, schedules, sessions, workflows};
 use sluice_testkit::TestDb;
 use sqlx::{Executor, SqlSafeStr};
 
@@ -18,6 +18,7 @@ async fn every_store_statement_is_valid_against_the_schema() {
         .chain(schedules::statements())
         .chain(artifacts::statements())
         .chain(sessions::statements())
+        .chain(runners::statements())
     {
         // `describe` prepares the statement: parse, name resolution and type checks, the
         // same as its first execution would do.

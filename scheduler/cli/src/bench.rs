@@ -215,8 +215,8 @@ fn with_reference(mut m: Measurement, reference: &Measurement) -> Measurement {
 }
 
 /// The parts of the benchmark, for `--only`.
-pub const SECTIONS: [&str; 7] = [
-    "enqueue", "bulk", "core", "e2e", "workflow", "spawn", "claim",
+pub const SECTIONS: [&str; 8] = [
+    "enqueue", "bulk", "core", "e2e", "workflow", "spawn", "claim", "pool",
 ];
 
 /// What every section shares: the server under test, a pool, and the run's sizes.
@@ -307,6 +307,9 @@ async fn measure_all(
     }
     if bench.wants("claim") {
         results.extend(claim_with_history(&bench).await?);
+    }
+    if bench.wants("pool") {
+        results.extend(pool_start_latency(&bench).await?);
     }
     bench.pool.close().await;
     bench.server.shutdown().await;
@@ -658,6 +661,93 @@ async fn end_to_end(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         .await;
         dev::stop_runners(&mut children).await;
         results.extend(outcome?);
+    }
+    Ok(results)
+}
+
+/// Enqueue → claim through the warm pool (local backend, one-slot runners, two warm), under
+/// a steady stream of jobs (one every 200 ms): runners that stay, and runners recycled after
+/// every task (`SLUICE_RUNNER_RECYCLE_AFTER=1`, a fresh runner per task).
+async fn pool_start_latency(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
+    let binary = dev::find_runner_binary()?;
+    let jobs = if bench.config.quick { 15 } else { 60 };
+    let mut results = Vec::new();
+    for recycle in [false, true] {
+        sql::truncate_jobs(&bench.pool).await?;
+        let mut env: Vec<(String, String)> = ["PATH", "HOME", "TMPDIR", "LANG"]
+            .iter()
+            .filter_map(|name| std::env::var(name).ok().map(|v| (name.to_string(), v)))
+            .collect();
+        // The runners log to the bench's stderr: only what goes wrong.
+        env.push(("RUST_LOG".into(), "warn".into()));
+        if recycle {
+            env.push(("SLUICE_RUNNER_RECYCLE_AFTER".into(), "1".into()));
+        }
+        let mut serve = bench.serve.clone();
+        serve.listen = "127.0.0.1:0".parse().expect("static address");
+        serve.internal_listen = "127.0.0.1:0".parse().expect("static address");
+        serve.cron_interval = None;
+        serve.pool = Some(sluice::service::pool::PoolSettings {
+            min_warm: 2,
+            max_warm: 6,
+            idle_timeout: Duration::from_secs(60),
+            slots: 1,
+            interval: Duration::from_millis(100),
+            backend: sluice::service::pool::LocalSettings {
+                binary: binary.clone(),
+                workdir: bench.base.join(if recycle {
+                    "pool-recycled"
+                } else {
+                    "pool-warm"
+                }),
+                env,
+            },
+        });
+        let server = Server::start(serve).await?;
+        let measured = async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while sql::live_runners(&bench.pool, "pool-").await? < 2 {
+                if Instant::now() > deadline {
+                    return Err(Error::Internal(
+                        "the pool did not warm two runners within 30 s".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let spec = json!({"kind": "bash", "script": "true"});
+            let mut ticker = tokio::time::interval(Duration::from_millis(200));
+            for _ in 0..jobs {
+                ticker.tick().await;
+                sql::insert_job_plain_returning_xid(&bench.pool, &spec).await?;
+            }
+            wait_drained(&bench.pool, jobs as i64, Duration::from_secs(120)).await?;
+            let mut delays = sql::claim_delays_ms(&bench.pool).await?;
+            delays.sort_by(f64::total_cmp);
+            Ok(delays)
+        }
+        .await;
+        server.shutdown().await;
+        let delays = measured?;
+        let mode = if recycle {
+            "fresh runner per task (RECYCLE_AFTER=1)"
+        } else {
+            "warm runners kept"
+        };
+        let note = format!(
+            "{} jobs, one every 200 ms; local pool, 1-slot runners, 2 warm; database clock, insert → claim",
+            delays.len()
+        );
+        for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+            let mut m = summarize(
+                &format!("pool start latency {label}, {mode}"),
+                "ms",
+                vec![percentile(&delays, p)],
+                &note,
+            );
+            m.min = delays.first().copied().unwrap_or(f64::NAN);
+            m.max = delays.last().copied().unwrap_or(f64::NAN);
+            results.push(m);
+        }
     }
     Ok(results)
 }

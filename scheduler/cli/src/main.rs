@@ -772,7 +772,7 @@ fn pool_settings(args: &ServeArgs) -> anyhow::Result<Option<sluice::service::poo
         max_warm: args.pool_max_warm,
         idle_timeout: Duration::from_millis(args.pool_idle_timeout_ms),
         slots: args.pool_runner_slots,
-        interval: Duration::from_millis(500),
+        interval: Duration::from_millis(100),
         backend: sluice::service::pool::LocalSettings {
             binary,
             workdir,

@@ -233,6 +233,17 @@ pub async fn run_pass(
     .await;
     report.record("stops", forgotten);
 
+    let forgotten_runners = async {
+        let Some(mut tx) = lead(pool).await? else {
+            return Ok(None);
+        };
+        let count = crate::store::runners::prune_gone(&mut tx, BATCH).await?;
+        tx.commit().await?;
+        Ok(Some(count))
+    }
+    .await;
+    report.record("prune runners", forgotten_runners);
+
     if report.requeued > 0 || report.promoted > 0 {
         wake.notify();
     }

@@ -5,7 +5,8 @@
 //!
 //! Runners come from a [`RunnerBackend`]: [`LocalBackend`] starts `sluice-runner` child
 //! processes (`SLUICE_POOL_BACKEND=local`). The pool runs in the scheduler process whose
-//! backend owns the runners: local children belong to the process that started them.
+//! backend owns the runners: local children belong to the process that started them. It
+//! looks every 100 ms: one indexed read of its own runners and a bounded backlog count.
 //!
 //! Each tick reads what the database knows of the pool's runners (`GET /api/runners`' view)
 //! and the ready backlog; a runner counts as `starting` until it registers. A start that
@@ -262,16 +263,12 @@ pub async fn run(
             }
         }
         let names = backend.running();
-        let registered: HashMap<String, (u32, u32)> = match runners::list(&pool).await {
+        let registered: HashMap<String, (u32, u32)> = match runners::live_by_names(&pool, &names)
+            .await
+        {
             Ok(rows) => rows
                 .into_iter()
-                .filter(|r| r.state != "gone" && names.contains(&r.pod_name))
-                .map(|r| {
-                    (
-                        r.pod_name,
-                        (r.slots.max(0) as u32, r.slots_in_use.max(0) as u32),
-                    )
-                })
+                .map(|(name, slots, in_use)| (name, (slots.max(0) as u32, in_use.max(0) as u32)))
                 .collect(),
             Err(err) => {
                 tracing::warn!(error = %err, "the pool cannot read the runners");

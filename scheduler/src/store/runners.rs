@@ -212,3 +212,48 @@ pub async fn ready_backlog(pool: &PgPool, cap: i64) -> Result<i64> {
         .fetch_one(pool)
         .await?)
 }
+
+/// The runners named in $1 that are not gone: `(pod_name, slots, slots_in_use)`, for the pool
+/// (by the partial pod-name index, however many gone runners the table holds).
+pub const LIVE_BY_NAMES: &str = "SELECT r.pod_name, r.slots,
+        (SELECT count(*) FROM sluice.jobs j
+         WHERE j.runner_id = r.id AND j.state = 'running') AS slots_in_use
+    FROM sluice.runners r
+    WHERE r.pod_name = ANY ($1::text[]) AND r.state <> 'gone'";
+
+/// The live runners of `names`.
+pub async fn live_by_names(pool: &PgPool, names: &[String]) -> Result<Vec<(String, i32, i64)>> {
+    Ok(sqlx::query_as(LIVE_BY_NAMES)
+        .bind(names)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Forgets up to $1 runners gone for more than a day (a pool recycling a runner per task
+/// leaves one per task). Attempts keep the runner's id; it names no row after this.
+pub const PRUNE_GONE: &str = "DELETE FROM sluice.runners WHERE id IN (
+        SELECT id FROM sluice.runners
+        WHERE state = 'gone' AND last_seen_at < now() - interval '1 day'
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED)";
+
+/// Forgets long-gone runners, at most `batch`; how many.
+pub async fn prune_gone(tx: &mut sqlx::PgConnection, batch: i64) -> Result<u64> {
+    Ok(sqlx::query(PRUNE_GONE)
+        .bind(batch)
+        .execute(tx)
+        .await?
+        .rows_affected())
+}
+
+/// This module's named statements, for the test that prepares them all.
+pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
+    [
+        ("RETIRE_POD", RETIRE_POD),
+        ("LIST", LIST),
+        ("READY_BACKLOG", READY_BACKLOG),
+        ("LIVE_BY_NAMES", LIVE_BY_NAMES),
+        ("PRUNE_GONE", PRUNE_GONE),
+    ]
+    .into_iter()
+}

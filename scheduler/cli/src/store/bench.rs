@@ -300,3 +300,15 @@ pub async fn step_to_step_ms(pool: &PgPool, run: i64) -> Result<Vec<f64>> {
     let rows: Vec<(f64,)> = sqlx::query_as(EDGES).bind(run).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(ms,)| ms).collect())
 }
+
+/// Milliseconds from each finished job's insert to its first attempt's claim, by the
+/// database clock.
+pub async fn claim_delays_ms(pool: &PgPool) -> Result<Vec<f64>> {
+    let rows: Vec<(f64,)> = sqlx::query_as(
+        "SELECT (extract(epoch FROM a.started_at - j.created_at) * 1000)::float8
+         FROM sluice.jobs j JOIN sluice.job_attempts a ON a.job_id = j.id AND a.attempt = 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(ms,)| ms).collect())
+}
