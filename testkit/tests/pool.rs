@@ -315,3 +315,55 @@ async fn with_recycle_after_one_every_task_gets_a_fresh_runner() {
     })
     .await;
 }
+
+/// A runner ordered to drain (what the pool does to an idle runner above its minimum) claims
+/// nothing more, lets its running task finish — not killed — and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_ordered_to_drain_finishes_its_task_and_exits() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let mut runner = Runner::start(&scheduler, "drained", 2, &[]).await;
+    let running = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "sleep 2; echo finished"}}))
+        .await;
+    wait_until("the task to run", Duration::from_secs(30), || async {
+        match db
+            .count("SELECT count(*) FROM sluice.jobs WHERE state = 'running'")
+            .await
+        {
+            1 => Ok(Some(())),
+            n => Err(format!("{n} running")),
+        }
+    })
+    .await;
+    sqlx::query("UPDATE sluice.runners SET state = 'draining' WHERE pod_name = 'drained' AND state <> 'gone'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let waiting = api.enqueue(json!({"spec": {"kind": "noop"}})).await;
+    let status = runner.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        runner.log_text()
+    );
+    let job = api.wait_terminal(running, Duration::from_secs(10)).await;
+    assert_eq!(
+        job["state"], "succeeded",
+        "the running task was finished, not killed: {job}"
+    );
+    assert!(job["result"]["stdout_tail"]
+        .as_str()
+        .unwrap()
+        .contains("finished"));
+    let (_, job) = api
+        .get(&sluice_protocol::api::paths::job(sluice_protocol::JobId(
+            waiting,
+        )))
+        .await;
+    assert_eq!(
+        job["state"], "available",
+        "a draining runner claims nothing: {job}"
+    );
+}

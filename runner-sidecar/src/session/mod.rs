@@ -96,6 +96,8 @@ enum Claiming {
     /// The runner took its `SLUICE_RUNNER_RECYCLE_AFTER` tasks: it lets them finish, then
     /// exits.
     Recycled,
+    /// The scheduler ordered a drain: the same.
+    Drained,
     /// The registration is gone.
     Lost,
 }
@@ -170,13 +172,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         // No more claims in this registration: the flusher sends every completion.
         outbox.release_carrier();
         match claiming {
-            Claiming::Shutdown | Claiming::Recycled => {
-                if matches!(claiming, Claiming::Recycled) {
+            Claiming::Shutdown | Claiming::Recycled | Claiming::Drained => {
+                if !matches!(claiming, Claiming::Shutdown) {
                     // Its tasks run to their ends (each has its own timeout); a SIGTERM
                     // meanwhile still drains with the deadline.
                     tracing::info!(
                         taken = attempts.taken,
-                        "took the tasks SLUICE_RUNNER_RECYCLE_AFTER allows; exiting when they end"
+                        drained = matches!(claiming, Claiming::Drained),
+                        "recycled or ordered to drain; exiting when the running tasks end"
                     );
                     loop {
                         tokio::select! {
@@ -252,12 +255,10 @@ async fn claim_until_done(
             return Claiming::Recycled;
         }
         if now == SessionState::Draining {
+            // The scheduler ordered a drain (a pool ending an idle runner): claim no more,
+            // let the running tasks end, then exit.
             outbox.release_carrier();
-            tokio::select! {
-                _ = shutdown.changed() => {}
-                _ = state.changed() => {}
-            }
-            continue;
+            return Claiming::Drained;
         }
         // Wait for a free slot, then take every free one. An attempt frees its slot right
         // after queueing its completion, so the claim for that slot carries it.

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::{lifecycle, sessions, workflows, Context};
 use crate::store::runners::RunnerIdentity;
-use crate::store::{artifacts, jobs, runs};
+use crate::store::{artifacts, jobs, runners, runs};
 use crate::{Error, Result};
 
 /// Most tasks one claim may take.
@@ -54,6 +54,7 @@ pub async fn claim(
     let mut shutdown = ctx.shutdown.clone();
     let mut carried = Some(&request.complete);
     let mut completed = Vec::new();
+    let mut next_drain_check = Instant::now();
     loop {
         // Mark the current wake-up as seen before looking, so a job inserted between the
         // claim and the wait still wakes us.
@@ -114,6 +115,18 @@ pub async fn claim(
             // (the runner would claim again straight away).
             if !tasks.is_empty() || now >= deadline || *shutdown.borrow() {
                 return Ok(ClaimResponse { tasks, completed });
+            }
+        }
+        // A runner ordered to drain is leased nothing: answer now rather than at the end
+        // of the long-poll, so it hears the order, finishes and exits (looked up at most
+        // once per poll interval, not on every wake-up).
+        if now >= next_drain_check {
+            next_drain_check = now + config.claim_poll_interval;
+            if runners::is_draining(&ctx.pool, runner.id).await? {
+                return Ok(ClaimResponse {
+                    tasks: Vec::new(),
+                    completed,
+                });
             }
         }
         let poll = (now + config.claim_poll_interval).min(deadline);

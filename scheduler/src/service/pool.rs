@@ -1,6 +1,7 @@
 //! The warm runner pool (issue 21): keeps at least `min_warm` idle runners, never more than
 //! `max_warm` in all, starts more while ready jobs outnumber free slots, ends runners idle
-//! longer than `idle_timeout` above the minimum, and replaces runners that die (their leases
+//! longer than `idle_timeout` above the minimum (through the heartbeat's `drain`: the runner
+//! claims no more, finishes its tasks and exits), and replaces runners that die (their leases
 //! end at once, so their jobs are handed out again on the reaper's next pass).
 //!
 //! Runners come from a [`RunnerBackend`]: [`LocalBackend`] starts `sluice-runner` child
@@ -58,7 +59,8 @@ pub trait RunnerBackend: Send {
         secret: &str,
         slots: u32,
     ) -> Result<(), String>;
-    /// Asks runner `name` to drain and exit.
+    /// Stops runner `name` at once (it drains within its own deadline): for shutdown; an
+    /// idle runner is drained through its heartbeat instead.
     fn stop(&mut self, name: &str);
     /// The runners that ended since the last call: name, how, and whether cleanly (exit 0).
     fn reap(&mut self) -> Vec<(String, String, bool)>;
@@ -306,9 +308,17 @@ pub async fn run(
         }
         let decided = plan(&settings, &seen, backlog, now);
         for name in decided.stop {
-            tracing::info!(runner = %name, "pool runner idle past the timeout; draining it");
-            backend.stop(&name);
-            stopping.insert(name);
+            // Through its heartbeat: it claims no more, finishes what it may have claimed
+            // meanwhile, and exits by itself.
+            match runners::drain(&pool, &name).await {
+                Ok(_) => {
+                    tracing::info!(runner = %name, "pool runner idle past the timeout; draining it");
+                    stopping.insert(name);
+                }
+                Err(err) => {
+                    tracing::warn!(runner = %name, error = %err, "cannot drain a pool runner")
+                }
+            }
         }
         if decided.start > 0 && now >= not_before {
             for _ in 0..decided.start {

@@ -190,7 +190,12 @@ pub async fn heartbeat(
         ctx.config.timings.lease,
     )
     .await?;
-    let mut response = HeartbeatResponse::default();
+    let mut response = HeartbeatResponse {
+        // Ordered by the pool (an idle runner above the minimum): claim no more, finish,
+        // exit.
+        drain: runners::is_draining(&ctx.pool, runner.id).await?,
+        ..HeartbeatResponse::default()
+    };
     for (lease, end) in request.running.iter().zip(ends) {
         let attempt = AttemptRef {
             job_id: lease.job_id,

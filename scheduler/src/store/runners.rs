@@ -246,6 +246,33 @@ pub async fn prune_gone(tx: &mut sqlx::PgConnection, batch: i64) -> Result<u64> 
         .rows_affected())
 }
 
+/// Orders the live instance of pod $1 to drain: its next heartbeat says so, it claims no
+/// more, finishes its tasks and exits. One row when ordered.
+pub const DRAIN_POD: &str = "UPDATE sluice.runners SET state = 'draining'
+    WHERE pod_name = $1 AND state NOT IN ('gone', 'draining')
+    RETURNING 1";
+
+/// Whether runner $1 was ordered to drain.
+pub const IS_DRAINING: &str = "SELECT state = 'draining' FROM sluice.runners WHERE id = $1";
+
+/// Orders pod `pod_name` to drain; whether a live instance was there to order.
+pub async fn drain(pool: &PgPool, pod_name: &str) -> Result<bool> {
+    Ok(sqlx::query(DRAIN_POD)
+        .bind(pod_name)
+        .fetch_optional(pool)
+        .await?
+        .is_some())
+}
+
+/// Whether `runner` was ordered to drain.
+pub async fn is_draining(pool: &PgPool, runner: RunnerId) -> Result<bool> {
+    Ok(sqlx::query_scalar(IS_DRAINING)
+        .bind(runner.0)
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or(false))
+}
+
 /// This module's named statements, for the test that prepares them all.
 pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
     [
@@ -254,6 +281,8 @@ pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
         ("READY_BACKLOG", READY_BACKLOG),
         ("LIVE_BY_NAMES", LIVE_BY_NAMES),
         ("PRUNE_GONE", PRUNE_GONE),
+        ("DRAIN_POD", DRAIN_POD),
+        ("IS_DRAINING", IS_DRAINING),
     ]
     .into_iter()
 }

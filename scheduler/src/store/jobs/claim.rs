@@ -26,8 +26,10 @@ pub const CLAIM: &str = "WITH picked AS (
               SELECT name FROM sluice.queues WHERE paused OR max_running IS NOT NULL
           ))
           -- A runner marked gone (replaced by a new registration) leases nothing,
-          -- even while a scheduler still has its token cached.
-          AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1 AND r.state <> 'gone')
+          -- even while a scheduler still has its token cached; nor does one ordered
+          -- to drain.
+          AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1
+                                AND r.state NOT IN ('gone', 'draining'))
         ORDER BY priority, run_at, id
         LIMIT $2
         FOR UPDATE SKIP LOCKED
@@ -65,7 +67,8 @@ pub const CLAIM_CAPPED: &str = "WITH caps AS MATERIALIZED (
         SELECT j.id, j.queue, j.priority, j.run_at
         FROM sluice.jobs j JOIN caps c ON c.name = j.queue
         WHERE j.state = 'available' AND j.run_at <= now() AND c.free > 0
-          AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1 AND r.state <> 'gone')
+          AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1
+                                AND r.state NOT IN ('gone', 'draining'))
         ORDER BY j.priority, j.run_at, j.id
         LIMIT $2
         FOR UPDATE OF j SKIP LOCKED

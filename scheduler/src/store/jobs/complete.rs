@@ -75,8 +75,10 @@ pub const COMPLETE_AND_CLAIM: &str = "WITH input AS (
               SELECT name FROM sluice.queues WHERE paused OR max_running IS NOT NULL
           ))
           -- A runner marked gone (replaced by a new registration) leases nothing,
-          -- even while a scheduler still has its token cached.
-          AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1 AND r.state <> 'gone')
+          -- even while a scheduler still has its token cached; nor does one ordered
+          -- to drain.
+          AND EXISTS (SELECT 1 FROM sluice.runners r WHERE r.id = $1
+                                AND r.state NOT IN ('gone', 'draining'))
         ORDER BY priority, run_at, id
         LIMIT $2
         FOR UPDATE SKIP LOCKED
