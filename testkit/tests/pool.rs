@@ -163,6 +163,19 @@ async fn pool_runners(api: &sluice_testkit::Api) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits until the pool has exactly one runner, idle, and not named `except`; its name.
+async fn one_idle_runner(api: &sluice_testkit::Api, what: &str, except: Option<&str>) -> String {
+    wait_until(what, Duration::from_secs(30), || async {
+        match pool_runners(api).await.as_slice() {
+            [(name, state)] if state == "idle" && Some(name.as_str()) != except => {
+                Ok(Some(name.clone()))
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
 /// The local pool: warms to `min_warm`, grows under a backlog to `max_warm` and no further,
 /// shrinks back after `idle_timeout`, and replaces a runner killed with SIGKILL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,17 +190,7 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
     )
     .await;
     let api = scheduler.api();
-    let warm = wait_until(
-        "the pool to warm one runner",
-        Duration::from_secs(30),
-        || async {
-            match pool_runners(&api).await.as_slice() {
-                [(name, state)] if state == "idle" => Ok(Some(name.clone())),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    one_idle_runner(&api, "the pool to warm one runner", None).await;
 
     // Six one-slot jobs of 3 s: the pool grows to its maximum of three, never past it.
     let mut ids = Vec::new();
@@ -221,18 +224,7 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
     assert!(most <= 3, "the pool grew past max_warm: {most}");
 
     // Idle past the timeout: back to the minimum of one.
-    let left = wait_until(
-        "the pool to shrink to one",
-        Duration::from_secs(30),
-        || async {
-            match pool_runners(&api).await.as_slice() {
-                [(name, state)] if state == "idle" => Ok(Some(name.clone())),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
-    let _ = warm;
+    let left = one_idle_runner(&api, "the pool to shrink to one", None).await;
 
     // A runner killed outright is replaced by a fresh one.
     let pids = sluice_testkit::procs::with_env("RUNNER_POD_NAME")
@@ -248,17 +240,7 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait_until(
-        "a fresh runner to replace it",
-        Duration::from_secs(30),
-        || async {
-            match pool_runners(&api).await.as_slice() {
-                [(name, state)] if *name != left && state == "idle" => Ok(Some(())),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    one_idle_runner(&api, "a fresh runner to replace it", Some(&left)).await;
     // The dead one is marked gone, not left registered.
     let (_, body) = api.get(sluice_protocol::api::paths::RUNNERS).await;
     let dead = body["runners"]

@@ -193,7 +193,7 @@ pub async fn heartbeat(
     let mut response = HeartbeatResponse {
         // Ordered by the pool (an idle runner above the minimum): claim no more, finish,
         // exit.
-        drain: runners::is_draining(&ctx.pool, runner.id).await?,
+        drain: runner.draining,
         ..HeartbeatResponse::default()
     };
     for (lease, end) in request.running.iter().zip(ends) {

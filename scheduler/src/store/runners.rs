@@ -19,6 +19,8 @@ use crate::Result;
 pub struct RunnerIdentity {
     pub id: RunnerId,
     pub pod_name: String,
+    /// Ordered to drain (read with the token, so a heartbeat needs no second lookup).
+    pub draining: bool,
 }
 
 /// The stored form of a runner token.
@@ -99,15 +101,17 @@ pub async fn get_by_token(pool: &PgPool, token: &str) -> Result<Option<RunnerIde
 }
 
 async fn get_by_hash(pool: &PgPool, hash: &[u8]) -> Result<Option<RunnerIdentity>> {
-    let row: Option<(Uuid, String)> = sqlx::query_as(
-        "SELECT id, pod_name FROM sluice.runners WHERE token_hash = $1 AND state <> 'gone'",
+    let row: Option<(Uuid, String, bool)> = sqlx::query_as(
+        "SELECT id, pod_name, state = 'draining' FROM sluice.runners
+         WHERE token_hash = $1 AND state <> 'gone'",
     )
     .bind(hash)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(id, pod_name)| RunnerIdentity {
+    Ok(row.map(|(id, pod_name, draining)| RunnerIdentity {
         id: RunnerId(id),
         pod_name,
+        draining,
     }))
 }
 
