@@ -551,10 +551,34 @@ pub struct AgentSession {
     pub updated_at: DateTime<Utc>,
 }
 
-/// `GET /api/runners`: runners registered now, and those gone within the last hour.
+/// `GET /api/runners`: runners registered now (or being started by a pool), and those gone
+/// within the last hour; and the warm pools running them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunnerList {
     pub runners: Vec<RunnerInfo>,
+    /// The warm pools written within the last hour (absent from older schedulers).
+    #[serde(default)]
+    pub pools: Vec<PoolInfo>,
+}
+
+/// A warm runner pool: where its runners come from and its last trouble.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub name: String,
+    /// `local` or `kubernetes`.
+    pub backend: String,
+    /// The scheduler replica running it.
+    pub holder: String,
+    pub min_warm: i32,
+    pub max_warm: i32,
+    /// Why the last runner could not be started or died (pod creation refused by a quota, an
+    /// image that cannot be pulled, a runner that crashes), until the pool is healthy again.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Starts are backed off until then.
+    pub retry_at: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// One runner as the scheduler knows it.
@@ -562,8 +586,8 @@ pub struct RunnerList {
 pub struct RunnerInfo {
     pub id: Uuid,
     pub pod_name: String,
-    /// `starting`, `idle` (no task), `busy` (at least one), `draining` or `gone` (replaced,
-    /// or revoked); written by its heartbeats.
+    /// `starting` (started by a pool, not registered yet), `idle` (no task), `busy` (at
+    /// least one), `draining` or `gone` (ended, replaced, or revoked); written as they change.
     pub state: String,
     pub slots: i32,
     /// Attempts it holds now.

@@ -104,17 +104,32 @@ impl Server {
                 "http://{}",
                 std::net::SocketAddr::new(host, internal_addr.port())
             );
-            let backend = Box::new(crate::service::pool::LocalBackend::new(
-                settings.backend.clone(),
-            ));
-            tasks.spawn(crate::service::pool::run(
-                pool.clone(),
-                settings,
-                backend,
-                internal_url,
-                state.config.runner_secret.expose().to_string(),
-                shutdown_rx.clone(),
-            ));
+            let secret = state.config.runner_secret.expose().to_string();
+            let shutdown = shutdown_rx.clone();
+            match settings.backend.clone() {
+                crate::service::pool::BackendSettings::Local(local) => {
+                    tasks.spawn(crate::service::pool::run(
+                        pool.clone(),
+                        settings,
+                        crate::service::pool::LocalBackend::new(local),
+                        internal_url,
+                        secret,
+                        shutdown,
+                    ));
+                }
+                crate::service::pool::BackendSettings::Kubernetes(kube) => {
+                    let backend = crate::service::pool::KubernetesBackend::new(*kube)
+                        .map_err(crate::Error::Setup)?;
+                    tasks.spawn(crate::service::pool::run(
+                        pool.clone(),
+                        settings,
+                        backend,
+                        internal_url,
+                        secret,
+                        shutdown,
+                    ));
+                }
+            }
         }
         let (public_limits, internal_limits) =
             (state.config.public_limits, state.config.internal_limits);

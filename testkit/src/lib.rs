@@ -10,6 +10,8 @@
 //!   interleavings (a stale complete, many concurrent claimers).
 //! - [`wait_until`] — poll a condition with a deadline instead of sleeping.
 //! - [`proxy`] — a TCP fault proxy (cut, or drop responses) between sidecars and scheduler.
+//! - [`anthropic`] — a fake Anthropic Messages API for the agent step.
+//! - [`kube`] — a fake Kubernetes API server whose fake kubelet runs real `sluice-runner`s.
 //!
 //! Binaries are found next to the test executable's `target/<profile>/` (override with
 //! `SLUICE_BIN_DIR`); `cargo test --workspace` builds them.
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod anthropic;
+pub mod kube;
 pub mod procs;
 pub mod proxy;
 
@@ -584,16 +587,26 @@ impl Scheduler {
             log: logs.path().join("scheduler.log"),
         };
         let (proc, api_url, internal_url) = settings.spawn("127.0.0.1:0", "127.0.0.1:0").await;
+        // A secret given in `extra_env` is the one it runs with.
+        let runner_secret = extra_env
+            .iter()
+            .find(|(k, _)| *k == "SLUICE_RUNNER_SECRET")
+            .map_or(settings.runner_secret.clone(), |(_, v)| v.to_string());
         Scheduler {
             proc,
             api_url,
             internal_url,
             api_token: settings.api_token.clone(),
-            runner_secret: settings.runner_secret.clone(),
+            runner_secret,
             timings,
             settings,
             _logs: logs,
         }
+    }
+
+    /// SIGKILL: no shutdown of any kind.
+    pub async fn kill(&mut self) {
+        let _ = self.proc.child.kill().await;
     }
 
     /// SIGKILL (no shutdown of any kind), then the same scheduler again: the same ports,
@@ -849,6 +862,40 @@ impl Api {
         let (status, body) = self.post(protocol::api::paths::JOBS, &request).await;
         assert_eq!(status, 201, "enqueue answered {status}: {body}");
         body["id"].as_i64().expect("job id")
+    }
+
+    /// The pool's runners now (`GET /api/runners`): `(pod_name, state)` of those not gone
+    /// whose names start with `pool-`.
+    pub async fn pool_runners(&self) -> Vec<(String, String)> {
+        let (status, body) = self.get(sluice_protocol::api::paths::RUNNERS).await;
+        assert_eq!(status, 200, "{body}");
+        body["runners"]
+            .as_array()
+            .expect("runners")
+            .iter()
+            .filter(|r| {
+                r["pod_name"].as_str().unwrap_or("").starts_with("pool-") && r["state"] != "gone"
+            })
+            .map(|r| {
+                (
+                    r["pod_name"].as_str().unwrap_or("").to_string(),
+                    r["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until the pool has exactly one runner, idle, and not named `except`; its name.
+    pub async fn one_idle_pool_runner(&self, what: &str, except: Option<&str>) -> String {
+        wait_until(what, Duration::from_secs(30), || async {
+            match self.pool_runners().await.as_slice() {
+                [(name, state)] if state == "idle" && Some(name.as_str()) != except => {
+                    Ok(Some(name.clone()))
+                }
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
     }
 
     /// Waits until the job is terminal and returns it.

@@ -99,3 +99,61 @@ async fn pump(
     }
     let _ = to.shutdown().await;
 }
+
+/// A stand-in for a Kubernetes Service in front of several schedulers' internal listeners:
+/// each connection goes to the first upstream (round robin) that accepts it.
+pub struct Balancer {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    upstreams: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl Balancer {
+    /// Starts one with no upstream yet (connections are closed until one is added).
+    pub async fn start() -> Balancer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind balancer");
+        let url = format!("http://{}", listener.local_addr().expect("balancer addr"));
+        let upstreams: Arc<std::sync::Mutex<Vec<SocketAddr>>> = Arc::default();
+        let shared = upstreams.clone();
+        let acceptor = tokio::spawn(async move {
+            let mut next = 0usize;
+            while let Ok((mut client, _)) = listener.accept().await {
+                next = next.wrapping_add(1);
+                let targets = shared.lock().expect("upstreams").clone();
+                tokio::spawn(async move {
+                    for i in 0..targets.len() {
+                        let target = targets[(next + i) % targets.len()];
+                        if let Ok(mut server) = TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Balancer {
+            url,
+            upstreams,
+            acceptor,
+        }
+    }
+
+    /// Adds `upstream` (`http://host:port`).
+    pub fn add(&self, upstream: &str) {
+        let addr: SocketAddr = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("upstream host:port");
+        self.upstreams.lock().expect("upstreams").push(addr);
+    }
+}

@@ -145,37 +145,6 @@ async fn pooled(db: &TestDb, settings: &[(&str, &str)]) -> (Scheduler, sluice_te
     (scheduler, workdir)
 }
 
-/// The pool's runners now: `(pod_name, state)` of those not gone.
-async fn pool_runners(api: &sluice_testkit::Api) -> Vec<(String, String)> {
-    let (status, body) = api.get(sluice_protocol::api::paths::RUNNERS).await;
-    assert_eq!(status, 200, "{body}");
-    body["runners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["pod_name"].as_str().unwrap().starts_with("pool-") && r["state"] != "gone")
-        .map(|r| {
-            (
-                r["pod_name"].as_str().unwrap().to_string(),
-                r["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-/// Waits until the pool has exactly one runner, idle, and not named `except`; its name.
-async fn one_idle_runner(api: &sluice_testkit::Api, what: &str, except: Option<&str>) -> String {
-    wait_until(what, Duration::from_secs(30), || async {
-        match pool_runners(api).await.as_slice() {
-            [(name, state)] if state == "idle" && Some(name.as_str()) != except => {
-                Ok(Some(name.clone()))
-            }
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await
-}
-
 /// The local pool: warms to `min_warm`, grows under a backlog to `max_warm` and no further,
 /// shrinks back after `idle_timeout`, and replaces a runner killed with SIGKILL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,7 +159,8 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
     )
     .await;
     let api = scheduler.api();
-    one_idle_runner(&api, "the pool to warm one runner", None).await;
+    api.one_idle_pool_runner("the pool to warm one runner", None)
+        .await;
 
     // Six one-slot jobs of 3 s: the pool grows to its maximum of three, never past it.
     let mut ids = Vec::new();
@@ -205,7 +175,7 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
         "the pool to grow to three",
         Duration::from_secs(30),
         || async {
-            let now = pool_runners(&api).await.len();
+            let now = api.pool_runners().await.len();
             most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
             if now == 3 {
                 Ok(Some(()))
@@ -219,12 +189,14 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
     for id in &ids {
         let job = api.wait_terminal(*id, Duration::from_secs(60)).await;
         assert_eq!(job["state"], "succeeded", "{job}");
-        most = most.max(pool_runners(&api).await.len());
+        most = most.max(api.pool_runners().await.len());
     }
     assert!(most <= 3, "the pool grew past max_warm: {most}");
 
     // Idle past the timeout: back to the minimum of one.
-    let left = one_idle_runner(&api, "the pool to shrink to one", None).await;
+    let left = api
+        .one_idle_pool_runner("the pool to shrink to one", None)
+        .await;
 
     // A runner killed outright is replaced by a fresh one.
     let pids = sluice_testkit::procs::with_env("RUNNER_POD_NAME")
@@ -240,7 +212,8 @@ async fn the_local_pool_warms_grows_shrinks_and_replaces_dead_runners() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    one_idle_runner(&api, "a fresh runner to replace it", Some(&left)).await;
+    api.one_idle_pool_runner("a fresh runner to replace it", Some(&left))
+        .await;
     // The dead one is marked gone, not left registered.
     let (_, body) = api.get(sluice_protocol::api::paths::RUNNERS).await;
     let dead = body["runners"]
@@ -285,7 +258,8 @@ async fn with_recycle_after_one_every_task_gets_a_fresh_runner() {
     }
     // The pool is warm again afterwards.
     wait_until("a warm runner", Duration::from_secs(30), || async {
-        match pool_runners(&api)
+        match api
+            .pool_runners()
             .await
             .iter()
             .filter(|(_, s)| s == "idle")

@@ -688,20 +688,24 @@ async fn pool_start_latency(bench: &Bench<'_>) -> Result<Vec<Measurement>> {
         serve.internal_listen = "127.0.0.1:0".parse().expect("static address");
         serve.cron_interval = None;
         serve.pool = Some(sluice::service::pool::PoolSettings {
+            name: "bench".into(),
             min_warm: 2,
             max_warm: 6,
             idle_timeout: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(60),
             slots: 1,
             interval: Duration::from_millis(100),
-            backend: sluice::service::pool::LocalSettings {
-                binary: binary.clone(),
-                workdir: bench.base.join(if recycle {
-                    "pool-recycled"
-                } else {
-                    "pool-warm"
-                }),
-                env,
-            },
+            backend: sluice::service::pool::BackendSettings::Local(
+                sluice::service::pool::LocalSettings {
+                    binary: binary.clone(),
+                    workdir: bench.base.join(if recycle {
+                        "pool-recycled"
+                    } else {
+                        "pool-warm"
+                    }),
+                    env,
+                },
+            ),
         });
         let server = Server::start(serve).await?;
         let measured = async {

@@ -9,6 +9,7 @@
 //!   [`provision::provision_app_database`] over [`store::provision`]'s statements.
 //! - [`dev`] — `sluice dev`: cluster, scheduler, local runners, an example job.
 //! - [`bench`](mod@bench) — `sluice bench`: throughput and latency next to the bare-SQL limit.
+//! - [`pool`] — `sluice serve`'s warm pool settings and the choice of backend.
 //! - [`client`] — a typed client of the public API, behind `sluice enqueue` and the bench.
 //! - [`runs`] — following a workflow run step by step (`sluice run --wait`, `sluice dev`).
 //! - [`store`] — every SQL statement of the tooling (the bench's own tables and references,
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod dev;
+pub mod pool;
 pub mod provision;
 pub mod runs;
 pub mod store;

@@ -41,7 +41,7 @@ enum Command {
         database_url: Secret,
     },
     /// Run a scheduler: the public API, the internal runner API and the reaper.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Enqueue a job through the public API; `--wait` prints its output and exits with its status.
     Enqueue(EnqueueArgs),
     /// Start a private Postgres, the scheduler and two local runners; run an example job.
@@ -305,29 +305,8 @@ struct ServeArgs {
     /// well inside a 200k-token context even at 3 bytes a token.
     #[arg(long, env = "SLUICE_SESSION_MAX_BYTES", default_value_t = 384 << 10)]
     session_max_bytes: u64,
-    /// Keep a warm pool of runners: `none` (runners are started elsewhere), `local`
-    /// (sluice-runner child processes of this scheduler), `auto` (Kubernetes when it is
-    /// reachable — not in this build yet — else local).
-    #[arg(long, env = "SLUICE_POOL_BACKEND", default_value = "none", value_parser = ["none", "local", "auto", "kubernetes"])]
-    pool_backend: String,
-    /// Idle runners the pool keeps at least.
-    #[arg(long, env = "SLUICE_POOL_MIN_WARM", default_value_t = 2)]
-    pool_min_warm: u32,
-    /// Runners the pool keeps at most, idle or busy.
-    #[arg(long, env = "SLUICE_POOL_MAX_WARM", default_value_t = 10)]
-    pool_max_warm: u32,
-    /// How long a runner above the minimum may stay idle before the pool ends it.
-    #[arg(long, env = "SLUICE_POOL_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
-    pool_idle_timeout_ms: u64,
-    /// Slots of each pool runner.
-    #[arg(long, env = "SLUICE_POOL_RUNNER_SLOTS", default_value_t = 4)]
-    pool_runner_slots: u32,
-    /// The sluice-runner binary of the local backend (default: beside this one).
-    #[arg(long, env = "SLUICE_POOL_RUNNER_BIN")]
-    pool_runner_bin: Option<PathBuf>,
-    /// Where the local backend's runners keep their workspaces.
-    #[arg(long, env = "SLUICE_POOL_WORKDIR")]
-    pool_workdir: Option<PathBuf>,
+    #[command(flatten)]
+    pool: sluice_cli::pool::PoolArgs,
     /// Do not apply migrations at start.
     #[arg(long)]
     no_migrate: bool,
@@ -416,7 +395,7 @@ fn main() -> ExitCode {
         }
         Command::Serve(args) => {
             init_tracing("info");
-            block_on(serve(args))
+            block_on(serve(*args))
         }
         Command::Enqueue(args) => {
             init_tracing("warn");
@@ -485,7 +464,7 @@ async fn migrate(database_url: Secret) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let pool = pool_settings(&args)?;
+    let pool = sluice_cli::pool::settings(&args.pool).await?;
     let mut config = ServeConfig::new(args.database_url, args.api_token, args.runner_secret);
     config.pool = pool;
     if config.api_token.expose().is_empty() || config.runner_secret.expose().is_empty() {
@@ -707,80 +686,6 @@ async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// The warm pool's settings from `SLUICE_POOL_*`; `None` for `none`.
-fn pool_settings(args: &ServeArgs) -> anyhow::Result<Option<sluice::service::pool::PoolSettings>> {
-    match args.pool_backend.as_str() {
-        "none" => return Ok(None),
-        "kubernetes" => anyhow::bail!(
-            "SLUICE_POOL_BACKEND=kubernetes: the Kubernetes backend is not in this build yet; use local or auto"
-        ),
-        "auto" => eprintln!("sluice: pool backend auto: no Kubernetes backend in this build; using local runners"),
-        _ => {}
-    }
-    anyhow::ensure!(
-        (1..=1000).contains(&args.pool_max_warm) && args.pool_min_warm <= args.pool_max_warm,
-        "SLUICE_POOL_MAX_WARM must be 1-1000 and SLUICE_POOL_MIN_WARM at most SLUICE_POOL_MAX_WARM"
-    );
-    anyhow::ensure!(
-        (1..=1000).contains(&args.pool_runner_slots),
-        "SLUICE_POOL_RUNNER_SLOTS must be 1-1000"
-    );
-    anyhow::ensure!(
-        (1000..=7 * 24 * 3600 * 1000).contains(&args.pool_idle_timeout_ms),
-        "SLUICE_POOL_IDLE_TIMEOUT_MS must be between 1000 and 604800000"
-    );
-    let binary = match &args.pool_runner_bin {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .map(|dir| dir.join("sluice-runner"))
-            .unwrap_or_else(|| PathBuf::from("sluice-runner")),
-    };
-    anyhow::ensure!(
-        binary.is_file(),
-        "SLUICE_POOL_RUNNER_BIN: {} is not a file (build sluice-runner, or set the variable)",
-        binary.display()
-    );
-    let workdir = args.pool_workdir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("sluice-pool-{}", std::process::id()))
-    });
-    // What the runners get from this environment: the basics, the agent's key and endpoint,
-    // and the runner settings (never the scheduler's own secrets but the runner secret,
-    // which the pool passes itself).
-    let env = std::env::vars()
-        .filter(|(name, _)| {
-            matches!(
-                name.as_str(),
-                "PATH"
-                    | "HOME"
-                    | "TMPDIR"
-                    | "RUST_LOG"
-                    | "LANG"
-                    | "ANTHROPIC_API_KEY"
-                    | "ANTHROPIC_BASE_URL"
-            ) || (name.starts_with("SLUICE_RUNNER_")
-                && !matches!(
-                    name.as_str(),
-                    "SLUICE_RUNNER_SECRET" | "SLUICE_RUNNER_SLOTS" | "SLUICE_RUNNER_WORKDIR"
-                ))
-                || name.starts_with("SLUICE_AGENT_")
-                || name == "SLUICE_ARTIFACT_MAX_BYTES"
-        })
-        .collect();
-    Ok(Some(sluice::service::pool::PoolSettings {
-        min_warm: args.pool_min_warm,
-        max_warm: args.pool_max_warm,
-        idle_timeout: Duration::from_millis(args.pool_idle_timeout_ms),
-        slots: args.pool_runner_slots,
-        interval: Duration::from_millis(100),
-        backend: sluice::service::pool::LocalSettings {
-            binary,
-            workdir,
-            env,
-        },
-    }))
-}
-
 /// `sluice runners ls`: a table of the runners.
 async fn runners(command: RunnersCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
     let client = api.client()?;
@@ -804,6 +709,24 @@ async fn runners(command: RunnersCommand, api: ApiArgs) -> anyhow::Result<ExitCo
                         .last_seen_at
                         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     runner.id
+                );
+            }
+            for pool in list.pools {
+                println!(
+                    "pool {}: {} backend, {}-{} runners, run by {}{}",
+                    pool.name,
+                    pool.backend,
+                    pool.min_warm,
+                    pool.max_warm,
+                    pool.holder,
+                    match (&pool.last_error, pool.retry_at) {
+                        (Some(error), Some(at)) => format!(
+                            "; last error: {error} (starts retried from {})",
+                            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
+                        (Some(error), None) => format!("; last error: {error}"),
+                        _ => String::new(),
+                    }
                 );
             }
         }

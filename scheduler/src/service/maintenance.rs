@@ -237,7 +237,8 @@ pub async fn run_pass(
         let Some(mut tx) = lead(pool).await? else {
             return Ok(None);
         };
-        let count = crate::store::runners::prune_gone(&mut tx, BATCH).await?;
+        let count = crate::store::runners::prune_gone(&mut tx, BATCH).await?
+            + crate::store::runners::prune_pools(&mut tx, BATCH).await?;
         tx.commit().await?;
         Ok(Some(count))
     }

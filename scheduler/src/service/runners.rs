@@ -147,7 +147,23 @@ pub async fn list(ctx: &Context) -> Result<sluice_protocol::api::RunnerList> {
             last_seen_at: r.last_seen_at,
         })
         .collect();
-    Ok(sluice_protocol::api::RunnerList { runners })
+    let pools = runners::list_pools(&ctx.pool)
+        .await?
+        .into_iter()
+        .map(|p| sluice_protocol::api::PoolInfo {
+            name: p.name,
+            backend: p.backend,
+            holder: p.holder,
+            min_warm: p.min_warm,
+            max_warm: p.max_warm,
+            last_error: p.last_error,
+            last_error_at: p.last_error_at,
+            retry_at: p.retry_at,
+            started_at: p.started_at,
+            updated_at: p.updated_at,
+        })
+        .collect();
+    Ok(sluice_protocol::api::RunnerList { runners, pools })
 }
 
 /// Renews the listed leases the runner still holds and answers with its orders: attempts to

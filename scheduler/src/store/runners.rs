@@ -68,6 +68,39 @@ pub async fn retire(pool: &PgPool, pod_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Drops pod $1's `starting` row (the pool's placeholder): it registers now.
+pub const FORGET_STARTING: &str =
+    "DELETE FROM sluice.runners WHERE pod_name = $1 AND state = 'starting'";
+
+/// A pool started pod $1 with $3 slots and pool labels $2: listed as `starting` until it
+/// registers. The token hash is random, so no token is ever this row's.
+pub const INSERT_STARTING: &str =
+    "INSERT INTO sluice.runners (id, pod_name, token_hash, labels, slots, state)
+    VALUES ($4, $1, $5, $2, $3, 'starting')";
+
+/// Lists pod `pod_name`, just started by a pool, as `starting`.
+pub async fn starting(pool: &PgPool, pod_name: &str, labels: Value, slots: i32) -> Result<()> {
+    let id = Uuid::new_v4();
+    sqlx::query(INSERT_STARTING)
+        .bind(pod_name)
+        .bind(labels)
+        .bind(slots.max(1))
+        .bind(id)
+        .bind(token_hash(&Uuid::new_v4().to_string()))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Drops pod `pod_name`'s `starting` row: its start failed.
+pub async fn forget_starting(pool: &PgPool, pod_name: &str) -> Result<()> {
+    sqlx::query(FORGET_STARTING)
+        .bind(pod_name)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Registers a new runner instance with a fresh id and token. Earlier instances with the same
 /// pod name are marked `gone` and their leases end now, so the reaper hands their jobs out
 /// again on its next pass (a restarted pod's old attempts are dead by definition).
@@ -75,6 +108,11 @@ pub async fn register(pool: &PgPool, params: RegisterParams<'_>) -> Result<(Runn
     let id = Uuid::new_v4();
     let token = Secret::generate("slr_");
     let mut tx = pool.begin().await?;
+    // The row the pool wrote when it started this pod becomes this registration.
+    sqlx::query(FORGET_STARTING)
+        .bind(params.pod_name)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(RETIRE_POD)
         .bind(params.pod_name)
         .execute(&mut *tx)
@@ -217,13 +255,13 @@ pub async fn ready_backlog(pool: &PgPool, cap: i64) -> Result<i64> {
         .await?)
 }
 
-/// The runners named in $1 that are not gone: `(pod_name, slots, slots_in_use)`, for the pool
+/// The runners named in $1 that registered and are not gone: `(pod_name, slots, slots_in_use)`, for the pool
 /// (by the partial pod-name index, however many gone runners the table holds).
 pub const LIVE_BY_NAMES: &str = "SELECT r.pod_name, r.slots,
         (SELECT count(*) FROM sluice.jobs j
          WHERE j.runner_id = r.id AND j.state = 'running') AS slots_in_use
     FROM sluice.runners r
-    WHERE r.pod_name = ANY ($1::text[]) AND r.state <> 'gone'";
+    WHERE r.pod_name = ANY ($1::text[]) AND r.state <> 'gone' AND r.state <> 'starting'";
 
 /// The live runners of `names`.
 pub async fn live_by_names(pool: &PgPool, names: &[String]) -> Result<Vec<(String, i32, i64)>> {
@@ -253,7 +291,7 @@ pub async fn prune_gone(tx: &mut sqlx::PgConnection, batch: i64) -> Result<u64> 
 /// Orders the live instance of pod $1 to drain: its next heartbeat says so, it claims no
 /// more, finishes its tasks and exits. One row when ordered.
 pub const DRAIN_POD: &str = "UPDATE sluice.runners SET state = 'draining'
-    WHERE pod_name = $1 AND state NOT IN ('gone', 'draining')
+    WHERE pod_name = $1 AND state NOT IN ('gone', 'draining', 'starting')
     RETURNING 1";
 
 /// Whether runner $1 was ordered to drain.
@@ -277,6 +315,112 @@ pub async fn is_draining(pool: &PgPool, runner: RunnerId) -> Result<bool> {
         .unwrap_or(false))
 }
 
+/// Takes the leadership of pool $1 for the session (two-key advisory lock, apart from the
+/// maintenance lock's key space): the replica holding it runs the pool.
+pub const LEAD_POOL: &str = "SELECT pg_try_advisory_lock(hashtext('sluice.pool'), hashtext($1))";
+
+/// The leadership of pool `name`: a connection of its own holding the lock, or `None` when
+/// another replica holds it. Dropping the connection (or losing it) gives the lock up.
+pub async fn lead_pool(pool: &PgPool, name: &str) -> Result<Option<sqlx::PgConnection>> {
+    let mut conn = pool.acquire().await?.detach();
+    let led: bool = sqlx::query_scalar(LEAD_POOL)
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(led.then_some(conn))
+}
+
+/// Whether the leadership connection still answers (a lost connection lost the lock).
+pub async fn still_leading(conn: &mut sqlx::PgConnection) -> bool {
+    sqlx::query("SELECT 1").execute(conn).await.is_ok()
+}
+
+/// Writes pool $1's row: backend, holder, sizes, and its last error (kept until a write
+/// with `$6 = true` clears it).
+pub const UPSERT_POOL: &str = "INSERT INTO sluice.pools
+        (name, backend, holder, min_warm, max_warm, last_error, last_error_at, retry_at)
+    VALUES ($1, $2, $3, $4, $5, $7, CASE WHEN $7::text IS NULL THEN NULL ELSE now() END, $8)
+    ON CONFLICT (name) DO UPDATE SET
+        backend = excluded.backend, holder = excluded.holder,
+        min_warm = excluded.min_warm, max_warm = excluded.max_warm,
+        last_error = CASE WHEN $6 THEN NULL
+                          ELSE coalesce(excluded.last_error, sluice.pools.last_error) END,
+        last_error_at = CASE WHEN $6 THEN NULL
+                             ELSE coalesce(excluded.last_error_at, sluice.pools.last_error_at) END,
+        retry_at = excluded.retry_at,
+        started_at = CASE WHEN sluice.pools.holder = excluded.holder
+                          THEN sluice.pools.started_at ELSE now() END,
+        updated_at = now()";
+
+/// A pool's row as [`write_pool`] writes it.
+pub struct PoolRow<'a> {
+    pub name: &'a str,
+    pub backend: &'a str,
+    pub holder: &'a str,
+    pub min_warm: i32,
+    pub max_warm: i32,
+    /// Clear the last error (the pool is healthy again).
+    pub healthy: bool,
+    pub error: Option<&'a str>,
+    pub retry_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Writes a pool's row.
+pub async fn write_pool(pool: &PgPool, row: &PoolRow<'_>) -> Result<()> {
+    sqlx::query(UPSERT_POOL)
+        .bind(row.name)
+        .bind(row.backend)
+        .bind(row.holder)
+        .bind(row.min_warm)
+        .bind(row.max_warm)
+        .bind(row.healthy)
+        .bind(row.error)
+        .bind(row.retry_at)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Pools written within the last hour.
+pub const LIST_POOLS: &str = "SELECT name, backend, holder, min_warm, max_warm, last_error,
+        last_error_at, retry_at, started_at, updated_at
+    FROM sluice.pools WHERE updated_at > now() - interval '1 hour'
+    ORDER BY name LIMIT 100";
+
+/// A pool as listed.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PoolListRow {
+    pub name: String,
+    pub backend: String,
+    pub holder: String,
+    pub min_warm: i32,
+    pub max_warm: i32,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub retry_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The pools [`LIST_POOLS`] shows.
+pub async fn list_pools(pool: &PgPool) -> Result<Vec<PoolListRow>> {
+    Ok(sqlx::query_as(LIST_POOLS).fetch_all(pool).await?)
+}
+
+/// Forgets up to $1 pools not written for a day.
+pub const PRUNE_POOLS: &str = "DELETE FROM sluice.pools WHERE name IN (
+        SELECT name FROM sluice.pools WHERE updated_at < now() - interval '1 day'
+        LIMIT $1 FOR UPDATE SKIP LOCKED)";
+
+/// Forgets long-silent pools, at most `batch`; how many.
+pub async fn prune_pools(tx: &mut sqlx::PgConnection, batch: i64) -> Result<u64> {
+    Ok(sqlx::query(PRUNE_POOLS)
+        .bind(batch)
+        .execute(tx)
+        .await?
+        .rows_affected())
+}
+
 /// This module's named statements, for the test that prepares them all.
 pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
     [
@@ -287,6 +431,12 @@ pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
         ("PRUNE_GONE", PRUNE_GONE),
         ("DRAIN_POD", DRAIN_POD),
         ("IS_DRAINING", IS_DRAINING),
+        ("FORGET_STARTING", FORGET_STARTING),
+        ("INSERT_STARTING", INSERT_STARTING),
+        ("LEAD_POOL", LEAD_POOL),
+        ("UPSERT_POOL", UPSERT_POOL),
+        ("LIST_POOLS", LIST_POOLS),
+        ("PRUNE_POOLS", PRUNE_POOLS),
     ]
     .into_iter()
 }

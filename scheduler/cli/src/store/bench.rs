@@ -235,7 +235,7 @@ pub async fn commit_timestamp(
 pub async fn live_runners(pool: &PgPool, prefix: &str) -> Result<i64> {
     let (n,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM sluice.runners
-         WHERE state <> 'gone' AND starts_with(pod_name, $1)",
+         WHERE state NOT IN ('gone', 'starting') AND starts_with(pod_name, $1)",
     )
     .bind(prefix)
     .fetch_one(pool)
