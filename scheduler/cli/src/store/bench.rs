@@ -301,6 +301,20 @@ pub async fn step_to_step_ms(pool: &PgPool, run: i64) -> Result<Vec<f64>> {
     Ok(rows.into_iter().map(|(ms,)| ms).collect())
 }
 
+/// Insert → the first attempt's `started` event (the tool was spawned and its first event
+/// stored), by the database clock, for every job with one.
+pub async fn tool_start_delays_ms(pool: &PgPool) -> Result<Vec<f64>> {
+    let rows: Vec<(f64,)> = sqlx::query_as(
+        "SELECT (extract(epoch FROM min(e.at) - j.created_at) * 1000)::float8
+         FROM sluice.jobs j
+         JOIN sluice.job_events e ON e.job_id = j.id AND e.attempt = 1 AND e.kind = 'started'
+         GROUP BY j.id, j.created_at",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(ms,)| ms).collect())
+}
+
 /// Milliseconds from each finished job's insert to its first attempt's claim, by the
 /// database clock.
 pub async fn claim_delays_ms(pool: &PgPool) -> Result<Vec<f64>> {
