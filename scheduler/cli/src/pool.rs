@@ -96,8 +96,8 @@ pub async fn settings(args: &PoolArgs) -> anyhow::Result<Option<PoolSettings>> {
         "SLUICE_POOL_IDLE_TIMEOUT_MS must be between 1000 and 604800000"
     );
     anyhow::ensure!(
-        (1000..=24 * 3600 * 1000).contains(&args.pool_start_timeout_ms),
-        "SLUICE_POOL_START_TIMEOUT_MS must be between 1000 and 86400000"
+        (1000..=3600 * 1000).contains(&args.pool_start_timeout_ms),
+        "SLUICE_POOL_START_TIMEOUT_MS must be between 1000 and 3600000"
     );
     anyhow::ensure!(
         dns_label(&args.pool_name, 40),
@@ -145,12 +145,8 @@ fn kube_settings(
     config: kubernetes::KubeConfig,
 ) -> anyhow::Result<KubernetesSettings> {
     let text = match &args.pool_pod_template {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| {
-            anyhow::anyhow!(
-                "SLUICE_POOL_POD_TEMPLATE: cannot read {}: {e}",
-                path.display()
-            )
-        })?,
+        Some(path) => read_template(path)
+            .map_err(|e| anyhow::anyhow!("SLUICE_POOL_POD_TEMPLATE: {}: {e}", path.display()))?,
         None => kubernetes::DEFAULT_TEMPLATE.to_string(),
     };
     let template = kubernetes::template(&text)
@@ -168,9 +164,11 @@ fn kube_settings(
         "SLUICE_POOL_SECRET_NAME and SLUICE_POOL_SECRET_KEY must not be empty"
     );
     if let Some(url) = &args.pool_internal_url {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| anyhow::anyhow!("SLUICE_POOL_INTERNAL_URL: not a URL: {e}"))?;
         anyhow::ensure!(
-            url.starts_with("http://") || url.starts_with("https://"),
-            "SLUICE_POOL_INTERNAL_URL must be an http(s) URL"
+            matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some(),
+            "SLUICE_POOL_INTERNAL_URL must be an http(s) URL with a host"
         );
     }
     Ok(KubernetesSettings {
@@ -183,6 +181,26 @@ fn kube_settings(
         runtime_class: args.pool_runtime_class.clone(),
         internal_url: args.pool_internal_url.clone(),
     })
+}
+
+/// Largest pod template read.
+const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
+/// A template file's text: a regular file of at most [`MAX_TEMPLATE_BYTES`] (not a device or a
+/// pipe that would never end).
+fn read_template(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    anyhow::ensure!(meta.is_file(), "not a regular file");
+    anyhow::ensure!(
+        meta.len() <= MAX_TEMPLATE_BYTES,
+        "larger than {MAX_TEMPLATE_BYTES} bytes"
+    );
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 fn local_settings(args: &PoolArgs) -> anyhow::Result<LocalSettings> {

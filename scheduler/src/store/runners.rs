@@ -279,13 +279,29 @@ pub const PRUNE_GONE: &str = "DELETE FROM sluice.runners WHERE id IN (
         LIMIT $1
         FOR UPDATE SKIP LOCKED)";
 
-/// Forgets long-gone runners, at most `batch`; how many.
+/// Marks gone up to $1 `starting` rows older than two hours: the pool that wrote them died
+/// before their runners registered (a pool stops a runner that has not registered within
+/// its start timeout, at most an hour).
+pub const EXPIRE_STARTING: &str = "UPDATE sluice.runners SET state = 'gone' WHERE id IN (
+        SELECT id FROM sluice.runners
+        WHERE state = 'starting' AND registered_at < now() - interval '2 hours'
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED)";
+
+/// Forgets long-gone runners and gives up on long-`starting` ones, at most `batch` each;
+/// how many.
 pub async fn prune_gone(tx: &mut sqlx::PgConnection, batch: i64) -> Result<u64> {
-    Ok(sqlx::query(PRUNE_GONE)
+    let expired = sqlx::query(EXPIRE_STARTING)
         .bind(batch)
-        .execute(tx)
+        .execute(&mut *tx)
         .await?
-        .rows_affected())
+        .rows_affected();
+    Ok(expired
+        + sqlx::query(PRUNE_GONE)
+            .bind(batch)
+            .execute(tx)
+            .await?
+            .rows_affected())
 }
 
 /// Orders the live instance of pod $1 to drain: its next heartbeat says so, it claims no
@@ -432,6 +448,7 @@ pub fn statements() -> impl Iterator<Item = (&'static str, &'static str)> {
         ("DRAIN_POD", DRAIN_POD),
         ("IS_DRAINING", IS_DRAINING),
         ("FORGET_STARTING", FORGET_STARTING),
+        ("EXPIRE_STARTING", EXPIRE_STARTING),
         ("INSERT_STARTING", INSERT_STARTING),
         ("LEAD_POOL", LEAD_POOL),
         ("UPSERT_POOL", UPSERT_POOL),

@@ -78,7 +78,20 @@ impl fmt::Debug for KubernetesSettings {
 /// Parses a pod template (a Pod manifest in YAML), checking that it has a container to run
 /// the runner in.
 pub fn template(text: &str) -> Result<Pod, String> {
-    let pod: Pod = serde_norway::from_str(text).map_err(|e| format!("not a Pod manifest: {e}"))?;
+    // The error names the kind of fault and where, never the file's content (the path could
+    // name a file of secrets).
+    let pod: Pod = serde_norway::from_str(text).map_err(|e| {
+        let what = e.to_string();
+        let what = what.split(':').next().unwrap_or("").trim().to_string();
+        match e.location() {
+            Some(at) => format!(
+                "not a Pod manifest ({what}, line {} column {})",
+                at.line(),
+                at.column()
+            ),
+            None => format!("not a Pod manifest ({what})"),
+        }
+    })?;
     let containers = pod.spec.as_ref().map(|s| s.containers.len()).unwrap_or(0);
     if containers == 0 {
         return Err("the pod template has no container".into());
@@ -446,10 +459,11 @@ impl RunnerBackend for KubernetesBackend {
                     .metadata
                     .creation_timestamp
                     .map(|t| std::time::SystemTime::from(t.0));
-                self.watched()
-                    .pods
-                    .entry(spec.name.to_string())
-                    .or_insert(created_at);
+                let mut seen = self.watched();
+                // Unless the watch saw it end already.
+                if !seen.ended_names.contains(spec.name) {
+                    seen.pods.entry(spec.name.to_string()).or_insert(created_at);
+                }
                 Ok(())
             }
             Err(kube::Error::Api(status)) => Err(format!(
@@ -589,6 +603,11 @@ mod tests {
                 .unwrap_err();
         assert!(err.contains("no container"), "{err}");
         assert!(template("{{{").is_err());
+        // The content of a wrong file is not echoed.
+        let err = template("password: hunter2-secret\n").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = template("just a secret line").unwrap_err();
+        assert!(!err.contains("secret line"), "{err}");
     }
 
     fn pod(name: &str, phase: &str) -> Pod {

@@ -198,6 +198,10 @@ pub async fn run<B: RunnerBackend>(
                 tracing::warn!(pool = %manager.settings.name, "lost the pool's leadership (its database connection); another replica takes over");
                 leadership = None;
                 manager.lose();
+            } else if !manager.leading && Instant::now() >= next_try {
+                // Leading, but the backend could not list its runners yet: again.
+                next_try = Instant::now() + Duration::from_secs(1);
+                manager.take_over().await;
             }
         } else if Instant::now() >= next_try {
             next_try = Instant::now() + Duration::from_secs(1);
