@@ -20,6 +20,10 @@ pub mod paths {
     pub const JOBS_BATCH: &str = "/api/jobs/batch";
     /// `GET`: one job with its attempts ([`super::Job`]).
     pub const JOB_ROUTE: &str = "/api/jobs/{id}";
+    /// `GET`: the job's events as Server-Sent Events (`id:` the global position, `event:` the
+    /// kind, `data:` JSON), history then live, ending after the terminal event (named by the
+    /// final state); `Last-Event-ID` or `?after=<position>` resumes.
+    pub const JOB_EVENTS_ROUTE: &str = "/api/jobs/{id}/events";
     /// `POST`: cancel ([`super::JobStateChange`]).
     pub const JOB_CANCEL_ROUTE: &str = "/api/jobs/{id}/cancel";
     /// `POST`: retry a failed or cancelled job ([`super::JobStateChange`]).
@@ -42,6 +46,9 @@ pub mod paths {
     pub const RUNS: &str = "/api/runs";
     /// `GET`: a run with its steps ([`super::Run`]).
     pub const RUN_ROUTE: &str = "/api/runs/{id}";
+    /// `GET`: the run's events (every step job's, tagged `step`) as Server-Sent Events, as
+    /// [`JOB_EVENTS_ROUTE`].
+    pub const RUN_EVENTS_ROUTE: &str = "/api/runs/{id}/events";
     /// `POST`: cancel a run ([`super::RunStateChange`]).
     pub const RUN_CANCEL_ROUTE: &str = "/api/runs/{id}/cancel";
     /// `GET`: a step's artifacts, a tar archive (`Content-Length`, and `X-Sluice-Sha256`).
@@ -66,6 +73,12 @@ pub mod paths {
 
     pub fn job(id: crate::JobId) -> String {
         JOB_ROUTE.replace("{id}", &id.to_string())
+    }
+    pub fn job_events(id: crate::JobId) -> String {
+        JOB_EVENTS_ROUTE.replace("{id}", &id.to_string())
+    }
+    pub fn run_events(id: i64) -> String {
+        RUN_EVENTS_ROUTE.replace("{id}", &id.to_string())
     }
     pub fn cancel(id: crate::JobId) -> String {
         JOB_CANCEL_ROUTE.replace("{id}", &id.to_string())

@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub run_retention: Duration,
     /// Largest stored agent session history, in bytes of JSON.
     pub session_max_bytes: usize,
+    /// Live event streams (SSE): keep-alive interval and buffers.
+    pub events: crate::service::events::EventSettings,
     /// The warm runner pool this scheduler keeps, if any.
     pub pool: Option<crate::service::pool::PoolSettings>,
     pub max_connections: u32,
@@ -59,6 +61,7 @@ impl ServeConfig {
             cron_interval: Some(Duration::from_secs(1)),
             run_retention: Duration::from_secs(7 * 24 * 3600),
             session_max_bytes: 384 << 10,
+            events: crate::service::events::EventSettings::default(),
             pool: None,
             max_connections: 16,
             migrate: true,

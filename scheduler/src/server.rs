@@ -60,9 +60,12 @@ impl Server {
         let interval = config.timings.maintenance_interval;
         let lease = config.timings.lease;
         let capped_queues = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let events =
+            crate::service::events::Hub::new(pool.clone(), config.events, shutdown_rx.clone());
         let state = AppState {
             pool: pool.clone(),
             wake: wake.clone(),
+            events: events.clone(),
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
             capped_queues: capped_queues.clone(),
@@ -72,6 +75,7 @@ impl Server {
         tasks.spawn(wake::listen(
             pool.clone(),
             wake.clone(),
+            events,
             shutdown_rx.clone(),
         ));
         tasks.spawn(maintenance::run(

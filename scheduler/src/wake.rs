@@ -1,4 +1,5 @@
-//! One shared `LISTEN sluice_jobs` connection that wakes long-polling claims.
+//! One shared LISTEN connection per scheduler: `sluice_jobs` wakes long-polling claims,
+//! `sluice_events` feeds the live event streams ([`crate::service::events::Hub`]).
 //!
 //! Every waiting claim subscribes to a [`tokio::sync::watch`] counter instead of holding its
 //! own database connection, so a thousand idle runners cost one connection. The insert trigger
@@ -12,8 +13,12 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
+use crate::service::events::Hub;
+
 /// The channel the jobs trigger notifies.
 pub const CHANNEL: &str = "sluice_jobs";
+/// The channel event appends and terminal states notify (`'<job> <run>'`).
+pub const EVENTS_CHANNEL: &str = "sluice_events";
 
 /// A handle to wake waiting claims; cheap to clone.
 #[derive(Clone)]
@@ -46,7 +51,7 @@ impl Wake {
 }
 
 /// Listens until `shutdown` fires, reconnecting with back-off after errors.
-pub async fn listen(pool: PgPool, wake: Wake, mut shutdown: watch::Receiver<bool>) {
+pub async fn listen(pool: PgPool, wake: Wake, events: Hub, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {
@@ -55,8 +60,9 @@ pub async fn listen(pool: PgPool, wake: Wake, mut shutdown: watch::Receiver<bool
         let mut listener = match connect(&pool).await {
             Ok(listener) => {
                 backoff = Duration::from_millis(100);
-                // Anything inserted while we were not listening is claimable now.
+                // Anything inserted or streamed while we were not listening is there now.
                 wake.notify();
+                events.wake_all();
                 listener
             }
             Err(err) => {
@@ -72,15 +78,20 @@ pub async fn listen(pool: PgPool, wake: Wake, mut shutdown: watch::Receiver<bool
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
+                    Ok(Some(note)) if note.channel() == EVENTS_CHANNEL => {
+                        events.notify(note.payload())
+                    }
                     Ok(Some(_)) => wake.notify(),
                     // The connection was lost; the next try_recv reconnects and re-LISTENs.
                     Ok(None) => {
                         tracing::warn!("LISTEN connection lost; reconnecting");
                         wake.notify();
+                        events.wake_all();
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "LISTEN failed; reconnecting");
                         wake.notify();
+                        events.wake_all();
                         break;
                     }
                 },
@@ -96,6 +107,6 @@ pub async fn listen(pool: PgPool, wake: Wake, mut shutdown: watch::Receiver<bool
 
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
+    listener.listen_all([CHANNEL, EVENTS_CHANNEL]).await?;
     Ok(listener)
 }

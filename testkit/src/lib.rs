@@ -22,6 +22,7 @@ pub mod anthropic;
 pub mod kube;
 pub mod procs;
 pub mod proxy;
+pub mod sse;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -895,6 +896,21 @@ impl Api {
                 other => Err(format!("{other:?}")),
             }
         })
+        .await
+    }
+
+    /// Opens an event stream (`GET path`, SSE) with the API token.
+    pub async fn events(
+        &self,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<sse::SseStream, (u16, Value)> {
+        sse::SseStream::open(
+            &self.http,
+            &format!("{}{path}", self.base),
+            &self.token,
+            last_event_id,
+        )
         .await
     }
 

@@ -305,6 +305,16 @@ struct ServeArgs {
     /// well inside a 200k-token context even at 3 bytes a token.
     #[arg(long, env = "SLUICE_SESSION_MAX_BYTES", default_value_t = 384 << 10)]
     session_max_bytes: u64,
+    /// A live event stream (SSE) sends a comment line after this long without an event.
+    #[arg(long, env = "SLUICE_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
+    sse_keepalive_ms: u64,
+    /// Events a followed job or run keeps for its slowest client; a client further behind
+    /// is dropped and resumes by position.
+    #[arg(long, env = "SLUICE_SSE_TOPIC_BUFFER", default_value_t = 1024)]
+    sse_topic_buffer: u64,
+    /// Encoded events waiting for one client's socket.
+    #[arg(long, env = "SLUICE_SSE_CLIENT_BUFFER", default_value_t = 64)]
+    sse_client_buffer: u64,
     #[command(flatten)]
     pool: sluice_cli::pool::PoolArgs,
     /// Do not apply migrations at start.
@@ -509,6 +519,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "SLUICE_SESSION_MAX_BYTES must be between 4096 and 67108864"
     );
     config.session_max_bytes = args.session_max_bytes as usize;
+    anyhow::ensure!(
+        (100..=3_600_000).contains(&args.sse_keepalive_ms),
+        "SLUICE_SSE_KEEPALIVE_MS must be between 100 and 3600000"
+    );
+    anyhow::ensure!(
+        (1..=1 << 20).contains(&args.sse_topic_buffer),
+        "SLUICE_SSE_TOPIC_BUFFER must be between 1 and 1048576"
+    );
+    anyhow::ensure!(
+        (1..=1 << 16).contains(&args.sse_client_buffer),
+        "SLUICE_SSE_CLIENT_BUFFER must be between 1 and 65536"
+    );
+    config.events = sluice::service::events::EventSettings {
+        keepalive: Duration::from_millis(args.sse_keepalive_ms),
+        topic_buffer: args.sse_topic_buffer as usize,
+        client_buffer: args.sse_client_buffer as usize,
+    };
     let server = sluice::server::Server::start(config).await?;
     // One line on stdout that scripts (and the testkit) can wait for.
     println!(

@@ -22,7 +22,7 @@ use super::{
     bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, TextBody,
     BODY_LIMIT_BYTES,
 };
-use crate::service::{cron, jobs, runners, sessions, workflows};
+use crate::service::{cron, events, jobs, runners, sessions, workflows};
 use crate::{store, Error};
 
 /// The public router (`/api/*`, `/healthz`, `/readyz`).
@@ -31,6 +31,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::JOBS, post(enqueue))
         .route(paths::JOBS_BATCH, post(enqueue_batch))
         .route(paths::JOB_ROUTE, get(get_job))
+        .route(paths::JOB_EVENTS_ROUTE, get(job_events))
         .route(paths::JOB_CANCEL_ROUTE, post(cancel_job))
         .route(paths::JOB_RETRY_ROUTE, post(retry_job))
         .route(paths::QUEUES, get(list_queues))
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::WORKFLOWS_RUN, post(start_run))
         .route(paths::RUNS, get(list_runs))
         .route(paths::RUN_ROUTE, get(get_run))
+        .route(paths::RUN_EVENTS_ROUTE, get(run_events))
         .route(paths::RUN_CANCEL_ROUTE, post(cancel_run))
         .route(paths::RUN_ARTIFACTS_ROUTE, get(run_artifacts))
         .route(paths::SCHEDULES, get(list_schedules))
@@ -118,6 +120,65 @@ async fn get_job(
     JsonPath(id): JsonPath<String>,
 ) -> ApiResult<Json<Job>> {
     Ok(Json(jobs::get(&state, job_id(&id)?).await?))
+}
+
+/// `?after=<position>` of an event stream.
+#[derive(Deserialize)]
+struct StreamQuery {
+    after: Option<String>,
+}
+
+async fn job_events(
+    State(state): State<AppState>,
+    JsonPath(id): JsonPath<String>,
+    headers: HeaderMap,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
+    let topic = store::events::Topic::Job(job_id(&id)?);
+    event_stream(&state, topic, &headers, query).await
+}
+
+async fn run_events(
+    State(state): State<AppState>,
+    JsonPath(id): JsonPath<String>,
+    headers: HeaderMap,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
+    let topic = store::events::Topic::Run(run_id(&id)?);
+    event_stream(&state, topic, &headers, query).await
+}
+
+/// An SSE response (`text/event-stream`) following `topic` from the client's position.
+async fn event_stream(
+    state: &AppState,
+    topic: store::events::Topic,
+    headers: &HeaderMap,
+    query: StreamQuery,
+) -> ApiResult<Response> {
+    let last_event_id = match headers.get("last-event-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| Error::invalid("Last-Event-ID", "must be an event position"))?,
+        ),
+        None => None,
+    };
+    let after = events::start_position(last_event_id, query.after.as_deref())?;
+    let out = state.events.open(topic, after).await?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+            (
+                axum::http::HeaderName::from_static("x-accel-buffering"),
+                "no",
+            ),
+        ],
+        events::body(out),
+    )
+        .into_response())
 }
 
 async fn cancel_job(

@@ -10,17 +10,19 @@
 //! - [`lifecycle`] — the job lifecycle's policy: lease timings, retry back-off, what a
 //!   completion asks of the store.
 //! - [`maintenance`] — the leader-elected loop: reclaim, timeouts, promotion, pruning.
+//! - [`events`] — live event streams (SSE): one LISTEN, any number of clients.
 //! - [`sessions`] — agent sessions: handing one to a claimed attempt, keeping its turns,
 //!   reading and forgetting it.
 //!
 //! Where the next capabilities go (ARCHITECTURE.md has the map): workflow advancement (a
 //! step's completion releasing its children) is part of [`dispatch`]'s completion and a
 //! `workflows` service beside [`jobs`]; cron ticks a `cron` service driven like
-//! [`maintenance`]; the runner pool a `pool` service on the maintenance leader; the SSE fan-out
-//! an `events` service beside `wake`; metrics a `metrics` service the others report to.
+//! [`maintenance`]; the runner pool a `pool` service on the maintenance leader; metrics a
+//! `metrics` service the others report to.
 
 pub mod cron;
 pub mod dispatch;
+pub mod events;
 pub mod jobs;
 pub mod lifecycle;
 pub mod maintenance;
@@ -44,6 +46,8 @@ use crate::wake::Wake;
 pub struct Context {
     pub pool: PgPool,
     pub wake: Wake,
+    /// The live event fan-out (SSE streams).
+    pub events: events::Hub,
     pub config: Arc<ServeConfig>,
     /// Flips to `true` when the scheduler shuts down, ending long polls early.
     pub shutdown: watch::Receiver<bool>,
