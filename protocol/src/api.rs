@@ -66,6 +66,8 @@ pub mod paths {
     pub const RUNNERS: &str = "/api/runners";
     /// `GET`: an agent session's history ([`super::AgentSession`]); `DELETE` forgets it.
     pub const SESSION_ROUTE: &str = "/api/sessions/{name}";
+    /// `GET`: Prometheus metrics (OpenMetrics text), with the API token.
+    pub const METRICS: &str = "/metrics";
     /// `GET`: liveness ([`super::Health`]), without a token.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: readiness (Postgres reachable), without a token.

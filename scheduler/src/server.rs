@@ -60,12 +60,18 @@ impl Server {
         let interval = config.timings.maintenance_interval;
         let lease = config.timings.lease;
         let capped_queues = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let events =
-            crate::service::events::Hub::new(pool.clone(), config.events, shutdown_rx.clone());
+        let metrics = Arc::new(crate::service::metrics::Metrics::new());
+        let events = crate::service::events::Hub::new(
+            pool.clone(),
+            config.events,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        );
         let state = AppState {
             pool: pool.clone(),
             wake: wake.clone(),
             events: events.clone(),
+            metrics: metrics.clone(),
             config: Arc::new(config),
             shutdown: shutdown_rx.clone(),
             capped_queues: capped_queues.clone(),
@@ -87,6 +93,7 @@ impl Server {
                 run_retention: state.config.run_retention,
             },
             capped_queues,
+            metrics,
             shutdown_rx.clone(),
         ));
         // Cron ticks, on every replica: each tick's unique row fires it once.

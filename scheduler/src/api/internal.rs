@@ -37,6 +37,10 @@ pub fn router(state: AppState) -> Router {
         .route(paths::ARTIFACT_INPUT_ROUTE, get(artifact_input))
         .route(paths::SESSION_ROUTE, post(session_turns))
         .route(paths::HEALTHZ, get(healthz))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::track_internal,
+        ))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT_BYTES))

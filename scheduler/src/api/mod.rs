@@ -274,6 +274,56 @@ pub async fn method_not_allowed() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
+/// Counts and times each request of a matched route (`sluice_http_requests_total`,
+/// `sluice_http_request_seconds`), labelled by the route's pattern, never its raw path.
+pub async fn track_public(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    track(&state, "public", request, next).await
+}
+
+/// [`track_public`] for the internal listener.
+pub async fn track_internal(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    track(&state, "internal", request, next).await
+}
+
+async fn track(
+    state: &AppState,
+    listener: &'static str,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    state.metrics.http(
+        listener,
+        method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
 /// `GET /healthz` on either listener: the process answers.
 pub async fn healthz() -> Json<Health> {
     Json(Health {

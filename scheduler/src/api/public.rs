@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
             put(put_schedule).get(get_schedule).delete(delete_schedule),
         )
         .route(paths::RUNNERS, get(list_runners))
+        .route(paths::METRICS, get(metrics))
         .route(
             paths::SESSION_ROUTE,
             get(get_session).delete(delete_session),
@@ -70,6 +71,10 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route(paths::HEALTHZ, get(healthz))
         .route(paths::READYZ, get(readyz))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::track_public,
+        ))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
@@ -87,6 +92,19 @@ async fn require_api_token(
         Some(token) if state.config.api_token.matches(token) => next.run(request).await,
         Some(_) => AppError(Error::Unauthorized("invalid API token")).into_response(),
     }
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics text), behind the API token like `/api/*`.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.pool).await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// A job id from a path; anything else names no job (404, as an unknown id does).

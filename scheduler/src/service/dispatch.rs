@@ -59,9 +59,10 @@ pub async fn claim(
         // Mark the current wake-up as seen before looking, so a job inserted between the
         // claim and the wait still wakes us.
         wake.borrow_and_update();
+        let started = Instant::now();
         let mut claimed = match carried.take().filter(|c| !c.is_empty()) {
             Some(items) => {
-                let (results, claimed) = jobs::complete_and_claim(
+                let (results, claimed, ended) = jobs::complete_and_claim(
                     &ctx.pool,
                     runner.id,
                     &lifecycle::store_completions(runner.id, items),
@@ -70,6 +71,7 @@ pub async fn claim(
                 )
                 .await?;
                 completed = completion_results(runner, items, results)?;
+                observe_ended(ctx, &ended);
                 claimed
             }
             None => {
@@ -89,6 +91,12 @@ pub async fn claim(
             );
         }
         let now = Instant::now();
+        ctx.metrics.claimed(
+            now - started,
+            claimed
+                .iter()
+                .map(|job| (job.queue.as_str(), job.waited_seconds)),
+        );
         if !claimed.is_empty() || now >= deadline || *shutdown.borrow() {
             // Workflow steps: their contexts, stored once per step.
             // Once per step, however many of its for_each jobs were claimed.
@@ -302,11 +310,14 @@ pub async fn complete(
     }
     completion.job_id = Some(job);
     check_completion(&completion, "")?;
-    let state = jobs::complete_if_leased(
+    let (mut states, ended) = jobs::complete_many_if_leased(
         &ctx.pool,
-        lifecycle::store_completion(runner.id, job, &completion),
+        runner.id,
+        &[lifecycle::store_completion(runner.id, job, &completion)],
     )
     .await?;
+    observe_ended(ctx, &ended);
+    let state = states.remove(0)?;
     tracing::info!(job_id = %job, attempt = %completion.attempt, runner_id = %runner.id, %state, "attempt completed");
     Ok(CompleteResponse { state })
 }
@@ -318,14 +329,22 @@ pub async fn complete_many(
     request: &CompleteManyRequest,
 ) -> Result<CompleteManyResponse> {
     check_completions(&request.completions)?;
-    let results = jobs::complete_many_if_leased(
+    let (results, ended) = jobs::complete_many_if_leased(
         &ctx.pool,
         runner.id,
         &lifecycle::store_completions(runner.id, &request.completions),
     )
     .await?;
+    observe_ended(ctx, &ended);
     let completed = completion_results(runner, &request.completions, results)?;
     Ok(CompleteManyResponse { completed })
+}
+
+fn observe_ended(ctx: &Context, ended: &[jobs::AttemptEnded]) {
+    for attempt in ended {
+        ctx.metrics
+            .attempt_ended(attempt.succeeded, attempt.seconds);
+    }
 }
 
 /// A batch of completions names its jobs, each attempt once, not too many, and each can be

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 
+use super::metrics::Metrics;
 use crate::store::events::{self, Topic, TopicEvent};
 use crate::{Error, Result};
 
@@ -74,6 +75,7 @@ struct TopicState {
 
 struct Inner {
     pool: PgPool,
+    metrics: Arc<Metrics>,
     settings: EventSettings,
     topics: Mutex<HashMap<Topic, Arc<TopicState>>>,
     shutdown: watch::Receiver<bool>,
@@ -86,10 +88,16 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(pool: PgPool, settings: EventSettings, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        settings: EventSettings,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Hub {
             inner: Arc::new(Inner {
                 pool,
+                metrics,
                 settings,
                 topics: Mutex::default(),
                 shutdown,
@@ -287,6 +295,7 @@ async fn serve_client(
     out: mpsc::Sender<Bytes>,
 ) {
     let mut shutdown = inner.shutdown.clone();
+    let _open = inner.metrics.stream_opened();
     // Browsers reconnect after a second when the stream ends before its terminal event.
     if out
         .send(Bytes::from_static(b"retry: 1000\n\n"))
@@ -336,6 +345,7 @@ async fn serve_client(
             // from history.
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
                 tracing::debug!(?topic, "event stream: a slow client was dropped");
+                inner.metrics.stream_client_dropped();
                 return;
             }
             Ok(Err(broadcast::error::RecvError::Closed)) => return,

@@ -28,6 +28,9 @@ pub async fn enqueue(ctx: &Context, request: EnqueueRequest) -> Result<(EnqueueR
     let first = enqueued
         .first()
         .ok_or_else(|| Error::Internal("enqueue returned nothing".into()))?;
+    if first.created {
+        ctx.metrics.enqueued(&job.queue, 1);
+    }
     Ok((response_of(first), first.created))
 }
 
@@ -58,6 +61,11 @@ pub async fn enqueue_batch(
         new_jobs.push(job);
     }
     let enqueued = jobs::insert_many(&ctx.pool, &new_jobs).await?;
+    for (job, result) in new_jobs.iter().zip(&enqueued) {
+        if result.created {
+            ctx.metrics.enqueued(&job.queue, 1);
+        }
+    }
     Ok(enqueued.iter().map(response_of).collect())
 }
 

@@ -277,6 +277,7 @@ pub async fn run(
     wake: Wake,
     settings: Settings,
     capped_queues: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: std::sync::Arc<super::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(settings.interval);
@@ -294,6 +295,9 @@ pub async fn run(
         }
         loop {
             let report = run_pass(&pool, &wake, settings, after_outage).await;
+            metrics.reclaimed("lease_expired", "requeued", report.requeued);
+            metrics.reclaimed("lease_expired", "failed", report.failed);
+            metrics.reclaimed("timed_out", "failed", report.timed_out);
             // The outage extension is done once this replica ran it as leader after the
             // database came back (it is repeated while the database stays away). A reclaim
             // step that keeps failing with it for another reason is retried without it after

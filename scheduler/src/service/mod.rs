@@ -11,14 +11,14 @@
 //!   completion asks of the store.
 //! - [`maintenance`] — the leader-elected loop: reclaim, timeouts, promotion, pruning.
 //! - [`events`] — live event streams (SSE): one LISTEN, any number of clients.
+//! - [`metrics`] — Prometheus metrics: counted as things happen, sampled when scraped.
 //! - [`sessions`] — agent sessions: handing one to a claimed attempt, keeping its turns,
 //!   reading and forgetting it.
 //!
 //! Where the next capabilities go (ARCHITECTURE.md has the map): workflow advancement (a
 //! step's completion releasing its children) is part of [`dispatch`]'s completion and a
 //! `workflows` service beside [`jobs`]; cron ticks a `cron` service driven like
-//! [`maintenance`]; the runner pool a `pool` service on the maintenance leader; metrics a
-//! `metrics` service the others report to.
+//! [`maintenance`]; the runner pool a `pool` service on the maintenance leader.
 
 pub mod cron;
 pub mod dispatch;
@@ -26,6 +26,7 @@ pub mod events;
 pub mod jobs;
 pub mod lifecycle;
 pub mod maintenance;
+pub mod metrics;
 pub mod pool;
 pub mod runners;
 pub mod sessions;
@@ -48,6 +49,8 @@ pub struct Context {
     pub wake: Wake,
     /// The live event fan-out (SSE streams).
     pub events: events::Hub,
+    /// What `/metrics` shows.
+    pub metrics: Arc<metrics::Metrics>,
     pub config: Arc<ServeConfig>,
     /// Flips to `true` when the scheduler shuts down, ending long polls early.
     pub shutdown: watch::Receiver<bool>,

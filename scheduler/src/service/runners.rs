@@ -173,6 +173,7 @@ pub async fn heartbeat(
     runner: &RunnerIdentity,
     request: HeartbeatRequest,
 ) -> Result<HeartbeatResponse> {
+    ctx.metrics.heartbeat(runner.id);
     if request.running.len() > MAX_HEARTBEAT_LEASES {
         return Err(Error::invalid(
             "running",

@@ -100,6 +100,19 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 }
 
 /// `SELECT 1`, for readiness.
+/// The age of the oldest open transaction (seconds) and of the oldest snapshot held
+/// (transactions), over the whole server: what keeps vacuum from cleaning up.
+pub async fn oldest_transaction(pool: &PgPool) -> Result<(f64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT coalesce(extract(epoch FROM max(now() - xact_start)), 0)::float8,
+                coalesce(max(age(backend_xmin)), 0)::bigint
+         FROM pg_stat_activity
+         WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 pub async fn ping(pool: &PgPool) -> Result<()> {
     sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())

@@ -241,6 +241,22 @@ pub async fn list(pool: &PgPool) -> Result<Vec<RunnerRow>> {
     Ok(sqlx::query_as(LIST).fetch_all(pool).await?)
 }
 
+/// Runners by state (for metrics): a registered runner with a running job counts as `busy`;
+/// gone ones are those of the last hour, as [`LIST`] shows them.
+pub const COUNT_BY_STATE: &str = "SELECT CASE
+            WHEN r.state = 'idle' AND EXISTS (SELECT 1 FROM sluice.jobs j
+                WHERE j.runner_id = r.id AND j.state = 'running') THEN 'busy'
+            ELSE r.state END AS state,
+        count(*)
+    FROM sluice.runners r
+    WHERE r.state <> 'gone' OR r.last_seen_at > now() - interval '1 hour'
+    GROUP BY 1";
+
+/// [`COUNT_BY_STATE`].
+pub async fn count_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(COUNT_BY_STATE).fetch_all(pool).await?)
+}
+
 /// Jobs ready to be claimed now, counted up to $1 (the pool only asks whether the backlog
 /// exceeds the free slots).
 pub const READY_BACKLOG: &str = "SELECT count(*) FROM (

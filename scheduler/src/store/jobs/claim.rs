@@ -47,7 +47,8 @@ pub const CLAIM: &str = "WITH picked AS (
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
                   j.context, j.workflow_run_id, j.step_id, j.priority, j.run_at
     )
-    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id, step_id
+    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id, step_id,
+           greatest(extract(epoch FROM now() - run_at)::float8, 0) AS waited
     FROM claimed
     ORDER BY priority, run_at, id";
 
@@ -95,7 +96,8 @@ pub const CLAIM_CAPPED: &str = "WITH caps AS MATERIALIZED (
         RETURNING j.id, j.attempt, j.lease_token, j.queue, j.spec, j.timeout_ms,
                   j.context, j.workflow_run_id, j.step_id, j.priority, j.run_at
     )
-    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id, step_id
+    SELECT id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id, step_id,
+           greatest(extract(epoch FROM now() - run_at)::float8, 0) AS waited
     FROM claimed
     ORDER BY priority, run_at, id";
 
@@ -119,6 +121,8 @@ pub struct ClaimedJob {
     /// The workflow run and step it runs (the step's context is filled in when it is
     /// claimed).
     pub step: Option<(i64, String)>,
+    /// How long it waited to be claimed once it could be (since `run_at`).
+    pub waited_seconds: f64,
 }
 
 /// Leases up to `max` available jobs of uncapped, unpaused queues to `runner`, in
@@ -175,10 +179,11 @@ pub(super) type ClaimedRow = (
     Option<Value>,
     Option<i64>,
     Option<String>,
+    f64,
 );
 
 pub(super) fn claimed_job(row: ClaimedRow) -> ClaimedJob {
-    let (id, attempt, token, queue, spec, timeout_ms, context, run, step) = row;
+    let (id, attempt, token, queue, spec, timeout_ms, context, run, step, waited) = row;
     ClaimedJob {
         id: JobId(id),
         attempt: Attempt(attempt),
@@ -188,6 +193,7 @@ pub(super) fn claimed_job(row: ClaimedRow) -> ClaimedJob {
         timeout_ms,
         context,
         step: run.zip(step),
+        waited_seconds: waited,
     }
 }
 

@@ -97,15 +97,19 @@ pub const COMPLETE_AND_CLAIM: &str = "WITH input AS (
                   j.context, j.workflow_run_id, j.step_id, j.priority, j.run_at
     )
     SELECT done, id, attempt, lease_token, queue, spec, timeout_ms, context, workflow_run_id,
-           step_id, state FROM (
+           step_id, state, outcome, seconds FROM (
+        -- `seconds`: how long the attempt ran (done), how long the job waited once it
+        -- could be claimed (claimed).
         SELECT true AS done, id, attempt, NULL::uuid AS lease_token, NULL::text AS queue,
                NULL::jsonb AS spec, NULL::bigint AS timeout_ms, NULL::jsonb AS context,
                NULL::bigint AS workflow_run_id, NULL::text AS step_id, state::text AS state,
+               outcome, extract(epoch FROM now() - started_at)::float8 AS seconds,
                NULL::int AS priority, NULL::timestamptz AS run_at
         FROM done
         UNION ALL
         SELECT false, id, attempt, lease_token, queue, spec, timeout_ms, context,
-               workflow_run_id, step_id, NULL, priority, run_at
+               workflow_run_id, step_id, NULL, NULL,
+               greatest(extract(epoch FROM now() - run_at)::float8, 0), priority, run_at
         FROM claimed
     ) r
     ORDER BY done DESC, priority, run_at, id";
@@ -173,7 +177,15 @@ fn outcome_name(outcome: Outcome) -> &'static str {
 pub async fn complete_if_leased(pool: &PgPool, completion: Completion<'_>) -> Result<JobState> {
     complete_many_if_leased(pool, completion.runner, std::slice::from_ref(&completion))
         .await?
+        .0
         .remove(0)
+}
+
+/// An attempt a completion statement ended: how, and after how long (for metrics).
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptEnded {
+    pub succeeded: bool,
+    pub seconds: f64,
 }
 
 /// [`complete_if_leased`] for many attempts of one runner in one statement (one commit on
@@ -183,12 +195,10 @@ pub async fn complete_many_if_leased(
     pool: &PgPool,
     runner: RunnerId,
     completions: &[Completion<'_>],
-) -> Result<Vec<Result<JobState>>> {
-    Ok(
-        complete_and_claim(pool, runner, completions, 0, Duration::ZERO)
-            .await?
-            .0,
-    )
+) -> Result<(Vec<Result<JobState>>, Vec<AttemptEnded>)> {
+    let (completed, _, ended) =
+        complete_and_claim(pool, runner, completions, 0, Duration::ZERO).await?;
+    Ok((completed, ended))
 }
 
 /// Completion batches from this size on are planned for their size on every execution (see
@@ -204,14 +214,14 @@ pub async fn complete_and_claim(
     completions: &[Completion<'_>],
     max: i32,
     lease: Duration,
-) -> Result<(Vec<Result<JobState>>, Vec<ClaimedJob>)> {
+) -> Result<(Vec<Result<JobState>>, Vec<ClaimedJob>, Vec<AttemptEnded>)> {
     if completions.is_empty() {
         let claimed = if max > 0 {
             claim_available(pool, runner, max, lease).await?
         } else {
             Vec::new()
         };
-        return Ok((Vec::new(), claimed));
+        return Ok((Vec::new(), claimed, Vec::new()));
     }
     // In job order, as renewals lock them (see renew_leases_if_held); results are matched
     // by (job, attempt) below.
@@ -239,6 +249,8 @@ pub async fn complete_and_claim(
         Option<i64>,
         Option<String>,
         Option<String>,
+        Option<String>,
+        Option<f64>,
     );
     // A cached generic plan, which Postgres adopts after a few executions on a connection,
     // joins the completions to this runner's running jobs with a nested loop over the
@@ -264,12 +276,30 @@ pub async fn complete_and_claim(
         .await?;
     let mut states: HashMap<(i64, i32), JobState> = HashMap::with_capacity(completions.len());
     let mut claimed = Vec::new();
-    for (done, id, attempt, token, queue, spec, timeout_ms, context, run, step, state) in rows {
+    let mut ended = Vec::new();
+    for (
+        done,
+        id,
+        attempt,
+        token,
+        queue,
+        spec,
+        timeout_ms,
+        context,
+        run,
+        step,
+        state,
+        outcome,
+        seconds,
+    ) in rows
+    {
         if done {
-            states.insert(
-                (id, attempt),
-                parse_state(state.as_deref().unwrap_or_default())?,
-            );
+            let state = parse_state(state.as_deref().unwrap_or_default())?;
+            states.insert((id, attempt), state);
+            ended.push(AttemptEnded {
+                succeeded: outcome.as_deref() == Some("succeeded"),
+                seconds: seconds.unwrap_or_default(),
+            });
         } else {
             claimed.push(claimed_job((
                 id,
@@ -281,6 +311,7 @@ pub async fn complete_and_claim(
                 context,
                 run,
                 step,
+                seconds.unwrap_or_default(),
             )));
         }
     }
@@ -336,5 +367,5 @@ pub async fn complete_and_claim(
             }
         })
         .collect();
-    Ok((completed, claimed))
+    Ok((completed, claimed, ended))
 }

@@ -24,8 +24,29 @@ pub const LIST_ATTEMPTS: &str = "SELECT attempt, runner_id, started_at, finished
     FROM sluice.jobs WHERE id = $1 AND state = 'running'
     ORDER BY attempt";
 
-pub(super) const STATEMENTS: &[(&str, &str)] =
-    &[("GET_JOB", GET_JOB), ("LIST_ATTEMPTS", LIST_ATTEMPTS)];
+/// How many jobs each queue holds in each state (for metrics).
+pub const COUNT_BY_QUEUE_AND_STATE: &str =
+    "SELECT queue, state::text, count(*) FROM sluice.jobs GROUP BY queue, state";
+
+pub(super) const STATEMENTS: &[(&str, &str)] = &[
+    ("GET_JOB", GET_JOB),
+    ("LIST_ATTEMPTS", LIST_ATTEMPTS),
+    ("COUNT_BY_QUEUE_AND_STATE", COUNT_BY_QUEUE_AND_STATE),
+];
+
+/// [`COUNT_BY_QUEUE_AND_STATE`], given at most two seconds (a scrape must not pile up work on
+/// a huge table).
+pub async fn count_by_queue_and_state(pool: &PgPool) -> Result<Vec<(String, String, i64)>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL statement_timeout = 2000")
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query_as(COUNT_BY_QUEUE_AND_STATE)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
 
 /// A job row as the public API shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]

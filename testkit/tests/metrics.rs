@@ -1,0 +1,174 @@
+//! `GET /metrics`: Prometheus text (OpenMetrics) with what an operator graphs and alerts on —
+//! jobs by queue and state, enqueues and claims, pickup and claim latency, attempt durations
+//! by outcome, reclaims by reason, runners by state, heartbeat gaps, HTTP requests by route
+//! and status, the database pool, the oldest transaction, open event streams — behind the
+//! API token, with low-cardinality labels only.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_protocol::api::paths as api_paths;
+use sluice_testkit::{poll_until, FakeRunner, Scheduler, TestDb, Timings};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Samples by `name{labels}` as exposed (labels in the exposition's order).
+struct Scrape {
+    text: String,
+    samples: HashMap<String, f64>,
+}
+
+impl Scrape {
+    fn value(&self, key: &str) -> f64 {
+        *self
+            .samples
+            .get(key)
+            .unwrap_or_else(|| panic!("no sample {key} in\n{}", self.text))
+    }
+}
+
+async fn scrape(scheduler: &Scheduler) -> Scrape {
+    let api = scheduler.api();
+    let (status, headers, body) = api.get_raw(api_paths::METRICS).await;
+    assert_eq!(status, 200);
+    let content_type = headers["content-type"].to_str().unwrap();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let text = String::from_utf8(body).expect("UTF-8");
+    assert!(
+        text.ends_with("# EOF\n"),
+        "an OpenMetrics exposition ends with # EOF"
+    );
+    let samples = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|line| {
+            let (key, value) = line.rsplit_once(' ').expect("name value");
+            (key.to_string(), value.parse::<f64>().expect("a number"))
+        })
+        .collect();
+    Scrape { text, samples }
+}
+
+#[tokio::test]
+async fn a_job_shows_in_every_family_it_passes_through_and_no_label_names_it() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let api = scheduler.api();
+    let job = api
+        .enqueue(json!({"queue": "mq", "spec": {"kind": "noop"}}))
+        .await;
+    let runner = FakeRunner::register(&scheduler, "metrics-1").await;
+    let task = runner.claim(1, 5000).await.pop().expect("a task");
+    let lease = sluice_protocol::LeaseRef {
+        job_id: task.job_id,
+        attempt: task.attempt,
+        lease_token: task.lease_token,
+    };
+    for _ in 0..2 {
+        let (status, body) = runner.heartbeat(std::slice::from_ref(&lease), None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut stream = api
+        .events(&api_paths::job_events(task.job_id), None)
+        .await
+        .expect("a stream");
+    let open = poll_until(WAIT, || async {
+        let s = scrape(&scheduler).await;
+        Ok::<_, String>((s.value("sluice_event_streams") == 1.0).then_some(s))
+    })
+    .await
+    .expect("the open stream is counted");
+    assert_eq!(
+        open.value(r#"sluice_runners{state="idle"}"#)
+            + open.value(r#"sluice_runners{state="busy"}"#),
+        1.0
+    );
+    let (status, body) = runner.complete(&task, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(stream
+        .until_end(WAIT)
+        .await
+        .last()
+        .is_some_and(|e| e.kind == "succeeded"));
+    drop(stream);
+
+    let s = poll_until(WAIT, || async {
+        let s = scrape(&scheduler).await;
+        Ok::<_, String>((s.value("sluice_event_streams") == 0.0).then_some(s))
+    })
+    .await
+    .expect("the closed stream is let go");
+    assert_eq!(s.value(r#"sluice_jobs_enqueued_total{queue="mq"}"#), 1.0);
+    assert_eq!(s.value(r#"sluice_jobs_claimed_total{queue="mq"}"#), 1.0);
+    assert_eq!(s.value("sluice_job_pickup_seconds_count"), 1.0);
+    assert!(s.value("sluice_claim_statement_seconds_count") >= 1.0);
+    assert_eq!(
+        s.value(r#"sluice_attempt_duration_seconds_count{outcome="succeeded"}"#),
+        1.0
+    );
+    assert_eq!(s.value(r#"sluice_jobs{queue="mq",state="succeeded"}"#), 1.0);
+    assert!(s.value("sluice_runner_heartbeat_gap_seconds_count") >= 1.0);
+    assert_eq!(
+        s.value(r#"sluice_http_requests_total{listener="public",method="POST",route="/api/jobs",status="201"}"#),
+        1.0
+    );
+    assert_eq!(
+        s.value(r#"sluice_http_requests_total{listener="internal",method="POST",route="/internal/tasks/{id}/complete",status="200"}"#),
+        1.0
+    );
+    assert!(s.value("sluice_db_pool_connections") >= 1.0);
+    assert!(s.value("sluice_db_oldest_transaction_seconds") >= 0.0);
+    assert_eq!(s.value("sluice_scrape_errors"), 0.0);
+    // Low cardinality: no label carries a job id or a raw path.
+    let job_path = api_paths::job(sluice_protocol::JobId(job));
+    assert!(
+        !s.text.contains(&job_path),
+        "a raw path in a label:\n{}",
+        s.text
+    );
+    assert!(!s.text.contains(&runner.runner_id.to_string()));
+    assert!(!s.text.contains(&runner.token));
+    assert!(!s.text.contains(&scheduler.api_token));
+}
+
+#[tokio::test]
+async fn reclaims_are_counted_by_reason_and_metrics_need_the_token() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    api.enqueue(json!({"spec": {"kind": "noop"}, "max_attempts": 1}))
+        .await;
+    api.enqueue(json!({"spec": {"kind": "noop"}, "max_attempts": 2}))
+        .await;
+    let runner = FakeRunner::register(&scheduler, "metrics-2").await;
+    let mut tasks = Vec::new();
+    while tasks.len() < 2 {
+        tasks.extend(runner.claim(2, 5000).await);
+    }
+    // Never heartbeated: both leases lapse; one job has an attempt left, one has none.
+    let s = poll_until(WAIT, || async {
+        let s = scrape(&scheduler).await;
+        let key = r#"sluice_lease_reclaims_total{reason="lease_expired",result="requeued"}"#;
+        Ok::<_, String>(s.samples.contains_key(key).then_some(s))
+    })
+    .await
+    .expect("a reclaim is counted");
+    assert_eq!(
+        s.value(r#"sluice_lease_reclaims_total{reason="lease_expired",result="requeued"}"#),
+        1.0
+    );
+    assert_eq!(
+        s.value(r#"sluice_lease_reclaims_total{reason="lease_expired",result="failed"}"#),
+        1.0
+    );
+
+    let url = format!("{}{}", scheduler.api_url, api_paths::METRICS);
+    let anonymous = reqwest::Client::new().get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let body: serde_json::Value = anonymous.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+}
