@@ -14,8 +14,13 @@ use crate::ids::{JobId, JobState};
 /// Every path of the public API, defined once: the `*_ROUTE` constants are the scheduler's
 /// route patterns, the functions build a concrete path.
 pub mod paths {
-    /// `POST`: enqueue one job ([`super::EnqueueRequest`] → [`super::EnqueueResponse`]).
+    /// `POST`: enqueue one job ([`super::EnqueueRequest`] → [`super::EnqueueResponse`]);
+    /// `GET`: jobs, newest first ([`super::JobList`]); `?queue=`, `?state=`,
+    /// `?since=<RFC 3339>` (created at or after), `?before=<job id>`, `?limit=` (1–1,000).
     pub const JOBS: &str = "/api/jobs";
+    /// `POST`: retry many failed (or cancelled) jobs at once, a bulk redrive
+    /// ([`super::RetryManyRequest`] → [`super::RetryManyResponse`]).
+    pub const JOBS_RETRY: &str = "/api/jobs/retry";
     /// `POST`: enqueue many in one transaction ([`super::BatchRequest`]).
     pub const JOBS_BATCH: &str = "/api/jobs/batch";
     /// `GET`: one job with its attempts ([`super::Job`]).
@@ -285,6 +290,59 @@ pub struct AttemptInfo {
 pub struct JobStateChange {
     pub id: JobId,
     pub state: JobState,
+}
+
+/// A job in a list (`GET /api/jobs`): no spec, result or attempts (`GET /api/jobs/:id` has
+/// them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: JobId,
+    pub queue: String,
+    pub state: JobState,
+    /// The spec's `kind`.
+    pub kind: Option<String>,
+    pub priority: i32,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    /// The workflow run it is a step of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<i64>,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /api/jobs`: newest first; `next_before` continues the list (`?before=`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<JobId>,
+}
+
+/// `POST /api/jobs/retry`: retries up to `limit` (default 1,000, at most 10,000) jobs in
+/// `state` (`failed`, the default, or `cancelled`), oldest first, optionally of one `queue`
+/// and finished at or after `since`. Workflow steps are left out (a run decides about its
+/// steps). Call again while `more` is true.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryManyRequest {
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub state: Option<JobState>,
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// What a bulk retry did: the jobs it retried (each now `available` or `scheduled`) and
+/// whether more matched than `limit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryManyResponse {
+    pub retried: Vec<JobStateChange>,
+    pub more: bool,
 }
 
 /// A queue with its settings and how many jobs it holds per state.

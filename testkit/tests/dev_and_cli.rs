@@ -267,7 +267,7 @@ async fn workflows_runs_and_schedules_work_from_the_command_line() {
         "artifacts",
         &run_id,
         "combine",
-        "-o",
+        "-f",
         tar_path.to_str().unwrap(),
     ])
     .await
@@ -286,7 +286,7 @@ async fn workflows_runs_and_schedules_work_from_the_command_line() {
         "artifacts",
         &run_id,
         "evens-typo",
-        "-o",
+        "-f",
         missing.to_str().unwrap(),
     ])
     .await

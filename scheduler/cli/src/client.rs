@@ -6,9 +6,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice_protocol::api::{
-    paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Job, JobStateChange,
-    QueueList, QueuePaused, Run, RunRequest, RunStarted, RunStateChange, Schedule, ScheduleList,
-    ScheduleRequest, Workflow, WorkflowList,
+    paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Job, JobList,
+    JobStateChange, QueueList, QueuePaused, RetryManyRequest, RetryManyResponse, Run, RunRequest,
+    RunStarted, RunStateChange, Schedule, ScheduleList, ScheduleRequest, Workflow, WorkflowList,
 };
 use sluice_protocol::{ErrorBody, ErrorCode, JobId, Secret};
 
@@ -57,6 +57,83 @@ pub struct ApiClient {
     base: String,
     token: Secret,
     http: reqwest::Client,
+    /// For event streams: no overall deadline (a stream lasts as long as its job), but a
+    /// connect timeout, and a read timeout well past the server's keep-alive.
+    stream_http: reqwest::Client,
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StreamEvent {
+    /// `id:` (the event's position); the terminal event has none.
+    pub id: Option<i64>,
+    /// `event:`.
+    pub event: String,
+    /// `data:`, parsed (a string when it is not JSON).
+    pub data: serde_json::Value,
+}
+
+/// An open event stream.
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+    done: bool,
+}
+
+impl EventStream {
+    /// The next event; `Ok(None)` when the server ended the stream. Comments (keep-alives)
+    /// and `retry:` lines are skipped.
+    pub async fn next(&mut self) -> Result<Option<StreamEvent>, ClientError> {
+        loop {
+            if let Some(end) = find_blank_line(&self.buffer) {
+                let block: Vec<u8> = self.buffer.drain(..end).collect();
+                if let Some(event) = parse_event(&String::from_utf8_lossy(&block)) {
+                    return Ok(Some(event));
+                }
+                continue;
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => {
+                    // A stream that never sends a blank line must not grow without bound.
+                    if self.buffer.len() + bytes.len() > 64 << 20 {
+                        return Err(ClientError::Protocol("an event larger than 64 MiB".into()));
+                    }
+                    self.buffer.extend_from_slice(&bytes);
+                }
+                Ok(None) => self.done = true,
+                Err(e) => return Err(ClientError::Protocol(format!("the stream broke: {e}"))),
+            }
+        }
+    }
+}
+
+/// Where the first event block ends (after its blank line).
+fn find_blank_line(buffer: &[u8]) -> Option<usize> {
+    buffer
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|at| at + 2)
+}
+
+fn parse_event(block: &str) -> Option<StreamEvent> {
+    let (mut id, mut event, mut data) = (None, None, Vec::new());
+    for line in block.lines() {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => id = value.parse().ok(),
+            "event" => event = Some(value.to_string()),
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    let event = event.or_else(|| (!data.is_empty()).then(|| "message".to_string()))?;
+    let data = data.join("\n");
+    let data = serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data));
+    Some(StreamEvent { id, event, data })
 }
 
 impl ApiClient {
@@ -67,6 +144,11 @@ impl ApiClient {
             token,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .build()
+                .expect("a plain HTTP client always builds"),
+            stream_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(120))
                 .build()
                 .expect("a plain HTTP client always builds"),
         }
@@ -162,6 +244,66 @@ impl ApiClient {
             .call::<(), _>(reqwest::Method::POST, &path, None)
             .await?
             .1)
+    }
+
+    /// `GET /api/jobs` with `filter`'s query (`queue`, `state`, `since`, `before`, `limit`).
+    pub async fn list_jobs(&self, filter: &[(&str, String)]) -> Result<JobList, ClientError> {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        for (name, value) in filter {
+            query.append_pair(name, value);
+        }
+        let query = query.finish();
+        let path = if query.is_empty() {
+            paths::JOBS.to_string()
+        } else {
+            format!("{}?{query}", paths::JOBS)
+        };
+        Ok(self
+            .call::<(), _>(reqwest::Method::GET, &path, None)
+            .await?
+            .1)
+    }
+
+    /// `POST /api/jobs/retry`: one bulk-retry batch.
+    pub async fn retry_many(
+        &self,
+        request: &RetryManyRequest,
+    ) -> Result<RetryManyResponse, ClientError> {
+        Ok(self
+            .call(reqwest::Method::POST, paths::JOBS_RETRY, Some(request))
+            .await?
+            .1)
+    }
+
+    /// Opens the live event stream at `path` (SSE), after `last_event_id` when given.
+    pub async fn events(
+        &self,
+        path: &str,
+        last_event_id: Option<i64>,
+    ) -> Result<EventStream, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .stream_http
+            .get(&url)
+            .bearer_auth(self.token.expose())
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = request.send().await.map_err(|e| ClientError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        let status = response.status().as_u16();
+        if status >= 400 {
+            let bytes = response.bytes().await.unwrap_or_default();
+            return Err(api_error(status, &bytes));
+        }
+        Ok(EventStream {
+            response,
+            buffer: Vec::new(),
+            done: false,
+        })
     }
 
     /// `GET /api/queues`.

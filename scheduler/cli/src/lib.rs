@@ -11,6 +11,8 @@
 //! - [`bench`](mod@bench) — `sluice bench`: throughput and latency next to the bare-SQL limit.
 //! - [`pool`] — `sluice serve`'s warm pool settings and the choice of backend.
 //! - [`client`] — a typed client of the public API, behind `sluice enqueue` and the bench.
+//! - [`commands`] — `sluice jobs`, `sluice queues`, `sluice tail` over the client;
+//!   [`output`] — `--output text|json`, colours and the progress indicator.
 //! - [`runs`] — following a workflow run step by step (`sluice run --wait`, `sluice dev`).
 //! - [`store`] — every SQL statement of the tooling (the bench's own tables and references,
 //!   provisioning). The product's statements stay in the server's `sluice::store`.
@@ -23,7 +25,9 @@
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod commands;
 pub mod dev;
+pub mod output;
 pub mod pool;
 pub mod provision;
 pub mod runs;

@@ -15,9 +15,11 @@ use serde_json::{json, Value};
 use sluice::config::ServeConfig;
 use sluice::service::lifecycle::LeaseTimings;
 use sluice_cli::client::{ApiClient, ClientError};
+use sluice_cli::commands;
 use sluice_cli::dev::DevConfig;
+use sluice_cli::output::{Output, Progress};
 use sluice_protocol::api::{EnqueueRequest, RunRequest, RunState, ScheduleRequest, WorkflowRef};
-use sluice_protocol::{JobState, Secret};
+use sluice_protocol::{JobId, JobState, Secret};
 
 /// sluice: a Postgres-backed job system whose runners execute tools in sandboxes.
 #[derive(Parser)]
@@ -29,6 +31,16 @@ use sluice_protocol::{JobState, Secret};
     about = "The sluice scheduler: public API, queue, reaper, runner protocol, and the `sluice` CLI."
 )]
 struct Cli {
+    /// `text` for people, `json` for scripts (JSON on stdout and nothing else there).
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        value_enum,
+        env = "SLUICE_OUTPUT",
+        default_value = "text"
+    )]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +85,81 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List, show, cancel and retry jobs (`retry` with filters: a bulk redrive).
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List queues with their job counts; pause and resume them.
+    Queues {
+        #[command(subcommand)]
+        command: QueuesCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Follow a job's (or `run:ID`, a workflow run's) events live until it ends; exit with its
+    /// status (0 succeeded, the tool's exit code or 1 failed, 1 cancelled).
+    Tail {
+        /// `42` or `job:42` for a job, `run:42` for a workflow run.
+        target: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print a shell completion script: `sluice completions bash > /etc/bash_completion.d/sluice`.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Jobs, newest first.
+    Ls {
+        #[arg(long)]
+        queue: Option<String>,
+        /// blocked, scheduled, available, running, succeeded, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Created at or after: an RFC 3339 time or an age (90s, 15m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// How many to list (50 by default).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// One job: its state, attempts, result and error.
+    Show { id: i64 },
+    /// Cancel a job; a running one's tool is killed within a heartbeat.
+    Cancel { id: i64 },
+    /// Retry a failed or cancelled job; without ID, every job matching the filters (at least
+    /// one filter, or --all).
+    Retry {
+        id: Option<i64>,
+        #[arg(long, conflicts_with = "id")]
+        queue: Option<String>,
+        /// failed (the default) or cancelled.
+        #[arg(long, conflicts_with = "id")]
+        state: Option<String>,
+        /// Finished at or after: an RFC 3339 time or an age (90s, 15m, 2h, 7d).
+        #[arg(long, conflicts_with = "id")]
+        since: Option<String>,
+        /// Retry at most this many.
+        #[arg(long, conflicts_with = "id")]
+        limit: Option<u64>,
+        /// Every failed (or --state) job, with no other filter.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueuesCommand {
+    /// Every queue: paused or not, its cap, its jobs by state.
+    Ls,
+    /// Stop handing out the queue's jobs (running ones go on).
+    Pause { name: String },
+    /// Hand out its jobs again.
+    Resume { name: String },
 }
 
 #[derive(Subcommand)]
@@ -194,9 +281,10 @@ struct ArtifactsArgs {
     run: i64,
     /// The step whose artifacts to download.
     step: String,
-    /// Where to write the archive (default: `<step>.tar`); `-` writes it to stdout.
-    #[arg(short, long)]
-    output: Option<PathBuf>,
+    /// Where to write the archive (default: `<step>.tar`); `-` writes it to stdout. (Was
+    /// `-o`, which is now `--output text|json` on every command.)
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -338,8 +426,12 @@ struct EnqueueArgs {
     max_attempts: Option<i32>,
     #[arg(long)]
     timeout_ms: Option<u64>,
-    #[arg(long)]
+    #[arg(long, conflicts_with = "delay")]
     delay_ms: Option<u64>,
+    /// Run it no earlier than this from now: 250ms, 90s, 15m, 2h, 7d.
+    #[arg(long)]
+    delay: Option<String>,
+    /// A repeated key answers with the first job instead of enqueuing another.
     #[arg(long)]
     idempotency_key: Option<String>,
     /// Public API URL; defaults to the one in `.sluice/dev.env`.
@@ -383,6 +475,7 @@ fn init_tracing(default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let output = cli.output;
     let result = match cli.command {
         Command::Dev(args) => {
             init_tracing("warn");
@@ -409,27 +502,51 @@ fn main() -> ExitCode {
         }
         Command::Enqueue(args) => {
             init_tracing("warn");
-            block_on(enqueue(args))
+            block_on(enqueue(args, output))
         }
         Command::Workflows { command, api } => {
             init_tracing("warn");
-            block_on(workflows(command, api))
+            block_on(workflows(command, api, output))
         }
         Command::Run(args) => {
             init_tracing("warn");
-            block_on(run(args))
+            block_on(run(args, output))
         }
         Command::Schedules { command, api } => {
             init_tracing("warn");
-            block_on(schedules(command, api))
+            block_on(schedules(command, api, output))
         }
         Command::Artifacts(args) => {
             init_tracing("warn");
-            block_on(artifacts(args))
+            block_on(artifacts(args, output))
         }
         Command::Runners { command, api } => {
             init_tracing("warn");
-            block_on(runners(command, api))
+            block_on(runners(command, api, output))
+        }
+        Command::Jobs { command, api } => {
+            init_tracing("warn");
+            block_on(jobs(command, api, output))
+        }
+        Command::Queues { command, api } => {
+            init_tracing("warn");
+            block_on(queues(command, api, output))
+        }
+        Command::Tail { target, api } => {
+            init_tracing("warn");
+            block_on(async move {
+                let target = commands::Target::parse(&target)?;
+                commands::tail(&api.client()?, output, target).await
+            })
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "sluice",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
         }
     };
     match result {
@@ -584,7 +701,15 @@ fn read_spec_argument(spec: &str) -> anyhow::Result<String> {
     }
 }
 
-async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
+async fn enqueue(args: EnqueueArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let delay_ms = match &args.delay {
+        Some(text) => Some(commands::parse_span_ms(text).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--delay must be a span such as 250ms, 90s, 15m, 2h or 7d; got {text:?}"
+            )
+        })?),
+        None => args.delay_ms,
+    };
     let text = read_spec_argument(&args.spec)?;
     let value: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("the spec is not valid JSON: {e}"))?;
@@ -600,7 +725,7 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         ("priority", args.priority.map(Value::from)),
         ("max_attempts", args.max_attempts.map(Value::from)),
         ("timeout_ms", args.timeout_ms.map(Value::from)),
-        ("delay_ms", args.delay_ms.map(Value::from)),
+        ("delay_ms", delay_ms.map(Value::from)),
         ("idempotency_key", args.idempotency_key.map(Value::from)),
     ];
     for (name, field) in fields {
@@ -633,27 +758,34 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let id = created.id;
+    let progress = (!output.is_json()).then(|| Progress::start(format!("waiting for job {id}")));
     let job = client.wait_terminal(id).await.map_err(describe)?;
+    drop(progress);
     let result = job.result.clone().unwrap_or(Value::Null);
+    let exit_code = result.get("exit_code").and_then(Value::as_i64);
+    let status = match (job.state, exit_code) {
+        (JobState::Succeeded, _) => ExitCode::SUCCESS,
+        (_, Some(code)) if (1..=255).contains(&code) => ExitCode::from(code as u8),
+        _ => ExitCode::FAILURE,
+    };
+    if output.is_json() {
+        Output::json(&job)?;
+        return Ok(status);
+    }
     if let Some(out) = result.get("stdout_tail").and_then(Value::as_str) {
         print!("{out}");
     }
     if let Some(err) = result.get("stderr_tail").and_then(Value::as_str) {
         eprint!("{err}");
     }
-    if job.state == JobState::Succeeded {
-        return Ok(ExitCode::SUCCESS);
+    if job.state != JobState::Succeeded {
+        let error = job.error.clone().unwrap_or(Value::Null);
+        eprintln!(
+            "job {id} {} after {} attempt(s): {error}",
+            job.state, job.attempt
+        );
     }
-    let exit_code = result.get("exit_code").and_then(Value::as_i64);
-    let error = job.error.clone().unwrap_or(Value::Null);
-    eprintln!(
-        "job {id} {} after {} attempt(s): {error}",
-        job.state, job.attempt
-    );
-    Ok(match exit_code {
-        Some(code) if (1..=255).contains(&code) => ExitCode::from(code as u8),
-        _ => ExitCode::FAILURE,
-    })
+    Ok(status)
 }
 
 fn describe(err: ClientError) -> anyhow::Error {
@@ -679,7 +811,11 @@ fn describe(err: ClientError) -> anyhow::Error {
     anyhow::anyhow!("{err}")
 }
 
-async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+async fn workflows(
+    command: WorkflowsCommand,
+    api: ApiArgs,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
     let client = api.client()?;
     match command {
         WorkflowsCommand::Apply { file, name } => {
@@ -693,6 +829,10 @@ async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<Ex
                     .ok_or_else(|| anyhow::anyhow!("name the workflow with --name"))?,
             };
             let (workflow, created) = client.put_workflow(&name, text).await.map_err(describe)?;
+            if output.is_json() {
+                Output::json(&workflow)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "workflow {} version {} ({} steps){}",
                 workflow.name,
@@ -702,7 +842,12 @@ async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<Ex
             );
         }
         WorkflowsCommand::List => {
-            for workflow in client.workflows().await.map_err(describe)?.workflows {
+            let list = client.workflows().await.map_err(describe)?;
+            if output.is_json() {
+                Output::json(&list)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            for workflow in list.workflows {
                 println!(
                     "{}\t{}\t{} steps\t{}",
                     workflow.name, workflow.version, workflow.steps, workflow.registered_at
@@ -713,12 +858,86 @@ async fn workflows(command: WorkflowsCommand, api: ApiArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+async fn jobs(command: JobsCommand, api: ApiArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    let result = match command {
+        JobsCommand::Ls {
+            queue,
+            state,
+            since,
+            limit,
+        } => {
+            let filter = commands::ListFilter {
+                queue,
+                state,
+                since,
+                limit,
+            };
+            commands::list(&client, output, filter).await
+        }
+        JobsCommand::Show { id } => commands::show(&client, output, JobId(id)).await,
+        JobsCommand::Cancel { id } => commands::change(&client, output, JobId(id), true).await,
+        JobsCommand::Retry { id: Some(id), .. } => {
+            commands::change(&client, output, JobId(id), false).await
+        }
+        JobsCommand::Retry {
+            id: None,
+            queue,
+            state,
+            since,
+            limit,
+            all,
+        } => {
+            if queue.is_none() && state.is_none() && since.is_none() && !all {
+                anyhow::bail!(
+                    "name a job to retry, or filters for many (--queue, --state, --since), or --all"
+                );
+            }
+            let state = state
+                .map(|s| {
+                    JobState::parse(&s)
+                        .filter(|s| matches!(s, JobState::Failed | JobState::Cancelled))
+                        .ok_or_else(|| anyhow::anyhow!("--state must be failed or cancelled"))
+                })
+                .transpose()?;
+            commands::retry_many(&client, output, queue, state, since, limit).await
+        }
+    };
+    result.map_err(describe_any)
+}
+
+async fn queues(command: QueuesCommand, api: ApiArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    let result = match command {
+        QueuesCommand::Ls => commands::queues(&client, output).await,
+        QueuesCommand::Pause { name } => commands::pause(&client, output, &name, true).await,
+        QueuesCommand::Resume { name } => commands::pause(&client, output, &name, false).await,
+    };
+    result.map_err(describe_any)
+}
+
+/// [`describe`] for errors that may hold a client error.
+fn describe_any(err: anyhow::Error) -> anyhow::Error {
+    match err.downcast::<ClientError>() {
+        Ok(err) => describe(err),
+        Err(err) => err,
+    }
+}
+
 /// `sluice runners ls`: a table of the runners.
-async fn runners(command: RunnersCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+async fn runners(
+    command: RunnersCommand,
+    api: ApiArgs,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
     let client = api.client()?;
     match command {
         RunnersCommand::Ls => {
             let list = client.runners().await.map_err(describe)?;
+            if output.is_json() {
+                Output::json(&list)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("POD\tSTATE\tSLOTS\tVERSION\tLAST SEEN\tID");
             for runner in list.runners {
                 println!(
@@ -763,9 +982,9 @@ async fn runners(command: RunnersCommand, api: ApiArgs) -> anyhow::Result<ExitCo
 
 /// `sluice artifacts RUN STEP [-o FILE]`: the archive streamed to a file (removed again when
 /// the download fails) or to stdout.
-async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
+async fn artifacts(args: ArtifactsArgs, output: Output) -> anyhow::Result<ExitCode> {
     let client = args.api.client()?;
-    let to_stdout = args.output.as_deref() == Some(std::path::Path::new("-"));
+    let to_stdout = args.file.as_deref() == Some(std::path::Path::new("-"));
     if to_stdout {
         let mut out = std::io::stdout().lock();
         client
@@ -775,7 +994,7 @@ async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let path = args
-        .output
+        .file
         .unwrap_or_else(|| PathBuf::from(format!("{}.tar", args.step)));
     let file = std::fs::File::create(&path)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
@@ -790,6 +1009,10 @@ async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
             Ok(done)
         });
     match downloaded {
+        Ok((bytes, sha256)) if output.is_json() => {
+            Output::json(&json!({"file": path, "bytes": bytes, "sha256": sha256}))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Ok((bytes, sha256)) => {
             println!("{}: {bytes} bytes, sha256 {sha256}", path.display());
             Ok(ExitCode::SUCCESS)
@@ -802,7 +1025,11 @@ async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn schedules(command: SchedulesCommand, api: ApiArgs) -> anyhow::Result<ExitCode> {
+async fn schedules(
+    command: SchedulesCommand,
+    api: ApiArgs,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
     let client = api.client()?;
     let schedule = match command {
         SchedulesCommand::Set(args) => {
@@ -820,6 +1047,10 @@ async fn schedules(command: SchedulesCommand, api: ApiArgs) -> anyhow::Result<Ex
                 .put_schedule(&args.name, &request)
                 .await
                 .map_err(describe)?;
+            if output.is_json() {
+                Output::json(&schedule)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "schedule {} {}",
                 schedule.name,
@@ -828,7 +1059,12 @@ async fn schedules(command: SchedulesCommand, api: ApiArgs) -> anyhow::Result<Ex
             schedule
         }
         SchedulesCommand::List => {
-            for schedule in client.schedules().await.map_err(describe)?.schedules {
+            let list = client.schedules().await.map_err(describe)?;
+            if output.is_json() {
+                Output::json(&list)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            for schedule in list.schedules {
                 let next = match schedule.next_ticks.first() {
                     Some(next) => next.to_rfc3339(),
                     None if schedule.paused => "paused".to_string(),
@@ -852,6 +1088,10 @@ async fn schedules(command: SchedulesCommand, api: ApiArgs) -> anyhow::Result<Ex
             .map_err(describe)?,
         SchedulesCommand::Delete { name } => {
             client.delete_schedule(&name).await.map_err(describe)?;
+            if output.is_json() {
+                Output::json(&json!({ "name": name, "deleted": true }))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("schedule {name} deleted");
             return Ok(ExitCode::SUCCESS);
         }
@@ -866,7 +1106,7 @@ fn read_json_argument(text: &str) -> anyhow::Result<Value> {
         .map_err(|e| anyhow::anyhow!("the input is not valid JSON: {e}"))
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+async fn run(args: RunArgs, output: Output) -> anyhow::Result<ExitCode> {
     let input = args.input.as_deref().map(read_json_argument).transpose()?;
     let client = args.api.client()?;
     let request = RunRequest {
@@ -879,16 +1119,36 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&started)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "[run {}] {} version {}",
-        started.run_id, started.workflow, started.version
-    );
-    let run = sluice_cli::runs::follow(&client, started.run_id, |line| println!("{line}"))
-        .await
-        .map_err(describe)?;
+    let run = if output.is_json() {
+        let run = sluice_cli::runs::follow(&client, started.run_id, |_| {})
+            .await
+            .map_err(describe)?;
+        Output::json(&run)?;
+        run
+    } else {
+        println!(
+            "[run {}] {} version {}",
+            started.run_id, started.workflow, started.version
+        );
+        sluice_cli::runs::follow(&client, started.run_id, |line| println!("{line}"))
+            .await
+            .map_err(describe)?
+    };
     Ok(if run.state == RunState::Succeeded {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks (a global flag clashing with a command's, say), which
+    /// otherwise fire only when the clashing command runs.
+    #[test]
+    fn the_command_line_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

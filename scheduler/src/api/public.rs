@@ -12,9 +12,10 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use sluice_protocol::api::{
-    paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Health, Job,
-    JobStateChange, QueueList, QueuePaused, Run, RunList, RunRequest, RunStarted, RunStateChange,
-    Schedule, ScheduleList, ScheduleRequest, Workflow, WorkflowList,
+    paths, BatchRequest, BatchResponse, EnqueueRequest, EnqueueResponse, Health, Job, JobList,
+    JobStateChange, QueueList, QueuePaused, RetryManyRequest, RetryManyResponse, Run, RunList,
+    RunRequest, RunStarted, RunStateChange, Schedule, ScheduleList, ScheduleRequest, Workflow,
+    WorkflowList,
 };
 use sluice_protocol::JobId;
 
@@ -28,8 +29,9 @@ use crate::{store, Error};
 /// The public router (`/api/*`, `/healthz`, `/readyz`).
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
-        .route(paths::JOBS, post(enqueue))
+        .route(paths::JOBS, post(enqueue).get(list_jobs))
         .route(paths::JOBS_BATCH, post(enqueue_batch))
+        .route(paths::JOBS_RETRY, post(retry_jobs))
         .route(paths::JOB_ROUTE, get(get_job))
         .route(paths::JOB_EVENTS_ROUTE, get(job_events))
         .route(paths::JOB_CANCEL_ROUTE, post(cancel_job))
@@ -138,6 +140,42 @@ async fn get_job(
     JsonPath(id): JsonPath<String>,
 ) -> ApiResult<Json<Job>> {
     Ok(Json(jobs::get(&state, job_id(&id)?).await?))
+}
+
+/// `GET /api/jobs` filters and paging.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsQuery {
+    queue: Option<String>,
+    state: Option<String>,
+    since: Option<String>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_jobs(
+    State(state): State<AppState>,
+    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<JobList>> {
+    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
+    Ok(Json(
+        jobs::list(
+            &state,
+            query.queue.as_deref(),
+            query.state.as_deref(),
+            query.since.as_deref(),
+            query.before,
+            query.limit,
+        )
+        .await?,
+    ))
+}
+
+async fn retry_jobs(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<RetryManyRequest>,
+) -> ApiResult<Json<RetryManyResponse>> {
+    Ok(Json(jobs::retry_many(&state, request).await?))
 }
 
 /// `?after=<position>` of an event stream.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sluice_protocol::api::{
-    AttemptInfo, EnqueueRequest, EnqueueResponse, Job, JobStateChange, Queue, QueuePaused,
-    RetryPolicy,
+    AttemptInfo, EnqueueRequest, EnqueueResponse, Job, JobList, JobStateChange, JobSummary, Queue,
+    QueuePaused, RetryManyRequest, RetryManyResponse, RetryPolicy,
 };
 use sluice_protocol::{bounds, parse_spec, JobId, JobState};
 
@@ -137,6 +137,133 @@ pub async fn retry(ctx: &Context, id: JobId) -> Result<JobStateChange> {
             "job {id} is {before}; only failed or cancelled jobs can be retried"
         ))),
     }
+}
+
+/// Most jobs one list page may hold.
+pub const MAX_LIST: i64 = 1000;
+/// Most jobs one bulk retry may retry.
+pub const MAX_RETRY_MANY: u32 = 10_000;
+
+/// `GET /api/jobs`: jobs newest first, filtered.
+pub async fn list(
+    ctx: &Context,
+    queue: Option<&str>,
+    state: Option<&str>,
+    since: Option<&str>,
+    before: Option<i64>,
+    limit: Option<i64>,
+) -> Result<JobList> {
+    if let Some(queue) = queue {
+        if !valid_queue_name(queue) {
+            return Err(Error::invalid("queue", "not a valid queue name"));
+        }
+    }
+    let state = state
+        .map(|s| {
+            JobState::parse(s).ok_or_else(|| {
+                Error::invalid(
+                    "state",
+                    "must be blocked, scheduled, available, running, succeeded, failed or cancelled",
+                )
+            })
+        })
+        .transpose()?;
+    let since = since
+        .map(|s| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| {
+                    Error::invalid("since", "must be an RFC 3339 time (2026-12-01T00:00:00Z)")
+                })
+        })
+        .transpose()?;
+    if before.is_some_and(|b| b < 1) {
+        return Err(Error::invalid("before", "must be a job id (at least 1)"));
+    }
+    let limit = limit.unwrap_or(100);
+    if !(1..=MAX_LIST).contains(&limit) {
+        return Err(Error::invalid(
+            "limit",
+            format!("must be between 1 and {MAX_LIST}"),
+        ));
+    }
+    let filter = jobs::JobFilter {
+        queue,
+        state,
+        since,
+        before,
+    };
+    let rows = jobs::list(&ctx.pool, &filter, limit).await?;
+    let next_before = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| JobId(r.id)))
+        .flatten();
+    let jobs = rows
+        .into_iter()
+        .map(|row| {
+            Ok(JobSummary {
+                id: JobId(row.id),
+                queue: row.queue,
+                state: JobState::parse(&row.state)
+                    .ok_or_else(|| Error::Internal(format!("unknown job state {:?}", row.state)))?,
+                kind: row.kind,
+                priority: row.priority,
+                attempt: row.attempt,
+                max_attempts: row.max_attempts,
+                run_id: row.workflow_run_id,
+                run_at: row.run_at,
+                created_at: row.created_at,
+                finished_at: row.finished_at,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(JobList { jobs, next_before })
+}
+
+/// `POST /api/jobs/retry`: a bulk redrive, each job retried as [`retry`] would (its own
+/// short transaction, the same fencing against a cancelled attempt still stopping).
+pub async fn retry_many(ctx: &Context, request: RetryManyRequest) -> Result<RetryManyResponse> {
+    if let Some(queue) = &request.queue {
+        if !valid_queue_name(queue) {
+            return Err(Error::invalid("queue", "not a valid queue name"));
+        }
+    }
+    let state = request.state.unwrap_or(JobState::Failed);
+    if !matches!(state, JobState::Failed | JobState::Cancelled) {
+        return Err(Error::invalid("state", "must be failed or cancelled"));
+    }
+    let limit = request.limit.unwrap_or(1000);
+    if !(1..=MAX_RETRY_MANY).contains(&limit) {
+        return Err(Error::invalid(
+            "limit",
+            format!("must be between 1 and {MAX_RETRY_MANY}"),
+        ));
+    }
+    // One more than asked: whether more match.
+    let mut ids = jobs::to_retry(
+        &ctx.pool,
+        state,
+        request.queue.as_deref(),
+        request.since,
+        i64::from(limit) + 1,
+    )
+    .await?;
+    let more = ids.len() > limit as usize;
+    ids.truncate(limit as usize);
+    let mut retried = Vec::with_capacity(ids.len());
+    for id in ids {
+        // A job changed meanwhile (retried, or deleted) is skipped.
+        if let Some(Retried {
+            before: JobState::Failed | JobState::Cancelled,
+            after,
+        }) = jobs::retry_if_finished_unsuccessfully(&ctx.pool, id).await?
+        {
+            retried.push(JobStateChange { id, state: after });
+        }
+    }
+    if !retried.is_empty() {
+        tracing::info!(retried = retried.len(), %state, queue = request.queue.as_deref().unwrap_or("*"), "bulk retry");
+    }
+    Ok(RetryManyResponse { retried, more })
 }
 
 /// Every queue with its settings and job counts, by name.

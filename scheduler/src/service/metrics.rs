@@ -284,7 +284,9 @@ async fn sample(registry: &mut Registry, pool: &PgPool) {
             let runners = Family::<Labels, Gauge>::default();
             // Every state, zero included, so that a panel shows 0 rather than nothing.
             for state in ["starting", "idle", "busy", "draining", "gone"] {
-                runners.get_or_create(&vec![("state", state.to_string())]).set(0);
+                runners
+                    .get_or_create(&vec![("state", state.to_string())])
+                    .set(0);
             }
             for (state, count) in rows {
                 runners.get_or_create(&vec![("state", state)]).set(count);

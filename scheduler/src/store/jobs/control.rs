@@ -64,8 +64,18 @@ pub const RETRY: &str = "WITH stopping AS (
     SELECT r.state::text FROM retried r
     CROSS JOIN LATERAL (SELECT pg_notify('sluice_jobs', r.queue)) woke";
 
+/// Up to $4 ids of jobs in state $1 (failed or cancelled), of queue $2 and finished at or
+/// after $3 (each when not null), that are not workflow steps; oldest first.
+pub const TO_RETRY: &str = "SELECT id FROM sluice.jobs
+    WHERE state = $1::sluice.job_state AND workflow_run_id IS NULL
+      AND ($2::text IS NULL OR queue = $2)
+      AND ($3::timestamptz IS NULL OR finished_at >= $3)
+    ORDER BY id
+    LIMIT $4";
+
 pub(super) const STATEMENTS: &[(&str, &str)] = &[
     ("CANCEL", CANCEL),
+    ("TO_RETRY", TO_RETRY),
     ("LOCK_JOB_STATE", LOCK_JOB_STATE),
     ("RETRY", RETRY),
 ];
@@ -92,6 +102,24 @@ pub async fn cancel(pool: &PgPool, id: JobId) -> Result<Option<CancelOutcome>> {
         Some((_, true)) => Ok(Some(CancelOutcome::Cancelled)),
         Some((state, false)) => Ok(Some(CancelOutcome::AlreadyFinished(parse_state(&state)?))),
     }
+}
+
+/// [`TO_RETRY`].
+pub async fn to_retry(
+    pool: &PgPool,
+    state: JobState,
+    queue: Option<&str>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    limit: i64,
+) -> Result<Vec<JobId>> {
+    let ids: Vec<i64> = sqlx::query_scalar(TO_RETRY)
+        .bind(state.as_str())
+        .bind(queue)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    Ok(ids.into_iter().map(JobId).collect())
 }
 
 /// What [`retry_if_finished_unsuccessfully`] did.

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sluice_protocol::JobId;
+use sluice_protocol::{JobId, JobState};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -28,11 +28,61 @@ pub const LIST_ATTEMPTS: &str = "SELECT attempt, runner_id, started_at, finished
 pub const COUNT_BY_QUEUE_AND_STATE: &str =
     "SELECT queue, state::text, count(*) FROM sluice.jobs GROUP BY queue, state";
 
+/// Jobs newest first, filtered by queue $1, state $2, created at or after $3 (each when not
+/// null), with ids below $4, at most $5.
+pub const LIST_JOBS: &str = "SELECT id, queue, state::text AS state, spec ->> 'kind' AS kind,
+           priority, attempt, max_attempts, workflow_run_id, run_at, created_at, finished_at
+    FROM sluice.jobs
+    WHERE ($1::text IS NULL OR queue = $1)
+      AND ($2::text IS NULL OR state = $2::sluice.job_state)
+      AND ($3::timestamptz IS NULL OR created_at >= $3)
+      AND id < $4
+    ORDER BY id DESC
+    LIMIT $5";
+
 pub(super) const STATEMENTS: &[(&str, &str)] = &[
     ("GET_JOB", GET_JOB),
+    ("LIST_JOBS", LIST_JOBS),
     ("LIST_ATTEMPTS", LIST_ATTEMPTS),
     ("COUNT_BY_QUEUE_AND_STATE", COUNT_BY_QUEUE_AND_STATE),
 ];
+
+/// A job as a list shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobListRow {
+    pub id: i64,
+    pub queue: String,
+    pub state: String,
+    pub kind: Option<String>,
+    pub priority: i32,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub workflow_run_id: Option<i64>,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What a job list is filtered by.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter<'a> {
+    pub queue: Option<&'a str>,
+    pub state: Option<JobState>,
+    pub since: Option<DateTime<Utc>>,
+    pub before: Option<i64>,
+}
+
+/// [`LIST_JOBS`].
+pub async fn list(pool: &PgPool, filter: &JobFilter<'_>, limit: i64) -> Result<Vec<JobListRow>> {
+    Ok(sqlx::query_as(LIST_JOBS)
+        .bind(filter.queue)
+        .bind(filter.state.map(|s| s.as_str()))
+        .bind(filter.since)
+        .bind(filter.before.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
 
 /// [`COUNT_BY_QUEUE_AND_STATE`], given at most two seconds (a scrape must not pile up work on
 /// a huge table).
