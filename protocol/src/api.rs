@@ -73,6 +73,8 @@ pub mod paths {
     pub const SESSION_ROUTE: &str = "/api/sessions/{name}";
     /// `GET`: Prometheus metrics (OpenMetrics text), with the API token.
     pub const METRICS: &str = "/metrics";
+    /// `GET`: the public API's OpenAPI document, without a token.
+    pub const OPENAPI: &str = "/openapi.json";
     /// `GET`: liveness ([`super::Health`]), without a token.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: readiness (Postgres reachable), without a token.
@@ -131,6 +133,7 @@ pub mod paths {
 /// comes from the queue's defaults. Unknown fields are refused (a typo is not silently
 /// ignored). Ranges: [`crate::bounds`].
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +163,7 @@ pub struct EnqueueRequest {
 /// most `max_ms`, ±25 % jitter. Unset fields: the queue's policy, else 1 s, 2, one hour.
 /// Ranges: [`crate::bounds`] (`MAX_RETRY_INITIAL_MS`, `MAX_RETRY_MAX_MS`, `*_RETRY_FACTOR`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Only on enqueue: the job's `max_attempts`.
@@ -178,6 +182,7 @@ pub struct RetryPolicy {
 /// Deserialised by the body's shape rather than as an untagged enum, so that a member that
 /// does not fit is named (`jobs[3].timeout_ms`) instead of "matches no variant".
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum BatchRequest {
     Wrapped { jobs: Vec<EnqueueRequest> },
@@ -235,6 +240,7 @@ impl BatchRequest {
 /// What an enqueue answers: 201 with a new job, 200 with the first job of a repeated
 /// idempotency key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnqueueResponse {
     pub id: JobId,
     pub state: JobState,
@@ -242,12 +248,14 @@ pub struct EnqueueResponse {
 
 /// What a batch answers: one entry per job, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchResponse {
     pub jobs: Vec<EnqueueResponse>,
 }
 
 /// `GET /api/jobs/:id`: a job and its attempts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Job {
     pub id: JobId,
     pub queue: String,
@@ -275,6 +283,7 @@ pub struct Job {
 
 /// One attempt of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AttemptInfo {
     pub attempt: i32,
     pub runner_id: Option<Uuid>,
@@ -287,6 +296,7 @@ pub struct AttemptInfo {
 
 /// What a cancel or a retry answers: the job's state now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobStateChange {
     pub id: JobId,
     pub state: JobState,
@@ -295,6 +305,7 @@ pub struct JobStateChange {
 /// A job in a list (`GET /api/jobs`): no spec, result or attempts (`GET /api/jobs/:id` has
 /// them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobSummary {
     pub id: JobId,
     pub queue: String,
@@ -314,6 +325,7 @@ pub struct JobSummary {
 
 /// `GET /api/jobs`: newest first; `next_before` continues the list (`?before=`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobList {
     pub jobs: Vec<JobSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -325,6 +337,7 @@ pub struct JobList {
 /// and finished at or after `since`. Workflow steps are left out (a run decides about its
 /// steps). Call again while `more` is true.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RetryManyRequest {
     #[serde(default)]
@@ -340,6 +353,7 @@ pub struct RetryManyRequest {
 /// What a bulk retry did: the jobs it retried (each now `available` or `scheduled`) and
 /// whether more matched than `limit`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RetryManyResponse {
     pub retried: Vec<JobStateChange>,
     pub more: bool,
@@ -347,6 +361,7 @@ pub struct RetryManyResponse {
 
 /// A queue with its settings and how many jobs it holds per state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Queue {
     pub name: String,
     pub paused: bool,
@@ -363,12 +378,14 @@ pub struct Queue {
 
 /// `GET /api/queues`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueList {
     pub queues: Vec<Queue>,
 }
 
 /// What pausing or resuming a queue answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueuePaused {
     pub name: String,
     pub paused: bool,
@@ -376,6 +393,7 @@ pub struct QueuePaused {
 
 /// A stored version of a workflow definition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Workflow {
     pub name: String,
     /// SHA-256 of the canonical JSON definition, hex: the same content is the same version.
@@ -390,12 +408,14 @@ pub struct Workflow {
 
 /// `GET /api/workflows`: every workflow's current version (definitions left out).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkflowList {
     pub workflows: Vec<WorkflowSummary>,
 }
 
 /// A workflow in a list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkflowSummary {
     pub name: String,
     pub version: String,
@@ -406,6 +426,7 @@ pub struct WorkflowSummary {
 /// `POST /api/workflows/run`: start a run of a registered workflow, or of a definition given
 /// inline (registered first, under its `name` or `inline`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
     pub workflow: WorkflowRef,
@@ -419,6 +440,7 @@ pub struct RunRequest {
 
 /// A workflow by name, or a definition inline (a JSON object, or YAML text).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum WorkflowRef {
     Name(String),
@@ -427,6 +449,7 @@ pub enum WorkflowRef {
 
 /// What starting a run answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunStarted {
     pub run_id: i64,
     pub workflow: String,
@@ -435,6 +458,7 @@ pub struct RunStarted {
 
 /// Where a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     Running,
@@ -445,6 +469,7 @@ pub enum RunState {
 
 /// `GET /api/runs/:id`: a run and each of its steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Run {
     pub id: i64,
     pub workflow: String,
@@ -461,6 +486,7 @@ pub struct Run {
 
 /// A step of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunStep {
     pub id: String,
     /// `waiting`, `running`, `succeeded`, `skipped`, `failed` or `cancelled`.
@@ -478,6 +504,7 @@ pub struct RunStep {
 
 /// A job of a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepJob {
     pub id: JobId,
     pub index: i32,
@@ -487,6 +514,7 @@ pub struct StepJob {
 
 /// `GET /api/runs`: newest first; `next_before` pages on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunList {
     pub runs: Vec<RunSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -495,6 +523,7 @@ pub struct RunList {
 
 /// A run in a list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunSummary {
     pub id: i64,
     pub workflow: String,
@@ -506,6 +535,7 @@ pub struct RunSummary {
 
 /// What cancelling a run answers: its state now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunStateChange {
     pub id: i64,
     pub state: RunState,
@@ -513,6 +543,7 @@ pub struct RunStateChange {
 
 /// `PUT /api/schedules/:name`: a cron schedule that starts runs of a workflow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleRequest {
     /// 5 fields (minutes), 6 (seconds first), or `@hourly`, `@daily`, `@weekly`,
@@ -541,6 +572,7 @@ pub struct ScheduleRequest {
 
 /// A stored schedule, with when it fires next.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Schedule {
     pub name: String,
     pub cron: String,
@@ -564,6 +596,7 @@ pub struct Schedule {
 /// A fired tick: `started`, `skipped`, `queued`, `replaced` or `failed` (the run could not
 /// start; `error` says why).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleTick {
     pub tick_at: DateTime<Utc>,
     pub outcome: String,
@@ -575,12 +608,14 @@ pub struct ScheduleTick {
 
 /// `GET /api/schedules`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleList {
     pub schedules: Vec<Schedule>,
 }
 
 /// `GET /healthz` and `GET /readyz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     /// `ok` (alive) or `ready` (Postgres reachable).
     pub status: String,
@@ -611,6 +646,7 @@ mod tests {
 
 /// `GET /api/sessions/:name`: an agent session's stored conversation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentSession {
     pub name: String,
     /// Messages API messages, oldest first (old tool results may be elided to keep the
@@ -627,6 +663,7 @@ pub struct AgentSession {
 /// `GET /api/runners`: runners registered now (or being started by a pool), and those gone
 /// within the last hour; and the warm pools running them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerList {
     pub runners: Vec<RunnerInfo>,
     /// The warm pools written within the last hour (absent from older schedulers).
@@ -636,6 +673,7 @@ pub struct RunnerList {
 
 /// A warm runner pool: where its runners come from and its last trouble.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolInfo {
     pub name: String,
     /// `local` or `kubernetes`.
@@ -656,6 +694,7 @@ pub struct PoolInfo {
 
 /// One runner as the scheduler knows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerInfo {
     pub id: Uuid,
     pub pod_name: String,

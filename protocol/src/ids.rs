@@ -64,17 +64,20 @@ impl std::str::FromStr for Secret {
 
 /// A job's id: the `bigint` primary key of `sluice.jobs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct JobId(pub i64);
 
 /// The attempt number of a job; the first run is attempt 1. Part of every fencing check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct Attempt(pub i32);
 
 /// A fresh random token minted with each claim; a runner write is applied only while the
 /// job's current lease carries this token, so a reclaimed attempt cannot write.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct LeaseToken(pub Uuid);
 
@@ -88,6 +91,7 @@ impl fmt::Debug for LeaseToken {
 
 /// A runner instance's id; a new one is minted on every registration, even for a known pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct RunnerId(pub Uuid);
 
@@ -119,6 +123,7 @@ pub struct LeaseRef {
 
 /// The states of a job, mirrored by the Postgres enum `sluice.job_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waits on workflow parents.

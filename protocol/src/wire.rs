@@ -147,6 +147,20 @@ macro_rules! wire_names {
                 Ok($name::parse(&text))
             }
         }
+
+        /// A string; the names this version knows are its examples (a peer may send others).
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .examples([$($text),*])
+                    .into()
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for $name {}
     };
 }
 
@@ -606,6 +620,7 @@ pub struct CompleteManyResponse {
 
 /// An error answer's detail: `code` for programs, `message` for people.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
@@ -617,6 +632,7 @@ pub struct ErrorDetail {
 
 /// The body of every error response, on both listeners: `{"error":{"code","message"}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }

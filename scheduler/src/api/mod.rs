@@ -5,11 +5,14 @@
 //!   `/healthz` and `/readyz`.
 //! - [`internal`] — `/internal/*` for runners: registration with the pool's secret, then
 //!   per-runner tokens. Served on its own listener, never on the public one.
+//! - [`openapi`] — `/openapi.json`, generated from the handlers' annotations and the
+//!   protocol's types.
 //! - [`listener`] — serving either on a TCP listener: header and idle timeouts, a connection
 //!   cap per listener, the descriptor limit.
 
 pub mod internal;
 pub mod listener;
+pub mod openapi;
 pub mod public;
 
 use axum::body::Bytes;
@@ -325,6 +328,12 @@ async fn track(
 }
 
 /// `GET /healthz` on either listener: the process answers.
+#[utoipa::path(
+    get,
+    path = sluice_protocol::api::paths::HEALTHZ,
+    tag = "operations",
+    responses((status = 200, description = "The process answers", body = Health))
+)]
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),

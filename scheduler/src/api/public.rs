@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route(paths::HEALTHZ, get(healthz))
         .route(paths::READYZ, get(readyz))
+        .route(paths::OPENAPI, get(super::openapi::openapi_json))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             super::track_public,
@@ -97,6 +98,14 @@ async fn require_api_token(
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics text), behind the API token like `/api/*`.
+#[utoipa::path(
+    get,
+    path = paths::METRICS,
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text", body = String),
+    )
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(&state.pool).await;
     (
@@ -114,6 +123,17 @@ fn job_id(id: &str) -> crate::Result<JobId> {
     id.parse().map(JobId).map_err(|_| Error::NotFound("job"))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::JOBS,
+    tag = "jobs",
+    request_body = EnqueueRequest,
+    responses(
+        (status = 201, description = "Enqueued", body = EnqueueResponse),
+        (status = 200, description = "Its idempotency key names a stored job, which answers", body = EnqueueResponse),
+        (status = 422, description = "The spec is not one sluice runs", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn enqueue(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<EnqueueRequest>,
@@ -127,6 +147,16 @@ async fn enqueue(
     Ok((status, Json(response)))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::JOBS_BATCH,
+    tag = "jobs",
+    request_body = BatchRequest,
+    responses(
+        (status = 201, description = "Enqueued, all or none, in order", body = BatchResponse),
+        (status = 422, description = "A spec is not one sluice runs", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn enqueue_batch(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<BatchRequest>,
@@ -135,6 +165,18 @@ async fn enqueue_batch(
     Ok((StatusCode::CREATED, Json(BatchResponse { jobs })))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::JOB_ROUTE,
+    tag = "jobs",
+    params(
+        ("id" = i64, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "The job with its attempts", body = Job),
+        (status = 404, description = "No such job", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn get_job(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
@@ -153,6 +195,21 @@ struct JobsQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = paths::JOBS,
+    tag = "jobs",
+    params(
+        ("queue" = Option<String>, Query, description = "Only this queue's jobs"),
+        ("state" = Option<sluice_protocol::JobState>, Query, description = "Only jobs in this state"),
+        ("since" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
+        ("before" = Option<i64>, Query, description = "Ids below this (the next page)"),
+        ("limit" = Option<i64>, Query, description = "At most this many (1-1000, 100 by default)"),
+    ),
+    responses(
+        (status = 200, description = "Jobs, newest first", body = JobList),
+    )
+)]
 async fn list_jobs(
     State(state): State<AppState>,
     query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
@@ -171,6 +228,15 @@ async fn list_jobs(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::JOBS_RETRY,
+    tag = "jobs",
+    request_body = RetryManyRequest,
+    responses(
+        (status = 200, description = "What was retried; call again while `more`", body = RetryManyResponse),
+    )
+)]
 async fn retry_jobs(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<RetryManyRequest>,
@@ -184,6 +250,20 @@ struct StreamQuery {
     after: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = paths::JOB_EVENTS_ROUTE,
+    tag = "events",
+    params(
+        ("id" = i64, Path, description = "The job's id"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this position"),
+        ("after" = Option<i64>, Query, description = "Resume after this position (when no Last-Event-ID)"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events: `id:` the position, `event:` the kind, `data:` JSON; history, live, then the terminal event (`succeeded`, `failed`, `cancelled`) and the end", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such job", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn job_events(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
@@ -195,6 +275,20 @@ async fn job_events(
     event_stream(&state, topic, &headers, query).await
 }
 
+#[utoipa::path(
+    get,
+    path = paths::RUN_EVENTS_ROUTE,
+    tag = "events",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this position"),
+        ("after" = Option<i64>, Query, description = "Resume after this position (when no Last-Event-ID)"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events of every step job (`data.step`), then the run's terminal event", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such run", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn run_events(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
@@ -237,6 +331,18 @@ async fn event_stream(
         .into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = paths::JOB_CANCEL_ROUTE,
+    tag = "jobs",
+    params(
+        ("id" = i64, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "Cancelled, or the state it had already ended in", body = JobStateChange),
+        (status = 404, description = "No such job", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn cancel_job(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
@@ -244,6 +350,19 @@ async fn cancel_job(
     Ok(Json(jobs::cancel(&state, job_id(&id)?).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::JOB_RETRY_ROUTE,
+    tag = "jobs",
+    params(
+        ("id" = i64, Path, description = "The job's id"),
+    ),
+    responses(
+        (status = 200, description = "Queued again", body = JobStateChange),
+        (status = 404, description = "No such job", body = sluice_protocol::ErrorBody),
+        (status = 409, description = "Not failed or cancelled", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn retry_job(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
@@ -251,11 +370,30 @@ async fn retry_job(
     Ok(Json(jobs::retry(&state, job_id(&id)?).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::QUEUES,
+    tag = "queues",
+    responses(
+        (status = 200, description = "Every queue with its settings and job counts", body = QueueList),
+    )
+)]
 async fn list_queues(State(state): State<AppState>) -> ApiResult<Json<QueueList>> {
     let queues = jobs::list_queues(&state).await?;
     Ok(Json(QueueList { queues }))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::QUEUE_PAUSE_ROUTE,
+    tag = "queues",
+    params(
+        ("name" = String, Path, description = "The queue's name"),
+    ),
+    responses(
+        (status = 200, description = "Paused", body = QueuePaused),
+    )
+)]
 async fn pause_queue(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -263,6 +401,17 @@ async fn pause_queue(
     Ok(Json(jobs::set_queue_paused(&state, name, true).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::QUEUE_RESUME_ROUTE,
+    tag = "queues",
+    params(
+        ("name" = String, Path, description = "The queue's name"),
+    ),
+    responses(
+        (status = 200, description = "Resumed", body = QueuePaused),
+    )
+)]
 async fn resume_queue(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -270,6 +419,20 @@ async fn resume_queue(
     Ok(Json(jobs::set_queue_paused(&state, name, false).await?))
 }
 
+#[utoipa::path(
+    put,
+    path = paths::WORKFLOW_ROUTE,
+    tag = "workflows",
+    params(
+        ("name" = String, Path, description = "The workflow's name"),
+    ),
+    request_body(content = String, content_type = "application/yaml", description = "The definition, YAML or JSON"),
+    responses(
+        (status = 201, description = "A new version", body = Workflow),
+        (status = 200, description = "The same definition as the current version", body = Workflow),
+        (status = 422, description = "The definition's problems, each in `details`", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn register_workflow(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -291,6 +454,19 @@ struct VersionQuery {
     version: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = paths::WORKFLOW_ROUTE,
+    tag = "workflows",
+    params(
+        ("name" = String, Path, description = "The workflow's name"),
+        ("version" = Option<String>, Query, description = "A stored version (its hash)"),
+    ),
+    responses(
+        (status = 200, description = "The workflow", body = Workflow),
+        (status = 404, description = "No such workflow", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn get_workflow(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -302,12 +478,31 @@ async fn get_workflow(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::WORKFLOWS,
+    tag = "workflows",
+    responses(
+        (status = 200, description = "Every workflow's current version", body = WorkflowList),
+    )
+)]
 async fn list_workflows(State(state): State<AppState>) -> ApiResult<Json<WorkflowList>> {
     Ok(Json(WorkflowList {
         workflows: workflows::list(&state).await?,
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::WORKFLOWS_RUN,
+    tag = "runs",
+    request_body = RunRequest,
+    responses(
+        (status = 201, description = "Started", body = RunStarted),
+        (status = 404, description = "No such workflow", body = sluice_protocol::ErrorBody),
+        (status = 422, description = "An inline definition's problems", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn start_run(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<RunRequest>,
@@ -323,6 +518,18 @@ fn run_id(id: &str) -> crate::Result<i64> {
     id.parse().map_err(|_| Error::NotFound("run"))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::RUN_ROUTE,
+    tag = "runs",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+    ),
+    responses(
+        (status = 200, description = "The run with its steps", body = Run),
+        (status = 404, description = "No such run", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn get_run(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
@@ -331,6 +538,19 @@ async fn get_run(
 }
 
 /// A step's artifacts: the tar archive its sidecar packed, streamed a chunk at a time.
+#[utoipa::path(
+    get,
+    path = paths::RUN_ARTIFACTS_ROUTE,
+    tag = "runs",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+        ("step" = String, Path, description = "The step"),
+    ),
+    responses(
+        (status = 200, description = "The step's artifacts, a tar archive (`X-Sluice-Sha256`)", content_type = "application/x-tar", body = Vec<u8>),
+        (status = 404, description = "No such artifact set", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn run_artifacts(
     State(state): State<AppState>,
     JsonPath((id, step)): JsonPath<(String, String)>,
@@ -393,6 +613,18 @@ fn skipped_header(skipped: &serde_json::Value) -> String {
     out
 }
 
+#[utoipa::path(
+    post,
+    path = paths::RUN_CANCEL_ROUTE,
+    tag = "runs",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+    ),
+    responses(
+        (status = 200, description = "Cancelled, or the state it had ended in", body = RunStateChange),
+        (status = 404, description = "No such run", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn cancel_run(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
@@ -410,6 +642,20 @@ struct RunsQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = paths::RUNS,
+    tag = "runs",
+    params(
+        ("workflow" = Option<String>, Query, description = "Only this workflow's runs"),
+        ("state" = Option<sluice_protocol::api::RunState>, Query, description = "Only runs in this state"),
+        ("before" = Option<i64>, Query, description = "Ids below this (the next page)"),
+        ("limit" = Option<i64>, Query, description = "At most this many"),
+    ),
+    responses(
+        (status = 200, description = "Runs, newest first", body = RunList),
+    )
+)]
 async fn list_runs(
     State(state): State<AppState>,
     query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
@@ -427,6 +673,20 @@ async fn list_runs(
     ))
 }
 
+#[utoipa::path(
+    put,
+    path = paths::SCHEDULE_ROUTE,
+    tag = "schedules",
+    params(
+        ("name" = String, Path, description = "The schedule's name"),
+    ),
+    request_body = ScheduleRequest,
+    responses(
+        (status = 201, description = "Created", body = Schedule),
+        (status = 200, description = "Replaced", body = Schedule),
+        (status = 404, description = "No such workflow", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn put_schedule(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -441,6 +701,18 @@ async fn put_schedule(
     Ok((status, Json(schedule)))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::SCHEDULE_ROUTE,
+    tag = "schedules",
+    params(
+        ("name" = String, Path, description = "The schedule's name"),
+    ),
+    responses(
+        (status = 200, description = "The schedule, its next ticks and latest runs", body = Schedule),
+        (status = 404, description = "No such schedule", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn get_schedule(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -448,6 +720,18 @@ async fn get_schedule(
     Ok(Json(cron::get(&state, &name).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = paths::SCHEDULE_ROUTE,
+    tag = "schedules",
+    params(
+        ("name" = String, Path, description = "The schedule's name"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such schedule", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn delete_schedule(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -456,12 +740,32 @@ async fn delete_schedule(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = paths::RUNNERS,
+    tag = "runners",
+    responses(
+        (status = 200, description = "Runners and pools", body = sluice_protocol::api::RunnerList),
+    )
+)]
 async fn list_runners(
     State(state): State<AppState>,
 ) -> ApiResult<Json<sluice_protocol::api::RunnerList>> {
     Ok(Json(runners::list(&state).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::SESSION_ROUTE,
+    tag = "sessions",
+    params(
+        ("name" = String, Path, description = "The session's name"),
+    ),
+    responses(
+        (status = 200, description = "The agent session's history", body = sluice_protocol::api::AgentSession),
+        (status = 404, description = "No such session", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn get_session(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -469,6 +773,18 @@ async fn get_session(
     Ok(Json(sessions::get(&state, &name).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = paths::SESSION_ROUTE,
+    tag = "sessions",
+    params(
+        ("name" = String, Path, description = "The session's name"),
+    ),
+    responses(
+        (status = 204, description = "Forgotten"),
+        (status = 404, description = "No such session", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn delete_session(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -477,6 +793,18 @@ async fn delete_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = paths::SCHEDULE_PAUSE_ROUTE,
+    tag = "schedules",
+    params(
+        ("name" = String, Path, description = "The schedule's name"),
+    ),
+    responses(
+        (status = 200, description = "Paused", body = Schedule),
+        (status = 404, description = "No such schedule", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn pause_schedule(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -484,6 +812,18 @@ async fn pause_schedule(
     Ok(Json(cron::set_paused(&state, &name, true).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = paths::SCHEDULE_RESUME_ROUTE,
+    tag = "schedules",
+    params(
+        ("name" = String, Path, description = "The schedule's name"),
+    ),
+    responses(
+        (status = 200, description = "Resumed", body = Schedule),
+        (status = 404, description = "No such schedule", body = sluice_protocol::ErrorBody),
+    )
+)]
 async fn resume_schedule(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
@@ -491,12 +831,28 @@ async fn resume_schedule(
     Ok(Json(cron::set_paused(&state, &name, false).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::SCHEDULES,
+    tag = "schedules",
+    responses(
+        (status = 200, description = "Every schedule", body = ScheduleList),
+    )
+)]
 async fn list_schedules(State(state): State<AppState>) -> ApiResult<Json<ScheduleList>> {
     Ok(Json(ScheduleList {
         schedules: cron::list(&state).await?,
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = paths::READYZ,
+    tag = "operations",
+    responses(
+        (status = 200, description = "Postgres answers", body = Health),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     match tokio::time::timeout(Duration::from_secs(2), store::ping(&state.pool)).await {
         Ok(Ok(())) => Ok(Json(Health {
