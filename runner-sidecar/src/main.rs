@@ -15,12 +15,22 @@ fn main() -> ExitCode {
     {
         return sluice_runner::tools::child::child_main();
     }
+    // `RUST_LOG` picks what is logged; `SLUICE_LOG_FORMAT=json`, one JSON object per line
+    // (with the attempt span's `job_id`, `attempt`, `runner_id`).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.init();
+    }
     raise_descriptor_limit();
     let args = <sluice_runner::config::Args as clap::Parser>::parse();
     if let Some(count) = args.bench_spawn {

@@ -321,9 +321,19 @@ async fn claim_until_done(
                     let stop = Stop::default();
                     let lease = leases.hold(task.lease(), stop.clone());
                     let unpolled = Unpolled::spawned(&unpolled);
+                    // Everything the attempt logs carries which attempt it is.
+                    let span = tracing::info_span!(
+                        "attempt",
+                        job_id = %task.job_id,
+                        attempt = %task.attempt,
+                        runner_id = %registration.runner_id,
+                    );
                     attempts.set.spawn(first_poll_counted(
                         unpolled,
-                        attempt::run(ctx.clone(), task, stop, slot, lease),
+                        tracing::Instrument::instrument(
+                            attempt::run(ctx.clone(), task, stop, slot, lease),
+                            span,
+                        ),
                     ));
                 }
             }

@@ -464,13 +464,24 @@ struct DevArgs {
     timings: TimingArgs,
 }
 
+/// Logs on stderr: `RUST_LOG` picks what (`default` without it); `SLUICE_LOG_FORMAT=json`
+/// writes one JSON object per line (with the current span's fields: a job attempt's
+/// `job_id`, `attempt`, `runner_id`), anything else the human format.
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.init();
+    }
 }
 
 fn main() -> ExitCode {
