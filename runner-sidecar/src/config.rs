@@ -23,6 +23,10 @@ pub struct Args {
     /// The pool's registration secret.
     #[arg(long, env = "SLUICE_RUNNER_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address; off when unset. Keep it
+    /// off addresses tools can reach when they are untrusted.
+    #[arg(long, env = "SLUICE_RUNNER_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Tasks run at once.
     #[arg(long, env = "SLUICE_RUNNER_SLOTS", default_value_t = 4)]
     pub slots: u32,
@@ -208,6 +212,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// Tasks taken before the runner drains and exits; `None`: no limit.
     pub recycle_after: Option<u64>,
+    /// Where the sidecar's own metrics are served, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -371,6 +377,7 @@ impl Config {
             artifact_max_bytes: args.artifact_max_bytes,
             agent,
             recycle_after: (args.recycle_after > 0).then_some(args.recycle_after),
+            metrics_listen: args.metrics_listen,
         })
     }
 }

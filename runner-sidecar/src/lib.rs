@@ -27,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod exec;
 pub mod leases;
+pub mod metrics;
 pub mod outbox;
 pub mod session;
 pub mod slots;

@@ -172,3 +172,80 @@ async fn reclaims_are_counted_by_reason_and_metrics_need_the_token() {
     let body: serde_json::Value = anonymous.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unauthorized");
 }
+
+/// The sidecar's own metrics on its optional listener.
+#[tokio::test]
+async fn the_sidecar_serves_its_own_metrics_when_asked() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::TEST).await;
+    let runner = sluice_testkit::Runner::start(
+        &scheduler,
+        "metrics-sidecar",
+        2,
+        &[("SLUICE_RUNNER_METRICS_LISTEN", "127.0.0.1:0")],
+    )
+    .await;
+    let addr = poll_until(WAIT, || async {
+        let log = runner.log_text();
+        let found = log.lines().find_map(|line| {
+            let plain = strip_ansi(line);
+            let rest = plain.split("metrics listening").nth(1)?;
+            let addr = rest.split("addr=").nth(1)?.split_whitespace().next()?;
+            Some(addr.to_string())
+        });
+        Ok::<_, String>(found)
+    })
+    .await
+    .expect("the runner logs its metrics address");
+    let api = scheduler.api();
+    let job = api
+        .enqueue(json!({"spec": {"kind": "bash", "script": "true"}}))
+        .await;
+    api.wait_terminal(job, WAIT).await;
+    let http = reqwest::Client::new();
+    let text = poll_until(WAIT, || async {
+        let text = http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(
+            text.contains("sluice_runner_attempts_total{outcome=\"completed\"} 1\n")
+                .then_some(text),
+        )
+    })
+    .await
+    .expect("the completed attempt is counted");
+    assert!(
+        text.contains("sluice_runner_spawn_seconds_count 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("sluice_runner_outbox_depth 0\n"), "{text}");
+    assert!(
+        text.contains("sluice_runner_attempts_running 0\n"),
+        "{text}"
+    );
+    let other = http.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(other.status(), 404);
+}
+
+/// A log line without its colour codes (`ESC [ … m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

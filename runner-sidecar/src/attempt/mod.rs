@@ -19,6 +19,7 @@ pub mod artifacts;
 pub mod stream;
 pub mod workspace;
 
+use crate::metrics::{Outcome as AttemptEnd, METRICS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,16 +67,28 @@ pub async fn run(
     lease: LeaseGuard,
 ) {
     let started = Instant::now();
-    let Some(completion) = perform(&ctx, &task, &stop, slot.slot()).await else {
+    METRICS.running(1);
+    let performed = perform(&ctx, &task, &stop, slot.slot()).await;
+    METRICS.running(-1);
+    let Some(completion) = performed else {
         tracing::info!(job_id = %task.job_id, attempt = %task.attempt, "attempt abandoned");
+        METRICS.attempt_ended(AttemptEnd::Abandoned);
         return;
     };
     // Queued before the slot is freed, so the claim that refills the slot carries it.
     let delivery = ctx.outbox.submit(completion);
+    METRICS.outbox(1);
     drop(slot);
     // The lease stays listed until the scheduler has the completion; the next heartbeat
     // without it tells the scheduler the tool is gone.
-    match delivery.await {
+    let delivered = delivery.await;
+    METRICS.outbox(-1);
+    METRICS.attempt_ended(match &delivered {
+        Ok(Delivery::Applied(_)) => AttemptEnd::Completed,
+        Ok(Delivery::LeaseLost) => AttemptEnd::LeaseLost,
+        _ => AttemptEnd::NotDelivered,
+    });
+    match delivered {
         Ok(Delivery::Applied(state)) => tracing::debug!(
             job_id = %task.job_id,
             attempt = %task.attempt,

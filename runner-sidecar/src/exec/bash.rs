@@ -80,7 +80,9 @@ pub async fn run(exec: Exec<'_>, spec: &BashSpec) -> Ended {
         pass_fd: Some(script.as_raw_fd()),
         network,
     };
+    let spawning = std::time::Instant::now();
     let spawned = sandbox.spawn(&tool);
+    crate::metrics::METRICS.spawned(spawning.elapsed());
     // The tool holds its own copy now.
     drop(script);
     let mut spawned = match spawned {

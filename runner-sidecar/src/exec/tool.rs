@@ -175,7 +175,10 @@ pub async fn call(
         pass_fd: None,
         network: call.network,
     };
-    let mut spawned = match sandbox.spawn(&command) {
+    let spawning = std::time::Instant::now();
+    let spawned = sandbox.spawn(&command);
+    crate::metrics::METRICS.spawned(spawning.elapsed());
+    let mut spawned = match spawned {
         Ok(spawned) => spawned,
         Err(err) => {
             return Answer::Answered(Err(ToolError::new(

@@ -115,6 +115,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let config = Arc::new(config);
     prepare_workdir(&config)?;
+    if let Some(addr) = config.metrics_listen {
+        let listener = crate::metrics::bind(addr).await.map_err(|e| {
+            crate::Error::Config(format!("SLUICE_RUNNER_METRICS_LISTEN {addr}: {e}"))
+        })?;
+        tokio::spawn(crate::metrics::serve(listener, shutdown.clone()));
+    }
     // The slots and their uids live as long as the process: no other runner on this host
     // gets those uids meanwhile.
     let slots =
