@@ -48,6 +48,9 @@ fn sluice_bench_quick_reports_every_measurement_as_json() {
         "the same 200 jobs enqueued directly",
         "pool start latency p50, warm runners kept",
         "pool start latency p99, fresh runner per task",
+        "event delivery p50, 1 client",
+        "event delivery p99, 1000 client",
+        "scheduler RSS, 1,000 idle event streams",
     ] {
         let found = results
             .iter()

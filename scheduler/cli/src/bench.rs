@@ -26,6 +26,8 @@ use crate::dev;
 use crate::provision::{provision_app_database, APP_DATABASE, APP_ROLE};
 use crate::store::bench as sql;
 
+mod events;
+
 /// Options of `sluice bench`.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -215,8 +217,8 @@ fn with_reference(mut m: Measurement, reference: &Measurement) -> Measurement {
 }
 
 /// The parts of the benchmark, for `--only`.
-pub const SECTIONS: [&str; 8] = [
-    "enqueue", "bulk", "core", "e2e", "workflow", "spawn", "claim", "pool",
+pub const SECTIONS: [&str; 9] = [
+    "enqueue", "bulk", "core", "e2e", "workflow", "spawn", "claim", "pool", "events",
 ];
 
 /// What every section shares: the server under test, a pool, and the run's sizes.
@@ -310,6 +312,9 @@ async fn measure_all(
     }
     if bench.wants("pool") {
         results.extend(pool_start_latency(&bench).await?);
+    }
+    if bench.wants("events") {
+        results.extend(events::delivery(&bench).await?);
     }
     bench.pool.close().await;
     bench.server.shutdown().await;

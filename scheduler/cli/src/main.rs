@@ -300,7 +300,7 @@ struct BenchArgs {
     /// Measure against this server instead of a private durable cluster.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<Secret>,
-    /// Run only these parts (comma-separated): enqueue, bulk, core, e2e, spawn, claim.
+    /// Run only these parts (comma-separated): enqueue, bulk, core, e2e, workflow, spawn, claim, pool, events.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(sluice_cli::bench::SECTIONS))]
     only: Vec<String>,
 }

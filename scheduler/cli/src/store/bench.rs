@@ -100,6 +100,16 @@ pub async fn truncate_jobs(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
+/// The last position of job `job`'s events (0 without any).
+pub async fn last_event_position(pool: &PgPool, job: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(max(position), 0) FROM sluice.job_events WHERE job_id = $1",
+    )
+    .bind(job)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Loads `count` finished jobs in one statement (history for the bloat measurement).
 pub async fn insert_finished_jobs(pool: &PgPool, count: i64) -> Result<()> {
     sqlx::query(
