@@ -49,6 +49,9 @@ pub enum Error {
     /// Postgres cannot be reached; retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The scheduler is at a limit of its own (event streams open); retry later.
+    #[error("{0}")]
+    Overloaded(String),
     /// The statement lost a deadlock or a serialization conflict and was rolled back whole;
     /// the same request may be retried at once. (Not an outage: runners do not ride it out.)
     #[error("the database rolled the statement back ({0}); retry")]
@@ -81,7 +84,7 @@ impl Error {
             Error::Timeout(_) => ErrorCode::Timeout,
             Error::Conflict(_) => ErrorCode::Conflict,
             Error::ProtocolMismatch(_) => ErrorCode::ProtocolMismatch,
-            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Unavailable(_) | Error::Overloaded(_) => ErrorCode::Unavailable,
             Error::Busy(_) => ErrorCode::Busy,
             Error::Setup(_) | Error::Internal(_) => ErrorCode::Internal,
         }

@@ -279,9 +279,17 @@ async fn jobs_and_queues_are_listed_shown_changed_and_redriven_in_bulk() {
     ] {
         cli.run(&bad).await.assert_one_line_error();
     }
-    // Past clap's own checks (exit 2, usage on stderr).
-    let huge = cli.run(&["jobs", "show", "99999999999999999999"]).await;
-    assert_eq!(huge.code, Some(2), "{huge:?}");
+    // Clap's own checks: exit 2, one line too.
+    for bad in [
+        vec!["jobs", "show", "99999999999999999999"],
+        vec!["jobs", "show", "-3"],
+        vec!["jobs", "frobnicate"],
+        vec!["queues", "ls", "--output", "yaml"],
+    ] {
+        let out = cli.run(&bad).await;
+        assert_eq!(out.code, Some(2), "{out:?}");
+        out.assert_one_line_error();
+    }
 }
 
 #[tokio::test]

@@ -250,6 +250,41 @@ async fn bad_requests_are_answered_not_streamed() {
 }
 
 #[tokio::test]
+async fn streams_past_the_cap_are_answered_503_until_one_closes() {
+    let db = TestDb::new().await;
+    // A client that goes away is found out by the next keep-alive.
+    let scheduler = Scheduler::start_with(
+        &db,
+        Timings::TEST,
+        &[
+            ("SLUICE_SSE_MAX_STREAMS", "2"),
+            ("SLUICE_SSE_KEEPALIVE_MS", "200"),
+        ],
+    )
+    .await;
+    let api = scheduler.api();
+    let (_runner, task) = one_task(&scheduler, "sse-cap").await;
+    let path = api_paths::job_events(task.job_id);
+    let first = api.events(&path, None).await.expect("a stream");
+    let _second = api.events(&path, None).await.expect("a stream");
+    let (status, body) = api.events(&path, None).await.err().expect("refused");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("event streams"),
+        "{body}"
+    );
+    drop(first);
+    wait_until("a stream to close", WAIT, || async {
+        Ok::<_, String>(api.events(&path, None).await.ok())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_slow_client_is_dropped_and_resumes_by_position_without_loss() {
     let db = TestDb::new().await;
     // A tiny ring: a client that does not read falls out of it quickly.

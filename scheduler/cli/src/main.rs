@@ -398,11 +398,14 @@ struct ServeArgs {
     sse_keepalive_ms: u64,
     /// Events a followed job or run keeps for its slowest client; a client further behind
     /// is dropped and resumes by position.
-    #[arg(long, env = "SLUICE_SSE_TOPIC_BUFFER", default_value_t = 1024)]
+    #[arg(long, env = "SLUICE_SSE_TOPIC_BUFFER", default_value_t = 256)]
     sse_topic_buffer: u64,
     /// Encoded events waiting for one client's socket.
     #[arg(long, env = "SLUICE_SSE_CLIENT_BUFFER", default_value_t = 64)]
     sse_client_buffer: u64,
+    /// Event streams open at once; past it, new ones are answered 503 with Retry-After.
+    #[arg(long, env = "SLUICE_SSE_MAX_STREAMS", default_value_t = 5000)]
+    sse_max_streams: u64,
     #[command(flatten)]
     pool: sluice_cli::pool::PoolArgs,
     /// Do not apply migrations at start.
@@ -485,7 +488,18 @@ fn init_tracing(default: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap writes them.
+        Err(err) if !err.use_stderr() => err.exit(),
+        // A mistake on the command line: its one line, and where to look (exit 2, as clap).
+        Err(err) => {
+            let text = err.render().to_string();
+            let first = text.lines().next().unwrap_or("error: invalid command line");
+            eprintln!("{first} (see `sluice --help`)");
+            return ExitCode::from(2);
+        }
+    };
     let output = cli.output;
     let result = match cli.command {
         Command::Dev(args) => {
@@ -656,6 +670,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "SLUICE_SSE_TOPIC_BUFFER must be between 1 and 1048576"
     );
     anyhow::ensure!(
+        (1..=1_000_000).contains(&args.sse_max_streams),
+        "SLUICE_SSE_MAX_STREAMS must be between 1 and 1000000"
+    );
+    anyhow::ensure!(
         (1..=1 << 16).contains(&args.sse_client_buffer),
         "SLUICE_SSE_CLIENT_BUFFER must be between 1 and 65536"
     );
@@ -663,6 +681,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         keepalive: Duration::from_millis(args.sse_keepalive_ms),
         topic_buffer: args.sse_topic_buffer as usize,
         client_buffer: args.sse_client_buffer as usize,
+        max_streams: args.sse_max_streams as usize,
     };
     let server = sluice::server::Server::start(config).await?;
     // One line on stdout that scripts (and the testkit) can wait for.

@@ -67,7 +67,9 @@ impl IntoResponse for AppError {
             Error::InvalidDefinition(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::Unavailable(_) | Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Busy(_) | Error::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Setup(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &err {

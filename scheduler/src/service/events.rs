@@ -24,12 +24,14 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, StreamGuard};
 use crate::store::events::{self, Topic, TopicEvent};
 use crate::{Error, Result};
 
-/// Events read per history page.
-const PAGE: i64 = 500;
+/// Events read per page (a topic broadcasts a page at once, so its ring holds at least two).
+const PAGE: i64 = 100;
+/// A client whose socket takes nothing for this long is dropped (it resumes by position).
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A topic re-checks its job or run this often even without a notification (a lost LISTEN
 /// is also covered by [`Hub::wake_all`] on reconnect).
 const TOPIC_RECHECK: Duration = Duration::from_secs(30);
@@ -43,18 +45,23 @@ const TOPIC_READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct EventSettings {
     /// A comment line is sent after this long without an event (15 s).
     pub keepalive: Duration,
-    /// Events a topic keeps for its slowest subscriber before dropping it (1,024).
+    /// Events a topic keeps for its slowest subscriber before dropping it (256; at least
+    /// 200, two pages). The ring is allocated whole: about 48 bytes an event per followed
+    /// job or run.
     pub topic_buffer: usize,
     /// Encoded events waiting for one client's socket (64).
     pub client_buffer: usize,
+    /// Streams open at once on this scheduler (5,000); past it, 503 with Retry-After.
+    pub max_streams: usize,
 }
 
 impl Default for EventSettings {
     fn default() -> Self {
         EventSettings {
             keepalive: Duration::from_secs(15),
-            topic_buffer: 1024,
+            topic_buffer: 256,
             client_buffer: 64,
+            max_streams: 5000,
         }
     }
 }
@@ -138,6 +145,15 @@ impl Hub {
     /// not exist. The returned receiver yields the encoded SSE body, ending after the
     /// terminal event, when the client falls too far behind, or at shutdown.
     pub async fn open(&self, topic: Topic, after: i64) -> Result<mpsc::Receiver<Bytes>> {
+        // Counted from here, so that many opening at once cannot all slip under the cap.
+        let open = self.inner.metrics.stream_opened();
+        let count = self.inner.metrics.event_streams();
+        if count > self.inner.settings.max_streams as i64 {
+            return Err(Error::Overloaded(format!(
+                "{} event streams are open, the most this scheduler serves; try again later",
+                count - 1
+            )));
+        }
         // Subscribe before anything is read: every event past the history read below then
         // reaches this subscriber through the topic.
         let (state, rx) = self.subscribe(topic);
@@ -146,7 +162,7 @@ impl Hub {
         let _ = tokio::time::timeout(TOPIC_READY_TIMEOUT, ready.wait_for(|r| *r)).await;
         if !*state.ready.borrow() {
             return Err(Error::Unavailable(
-                "event stream not ready; try again".into(),
+                "the event stream could not read where it stands".into(),
             ));
         }
         if events::topic_head(&self.inner.pool, topic).await?.is_none() {
@@ -156,7 +172,7 @@ impl Hub {
             }));
         }
         let (tx, out) = mpsc::channel(self.inner.settings.client_buffer);
-        tokio::spawn(serve_client(self.inner.clone(), topic, after, rx, tx));
+        tokio::spawn(serve_client(self.inner.clone(), topic, after, rx, tx, open));
         Ok(out)
     }
 
@@ -165,7 +181,8 @@ impl Hub {
         let state = topics
             .entry(topic)
             .or_insert_with(|| {
-                let (tx, _) = broadcast::channel(self.inner.settings.topic_buffer.max(1));
+                let ring = self.inner.settings.topic_buffer.max(2 * PAGE as usize);
+                let (tx, _) = broadcast::channel(ring);
                 let state = Arc::new(TopicState {
                     tx,
                     wake: Notify::new(),
@@ -285,23 +302,20 @@ async fn read_new(
 }
 
 /// One client: its history, then the topic's frames, then the end. Ends early when the
-/// client goes away (the body, and with it `out`, is dropped), falls behind the topic's
-/// ring, or the scheduler shuts down.
+/// client goes away (the body, and with it `out`, is dropped), takes nothing for a minute,
+/// falls behind the topic's ring, or the scheduler shuts down. `_open` counts it as open
+/// until then.
 async fn serve_client(
     inner: Arc<Inner>,
     topic: Topic,
     after: i64,
     mut rx: broadcast::Receiver<Arc<Frame>>,
     out: mpsc::Sender<Bytes>,
+    _open: StreamGuard,
 ) {
     let mut shutdown = inner.shutdown.clone();
-    let _open = inner.metrics.stream_opened();
     // Browsers reconnect after a second when the stream ends before its terminal event.
-    if out
-        .send(Bytes::from_static(b"retry: 1000\n\n"))
-        .await
-        .is_err()
-    {
+    if !send(&out, Bytes::from_static(b"retry: 1000\n\n")).await {
         return;
     }
     let mut cursor = after;
@@ -315,7 +329,7 @@ async fn serve_client(
         };
         for event in &page {
             cursor = event.position;
-            if out.send(event_frame(topic, event)).await.is_err() {
+            if !send(&out, event_frame(topic, event)).await {
                 return;
             }
         }
@@ -326,6 +340,9 @@ async fn serve_client(
     loop {
         let received = tokio::select! {
             received = tokio::time::timeout(inner.settings.keepalive, rx.recv()) => received,
+            // The body was dropped (the connection is gone); a client that vanished without
+            // a word is found out by the next event or keep-alive.
+            _ = out.closed() => return,
             _ = shutdown.changed() => return,
         };
         let bytes = match received {
@@ -337,7 +354,7 @@ async fn serve_client(
                     bytes.clone()
                 }
                 Frame::End { bytes } => {
-                    let _ = out.send(bytes.clone()).await;
+                    send(&out, bytes.clone()).await;
                     return;
                 }
             },
@@ -350,10 +367,19 @@ async fn serve_client(
             }
             Ok(Err(broadcast::error::RecvError::Closed)) => return,
         };
-        if out.send(bytes).await.is_err() {
+        if !send(&out, bytes).await {
             return;
         }
     }
+}
+
+/// Hands `bytes` to the client's socket; false when it is gone or took nothing for
+/// [`CLIENT_WRITE_TIMEOUT`] (it is let go, and resumes by position).
+async fn send(out: &mpsc::Sender<Bytes>, bytes: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(CLIENT_WRITE_TIMEOUT, out.send(bytes)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// `id: <position>`, `event: <kind>`, `data: {"job_id", "attempt", "seq", "at", "data"}`

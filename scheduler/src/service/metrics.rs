@@ -58,7 +58,14 @@ pub struct Metrics {
     sse_dropped: Counter,
     /// When each runner last heartbeated here (for the gap histogram).
     last_heartbeat: Mutex<HashMap<RunnerId, Instant>>,
+    /// The queues that have a label of their own.
+    queues: Mutex<std::collections::HashSet<String>>,
 }
+
+/// Most queues labelled by name; the rest are counted as [`OTHER_QUEUES`].
+pub const MAX_QUEUE_LABELS: usize = 1000;
+/// The label of queues past [`MAX_QUEUE_LABELS`].
+pub const OTHER_QUEUES: &str = "_other";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -150,13 +157,28 @@ impl Metrics {
             sse_streams,
             sse_dropped,
             last_heartbeat: Mutex::default(),
+            queues: Mutex::default(),
         }
     }
 
     pub fn enqueued(&self, queue: &str, count: u64) {
         self.enqueued
-            .get_or_create(&vec![("queue", queue.to_string())])
+            .get_or_create(&vec![("queue", self.queue_label(queue))])
             .inc_by(count);
+    }
+
+    /// A queue's label: its name for the first [`MAX_QUEUE_LABELS`] queues seen, `_other`
+    /// past them (queue names come from clients; labels must stay few).
+    fn queue_label(&self, queue: &str) -> String {
+        let mut seen = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(queue) {
+            return queue.to_string();
+        }
+        if seen.len() < MAX_QUEUE_LABELS {
+            seen.insert(queue.to_string());
+            return queue.to_string();
+        }
+        OTHER_QUEUES.to_string()
     }
 
     /// One claim statement's time, and what it leased: (queue, seconds waited) per job.
@@ -164,7 +186,7 @@ impl Metrics {
         self.claim_seconds.observe(took.as_secs_f64());
         for (queue, waited) in jobs {
             self.claimed
-                .get_or_create(&vec![("queue", queue.to_string())])
+                .get_or_create(&vec![("queue", self.queue_label(queue))])
                 .inc();
             self.pickup_seconds.observe(waited);
         }
@@ -232,6 +254,11 @@ impl Metrics {
         StreamGuard(self.clone())
     }
 
+    /// Event streams open now.
+    pub fn event_streams(&self) -> i64 {
+        self.sse_streams.get()
+    }
+
     pub fn stream_client_dropped(&self) {
         self.sse_dropped.inc();
     }
@@ -270,9 +297,17 @@ async fn sample(registry: &mut Registry, pool: &PgPool) {
     match tokio::time::timeout(limit, store::jobs::count_by_queue_and_state(pool)).await {
         Ok(Ok(rows)) => {
             let jobs = Family::<Labels, Gauge>::default();
+            let mut named = std::collections::HashSet::new();
             for (queue, state, count) in rows {
+                // The first MAX_QUEUE_LABELS queues by name, the rest together.
+                let queue = if named.contains(&queue) || named.len() < MAX_QUEUE_LABELS {
+                    named.insert(queue.clone());
+                    queue
+                } else {
+                    OTHER_QUEUES.to_string()
+                };
                 jobs.get_or_create(&vec![("queue", queue), ("state", state)])
-                    .set(count);
+                    .inc_by(count);
             }
             registry.register("jobs", "Jobs by queue and state", jobs);
         }
