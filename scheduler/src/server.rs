@@ -78,6 +78,7 @@ impl Server {
             runner_tokens: Arc::default(),
         };
         let mut tasks = JoinSet::new();
+        tasks.spawn(events.clone().watch_ends());
         tasks.spawn(wake::listen(
             pool.clone(),
             wake.clone(),

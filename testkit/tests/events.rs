@@ -446,3 +446,49 @@ async fn a_thousand_streams_share_the_schedulers_connections() {
         assert_eq!(stream.next_event(WAIT).await, None);
     }
 }
+
+/// A stream on one replica follows a job another replica runs: its events (through NOTIFY)
+/// and its end (looked up, since ends do not notify).
+#[tokio::test]
+async fn a_stream_on_one_replica_sees_events_and_the_end_applied_by_another() {
+    let db = TestDb::new().await;
+    let a = Scheduler::start(&db, Timings::TEST).await;
+    let b = Scheduler::start(&db, Timings::TEST).await;
+    let (runner, task) = one_task(&b, "sse-replicas").await;
+    let mut stream = a
+        .api()
+        .events(&api_paths::job_events(task.job_id), None)
+        .await
+        .expect("a stream on replica A");
+    post_events(&runner, &task, 1..=2, 0).await;
+    for seq in 1..=2 {
+        assert_eq!(line_of(&stream.next_event(WAIT).await.unwrap()), seq);
+    }
+    let (status, body) = runner.complete(&task, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let end = stream.next_event(WAIT).await.expect("the terminal event");
+    assert_eq!(end.kind, "succeeded");
+    assert_eq!(stream.next_event(WAIT).await, None);
+}
+
+/// A job the scheduler fails on its own (its lease ran out, no attempts left) ends its
+/// stream too.
+#[tokio::test]
+async fn a_reclaimed_job_ends_its_stream() {
+    let db = TestDb::new().await;
+    let scheduler = Scheduler::start(&db, Timings::FAST).await;
+    let api = scheduler.api();
+    api.enqueue(json!({"max_attempts": 1, "spec": {"kind": "noop"}}))
+        .await;
+    let runner = FakeRunner::register(&scheduler, "sse-lost").await;
+    let task = runner.claim(1, 5000).await.pop().expect("a task");
+    let mut stream = api
+        .events(&api_paths::job_events(task.job_id), None)
+        .await
+        .expect("a stream");
+    // No heartbeat: the lease runs out and the job fails.
+    let end = stream.next_event(WAIT).await.expect("the terminal event");
+    assert_eq!(end.kind, "failed");
+    assert_eq!(end.data["state"], "failed");
+    assert_eq!(stream.next_event(WAIT).await, None);
+}

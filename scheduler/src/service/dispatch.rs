@@ -71,7 +71,7 @@ pub async fn claim(
                 )
                 .await?;
                 completed = completion_results(runner, items, results)?;
-                observe_ended(ctx, &ended);
+                observe_ended(ctx, &ended, items.iter().filter_map(|c| c.job_id));
                 claimed
             }
             None => {
@@ -316,7 +316,7 @@ pub async fn complete(
         &[lifecycle::store_completion(runner.id, job, &completion)],
     )
     .await?;
-    observe_ended(ctx, &ended);
+    observe_ended(ctx, &ended, [job]);
     let state = states.remove(0)?;
     tracing::info!(job_id = %job, attempt = %completion.attempt, runner_id = %runner.id, %state, "attempt completed");
     Ok(CompleteResponse { state })
@@ -335,16 +335,27 @@ pub async fn complete_many(
         &lifecycle::store_completions(runner.id, &request.completions),
     )
     .await?;
-    observe_ended(ctx, &ended);
+    observe_ended(
+        ctx,
+        &ended,
+        request.completions.iter().filter_map(|c| c.job_id),
+    );
     let completed = completion_results(runner, &request.completions, results)?;
     Ok(CompleteManyResponse { completed })
 }
 
-fn observe_ended(ctx: &Context, ended: &[jobs::AttemptEnded]) {
+/// Metrics of the attempts a statement ended, and a nudge to the streams following their
+/// jobs (`jobs`: the completions' jobs, applied or not; a stream only re-reads).
+fn observe_ended(
+    ctx: &Context,
+    ended: &[jobs::AttemptEnded],
+    jobs: impl IntoIterator<Item = JobId>,
+) {
     for attempt in ended {
         ctx.metrics
             .attempt_ended(attempt.succeeded, attempt.seconds);
     }
+    ctx.events.jobs_ended(jobs);
 }
 
 /// A batch of completions names its jobs, each attempt once, not too many, and each can be

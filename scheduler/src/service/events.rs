@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, mpsc, watch, Notify};
 use super::metrics::{Metrics, StreamGuard};
 use crate::store::events::{self, Topic, TopicEvent};
 use crate::{Error, Result};
+use sluice_protocol::JobId;
 
 /// Events read per page (a topic broadcasts a page at once, so its ring holds at least two).
 const PAGE: i64 = 100;
@@ -35,6 +36,8 @@ const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A topic re-checks its job or run this often even without a notification (a lost LISTEN
 /// is also covered by [`Hub::wake_all`] on reconnect).
 const TOPIC_RECHECK: Duration = Duration::from_secs(30);
+/// How often the followed jobs and runs are looked up for their ends.
+const END_POLL: Duration = Duration::from_millis(250);
 /// While a job or run has ended but its final events are still on their way.
 const END_RECHECK: Duration = Duration::from_millis(250);
 /// How long a new client waits for its topic to learn where its stream stands.
@@ -125,6 +128,69 @@ impl Hub {
         {
             if let Some(state) = topics.get(&topic) {
                 state.wake.notify_one();
+            }
+        }
+    }
+
+    /// Wakes the streams of these jobs (they ended here: a completion or a cancel this
+    /// scheduler applied), so that their terminal events go out at once.
+    pub fn jobs_ended(&self, jobs: impl IntoIterator<Item = JobId>) {
+        let topics = self.inner.lock();
+        if topics.is_empty() {
+            return;
+        }
+        for job in jobs {
+            if let Some(state) = topics.get(&Topic::Job(job)) {
+                state.wake.notify_one();
+            }
+        }
+    }
+
+    /// Looks up, every [`END_POLL`], which followed jobs and runs have ended, and wakes their
+    /// topics: how a stream learns of an end applied by another scheduler, a reclaim or a
+    /// timeout (ends do not notify; see `sql/0012_live_events.sql`). Costs nothing while no
+    /// stream is open. Runs until shutdown.
+    pub async fn watch_ends(self) {
+        let mut shutdown = self.inner.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(END_POLL) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let (jobs, runs): (Vec<i64>, Vec<i64>) = {
+                let topics = self.inner.lock();
+                let jobs = topics
+                    .keys()
+                    .filter_map(|t| match t {
+                        Topic::Job(job) => Some(job.0),
+                        Topic::Run(_) => None,
+                    })
+                    .collect();
+                let runs = topics
+                    .keys()
+                    .filter_map(|t| match t {
+                        Topic::Run(run) => Some(*run),
+                        Topic::Job(_) => None,
+                    })
+                    .collect();
+                (jobs, runs)
+            };
+            if jobs.is_empty() && runs.is_empty() {
+                continue;
+            }
+            match events::ended_among(&self.inner.pool, &jobs, &runs).await {
+                Ok(ended) => {
+                    let topics = self.inner.lock();
+                    for topic in ended {
+                        if let Some(state) = topics.get(&topic) {
+                            state.wake.notify_one();
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "event streams: cannot look up ends"),
             }
         }
     }

@@ -111,7 +111,11 @@ pub async fn get(ctx: &Context, id: JobId) -> Result<Job> {
 /// Cancels a job that has not finished (a running attempt's tool is killed at its runner's
 /// next heartbeat). Cancelling a cancelled job answers the same; a finished one is a conflict.
 pub async fn cancel(ctx: &Context, id: JobId) -> Result<JobStateChange> {
-    match jobs::cancel(&ctx.pool, id).await? {
+    let outcome = jobs::cancel(&ctx.pool, id).await?;
+    if outcome.is_some() {
+        ctx.events.jobs_ended([id]);
+    }
+    match outcome {
         None => Err(Error::NotFound("job")),
         Some(CancelOutcome::Cancelled)
         | Some(CancelOutcome::AlreadyFinished(JobState::Cancelled)) => Ok(JobStateChange {

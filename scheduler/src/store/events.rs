@@ -237,6 +237,30 @@ const RUN_END: &str = "SELECT r.state::text AS state,
     FROM sluice.workflow_runs r
     WHERE r.id = $1 AND r.state <> 'running'";
 
+/// Of the jobs `jobs` and runs `runs`, those that have ended (ids).
+pub async fn ended_among(pool: &PgPool, jobs: &[i64], runs: &[i64]) -> Result<Vec<Topic>> {
+    let rows: Vec<(bool, i64)> = sqlx::query_as(
+        "SELECT true, id FROM sluice.jobs
+         WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'cancelled')
+         UNION ALL
+         SELECT false, id FROM sluice.workflow_runs WHERE id = ANY($2) AND state <> 'running'",
+    )
+    .bind(jobs)
+    .bind(runs)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(job, id)| {
+            if job {
+                Topic::Job(JobId(id))
+            } else {
+                Topic::Run(id)
+            }
+        })
+        .collect())
+}
+
 /// The topic's end, when its job or run is in a terminal state; `None` while it runs (or
 /// when it does not exist).
 pub async fn topic_end(pool: &PgPool, topic: Topic) -> Result<Option<TopicEnd>> {
