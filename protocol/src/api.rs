@@ -335,7 +335,8 @@ pub struct JobList {
 /// `POST /api/jobs/retry`: retries up to `limit` (default 1,000, at most 10,000) jobs in
 /// `state` (`failed`, the default, or `cancelled`), oldest first, optionally of one `queue`
 /// and finished at or after `since`. Workflow steps are left out (a run decides about its
-/// steps). Call again while `more` is true.
+/// steps). Call again while `more` is true. A request naming none of `queue`, `state` and
+/// `since` must say `"all": true`, so that an empty body never redrives everything.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
@@ -348,6 +349,9 @@ pub struct RetryManyRequest {
     pub since: Option<DateTime<Utc>>,
     #[serde(default)]
     pub limit: Option<u32>,
+    /// Every job in the state, of every queue (required when nothing else filters).
+    #[serde(default)]
+    pub all: bool,
 }
 
 /// What a bulk retry did: the jobs it retried (each now `available` or `scheduled`) and

@@ -217,6 +217,17 @@ async fn jobs_and_queues_are_listed_shown_changed_and_redriven_in_bulk() {
     assert_eq!(shown.json()["state"], "failed");
     assert_eq!(shown.json()["attempts"].as_array().unwrap().len(), 1);
 
+    // Over the API, a body that names nothing is refused, never a redrive of everything.
+    for nothing in [json!({}), json!([])] {
+        let (status, body) = api
+            .post(sluice_protocol::api::paths::JOBS_RETRY, &nothing)
+            .await;
+        assert_eq!(status, 400, "{nothing}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("all"),
+            "{body}"
+        );
+    }
     // The bulk redrive: every failed job of qa, none of qb.
     let redriven = cli
         .run(&[

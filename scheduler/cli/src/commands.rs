@@ -205,6 +205,7 @@ pub async fn retry_many(
     state: Option<JobState>,
     since: Option<String>,
     limit: Option<u64>,
+    all: bool,
 ) -> anyhow::Result<ExitCode> {
     let since = since.as_deref().map(parse_since).transpose()?;
     let mut left = limit.unwrap_or(u64::MAX);
@@ -217,6 +218,7 @@ pub async fn retry_many(
                 state,
                 since,
                 limit: Some(left.min(1000) as u32),
+                all,
             })
             .await?;
         let got = batch.retried.len() as u64;

@@ -930,7 +930,7 @@ async fn jobs(command: JobsCommand, api: ApiArgs, output: Output) -> anyhow::Res
                         .ok_or_else(|| anyhow::anyhow!("--state must be failed or cancelled"))
                 })
                 .transpose()?;
-            commands::retry_many(&client, output, queue, state, since, limit).await
+            commands::retry_many(&client, output, queue, state, since, limit, all).await
         }
     };
     result.map_err(describe_any)

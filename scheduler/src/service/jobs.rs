@@ -231,6 +231,13 @@ pub async fn retry_many(ctx: &Context, request: RetryManyRequest) -> Result<Retr
             return Err(Error::invalid("queue", "not a valid queue name"));
         }
     }
+    if request.queue.is_none() && request.state.is_none() && request.since.is_none() && !request.all
+    {
+        return Err(Error::invalid(
+            "all",
+            "name a queue, a state or a time to retry, or set \"all\": true",
+        ));
+    }
     let state = request.state.unwrap_or(JobState::Failed);
     if !matches!(state, JobState::Failed | JobState::Cancelled) {
         return Err(Error::invalid("state", "must be failed or cancelled"));
