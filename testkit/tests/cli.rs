@@ -46,12 +46,22 @@ impl Cli {
     }
 
     async fn run(&self, args: &[&str]) -> Ran {
+        self.run_with(args, &[]).await
+    }
+
+    /// [`Cli::run`] with `env` set.
+    async fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Ran {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let (url, token) = (self.api_url.clone(), self.token.clone());
         tokio::task::spawn_blocking(move || {
             let out = Command::new(bin("sluice"))
                 .args(args)
                 .env_remove("SLUICE_OUTPUT")
+                .envs(env)
                 .env("SLUICE_API_URL", url)
                 .env("SLUICE_API_TOKEN", token)
                 .output()
@@ -337,6 +347,23 @@ async fn completions_and_json_output_are_there_for_scripts() {
         delayed.json()["id"],
         "the key answers with the first job"
     );
+    // Every flag also from the environment.
+    let from_env = cli
+        .run_with(
+            &["enqueue", r#"{"kind":"noop"}"#],
+            &[("SLUICE_QUEUE", "from-env"), ("SLUICE_PRIORITY", "7")],
+        )
+        .await;
+    assert_eq!(from_env.code, Some(0), "{from_env:?}");
+    let listed = cli
+        .run_with(
+            &["jobs", "ls"],
+            &[("SLUICE_OUTPUT", "json"), ("SLUICE_QUEUE", "from-env")],
+        )
+        .await;
+    let jobs = listed.json()["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 1, "{listed:?}");
+    assert_eq!(jobs[0]["priority"], 7);
     for command in [
         vec!["runners", "ls", "-o", "json"],
         vec!["workflows", "list", "-o", "json"],

@@ -115,16 +115,16 @@ enum Command {
 enum JobsCommand {
     /// Jobs, newest first.
     Ls {
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_QUEUE")]
         queue: Option<String>,
         /// blocked, scheduled, available, running, succeeded, failed or cancelled.
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_STATE")]
         state: Option<String>,
         /// Created at or after: an RFC 3339 time or an age (90s, 15m, 2h, 7d).
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_SINCE")]
         since: Option<String>,
         /// How many to list (50 by default).
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_LIMIT")]
         limit: Option<u32>,
     },
     /// One job: its state, attempts, result and error.
@@ -135,19 +135,19 @@ enum JobsCommand {
     /// one filter, or --all).
     Retry {
         id: Option<i64>,
-        #[arg(long, conflicts_with = "id")]
+        #[arg(long, env = "SLUICE_QUEUE")]
         queue: Option<String>,
         /// failed (the default) or cancelled.
-        #[arg(long, conflicts_with = "id")]
+        #[arg(long, env = "SLUICE_STATE")]
         state: Option<String>,
         /// Finished at or after: an RFC 3339 time or an age (90s, 15m, 2h, 7d).
-        #[arg(long, conflicts_with = "id")]
+        #[arg(long, env = "SLUICE_SINCE")]
         since: Option<String>,
-        /// Retry at most this many.
-        #[arg(long, conflicts_with = "id")]
+        /// Retry at most this many. (With an ID, the filters are not used.)
+        #[arg(long, env = "SLUICE_LIMIT")]
         limit: Option<u64>,
         /// Every failed (or --state) job, with no other filter.
-        #[arg(long, conflicts_with = "id")]
+        #[arg(long, env = "SLUICE_ALL")]
         all: bool,
     },
 }
@@ -188,28 +188,28 @@ enum SchedulesCommand {
 struct ScheduleSetArgs {
     name: String,
     /// 5 fields (`*/15 * * * *`), 6 (seconds first) or `@hourly`, `@daily`, ….
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_CRON")]
     cron: String,
     /// The workflow each tick runs.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_WORKFLOW")]
     workflow: String,
     /// The IANA zone the fields are read in (UTC by default).
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_TIMEZONE")]
     timezone: Option<String>,
     /// The runs' input, JSON; `-` reads it from stdin, `@file` from a file.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_INPUT")]
     input: Option<String>,
     /// While the last run still runs: allow (default), skip, queue_one, replace.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_OVERLAP")]
     overlap: Option<String>,
     /// Ticks missed while no scheduler ran: none (default), latest, all.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_CATCH_UP")]
     catch_up: Option<String>,
     /// How far back `--catch-up all` reaches (one day by default).
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_CATCH_UP_WINDOW_MS")]
     catch_up_window_ms: Option<u64>,
     /// Create it paused.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_PAUSED")]
     paused: bool,
 }
 
@@ -218,7 +218,7 @@ enum WorkflowsCommand {
     /// Register a definition (YAML or JSON) from FILE, under its file name or `--name`.
     Apply {
         file: PathBuf,
-        #[arg(long)]
+        #[arg(long, env = "SLUICE_WORKFLOW_NAME")]
         name: Option<String>,
     },
     /// List the workflows and their current versions.
@@ -263,13 +263,13 @@ struct RunArgs {
     /// The workflow's name.
     workflow: String,
     /// The run's input, JSON; `-` reads it from stdin, `@file` from a file.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_INPUT")]
     input: Option<String>,
     /// A stored version (its hash) instead of the current one.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_WORKFLOW_VERSION")]
     version: Option<String>,
     /// Follow the run's steps until it ends; exit 1 unless it succeeded.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_WAIT")]
     wait: bool,
     #[command(flatten)]
     api: ApiArgs,
@@ -283,7 +283,7 @@ struct ArtifactsArgs {
     step: String,
     /// Where to write the archive (default: `<step>.tar`); `-` writes it to stdout. (Was
     /// `-o`, which is now `--output text|json` on every command.)
-    #[arg(short = 'f', long = "file")]
+    #[arg(short = 'f', long = "file", env = "SLUICE_ARTIFACTS_FILE")]
     file: Option<PathBuf>,
     #[command(flatten)]
     api: ApiArgs,
@@ -292,16 +292,16 @@ struct ArtifactsArgs {
 #[derive(Args)]
 struct BenchArgs {
     /// A small version of everything (under a minute).
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_BENCH_QUICK")]
     quick: bool,
     /// Also write the results as JSON to this file.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_BENCH_JSON")]
     json: Option<PathBuf>,
     /// Measure against this server instead of a private durable cluster.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<Secret>,
     /// Run only these parts (comma-separated): enqueue, bulk, core, e2e, workflow, spawn, claim, pool, events.
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(sluice_cli::bench::SECTIONS))]
+    #[arg(long, env = "SLUICE_BENCH_ONLY", value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(sluice_cli::bench::SECTIONS))]
     only: Vec<String>,
 }
 
@@ -409,7 +409,7 @@ struct ServeArgs {
     #[command(flatten)]
     pool: sluice_cli::pool::PoolArgs,
     /// Do not apply migrations at start.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_NO_MIGRATE")]
     no_migrate: bool,
 }
 
@@ -419,23 +419,23 @@ struct EnqueueArgs {
     /// `-` reads it from stdin, `@file` from a file.
     spec: String,
     /// Wait for the job to end, print its output, and exit with its status.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_WAIT")]
     wait: bool,
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_QUEUE")]
     queue: Option<String>,
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_PRIORITY")]
     priority: Option<i32>,
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_MAX_ATTEMPTS")]
     max_attempts: Option<i32>,
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_TIMEOUT_MS")]
     timeout_ms: Option<u64>,
-    #[arg(long, conflicts_with = "delay")]
+    #[arg(long, env = "SLUICE_DELAY_MS", conflicts_with = "delay")]
     delay_ms: Option<u64>,
     /// Run it no earlier than this from now: 250ms, 90s, 15m, 2h, 7d.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_DELAY")]
     delay: Option<String>,
     /// A repeated key answers with the first job instead of enqueuing another.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_IDEMPOTENCY_KEY")]
     idempotency_key: Option<String>,
     /// Public API URL; defaults to the one in `.sluice/dev.env`.
     #[arg(long, env = "SLUICE_API_URL")]
@@ -448,20 +448,22 @@ struct EnqueueArgs {
 #[derive(Args)]
 struct DevArgs {
     /// State directory: the cluster, dev.env, runner workspaces and logs.
-    #[arg(long, default_value = ".sluice")]
+    #[arg(long, env = "SLUICE_DEV_DIR", default_value = ".sluice")]
     dir: PathBuf,
     /// Use this Postgres instead of a private cluster.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<Secret>,
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    /// Public API address.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:7071")]
+    /// Internal runner API address.
+    #[arg(long, env = "SLUICE_INTERNAL_LISTEN", default_value = "127.0.0.1:7071")]
     internal_listen: SocketAddr,
     /// Local runners to start.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "SLUICE_DEV_RUNNERS", default_value_t = 2)]
     runners: u32,
     /// Do not run the example job.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_NO_EXAMPLE")]
     no_example: bool,
     #[command(flatten)]
     timings: TimingArgs,
@@ -494,9 +496,10 @@ fn main() -> ExitCode {
         Err(err) if !err.use_stderr() => err.exit(),
         // A mistake on the command line: its one line, and where to look (exit 2, as clap).
         Err(err) => {
-            let text = err.render().to_string();
-            let first = text.lines().next().unwrap_or("error: invalid command line");
-            eprintln!("{first} (see `sluice --help`)");
+            eprintln!(
+                "{} (see `sluice --help`)",
+                one_line(&err.render().to_string())
+            );
             return ExitCode::from(2);
         }
     };
@@ -581,6 +584,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Clap's message on one line: what is wrong, with the names and values it lists, without
+/// the usage that follows.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
