@@ -91,63 +91,58 @@ impl Metrics {
     /// The exposition (Prometheus text format 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runner_attempts_total Attempts ended on this runner, by outcome."
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        family(
+            &mut out,
+            "sluice_runner_attempts_total",
+            "counter",
+            "Attempts ended on this runner, by outcome.",
         );
-        let _ = writeln!(out, "# TYPE sluice_runner_attempts_total counter");
         for (outcome, name) in OUTCOMES {
+            let count = load(&self.attempts[outcome as usize]);
             let _ = writeln!(
                 out,
-                "sluice_runner_attempts_total{{outcome=\"{name}\"}} {}",
-                self.attempts[outcome as usize].load(Ordering::Relaxed)
+                "sluice_runner_attempts_total{{outcome=\"{name}\"}} {count}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runner_attempts_running Attempts running now."
+        for (name, help, value) in [
+            (
+                "sluice_runner_attempts_running",
+                "Attempts running now.",
+                &self.running,
+            ),
+            (
+                "sluice_runner_outbox_depth",
+                "Completions waiting to be delivered.",
+                &self.outbox,
+            ),
+        ] {
+            family(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let name = "sluice_runner_spawn_seconds";
+        family(
+            &mut out,
+            name,
+            "histogram",
+            "Time to start a tool in its sandbox.",
         );
-        let _ = writeln!(out, "# TYPE sluice_runner_attempts_running gauge");
-        let _ = writeln!(
-            out,
-            "sluice_runner_attempts_running {}",
-            self.running.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runner_outbox_depth Completions waiting to be delivered."
-        );
-        let _ = writeln!(out, "# TYPE sluice_runner_outbox_depth gauge");
-        let _ = writeln!(
-            out,
-            "sluice_runner_outbox_depth {}",
-            self.outbox.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runner_spawn_seconds Time to start a tool in its sandbox."
-        );
-        let _ = writeln!(out, "# TYPE sluice_runner_spawn_seconds histogram");
         for (bucket, bound) in self.spawn_buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(
-                out,
-                "sluice_runner_spawn_seconds_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", load(bucket));
         }
-        let count = self.spawn_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "sluice_runner_spawn_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "sluice_runner_spawn_seconds_sum {}",
-            self.spawn_sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "sluice_runner_spawn_seconds_count {count}");
+        let count = load(&self.spawn_count);
+        let sum = load(&self.spawn_sum_us) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
         out
     }
+}
+
+/// A family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// Binds the metrics listener (logging the address it got).

@@ -229,6 +229,28 @@ where
     }
 }
 
+/// A query string, with one that cannot be read (an unknown parameter, a bad number)
+/// answered in the API's JSON shape instead of axum's plain text.
+pub struct JsonQuery<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for JsonQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|query| JsonQuery(query.0))
+            .map_err(|rejection| AppError(Error::invalid("query", rejection.body_text())))
+    }
+}
+
 /// Parses a body: syntax errors are `Malformed`, shape errors are `Invalid` naming the field
 /// (`timeout_ms`, `jobs[3].priority`) whose value does not fit.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> crate::Result<T> {

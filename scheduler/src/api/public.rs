@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,7 @@ use sluice_protocol::api::{
 use sluice_protocol::JobId;
 
 use super::{
-    bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, TextBody,
+    bearer_token, healthz, ApiResult, AppError, AppState, JsonBody, JsonPath, JsonQuery, TextBody,
     BODY_LIMIT_BYTES,
 };
 use crate::service::{cron, events, jobs, runners, sessions, workflows};
@@ -212,9 +212,8 @@ struct JobsQuery {
 )]
 async fn list_jobs(
     State(state): State<AppState>,
-    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+    JsonQuery(query): JsonQuery<JobsQuery>,
 ) -> ApiResult<Json<JobList>> {
-    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     Ok(Json(
         jobs::list(
             &state,
@@ -268,9 +267,8 @@ async fn job_events(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
     headers: HeaderMap,
-    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    JsonQuery(query): JsonQuery<StreamQuery>,
 ) -> ApiResult<Response> {
-    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     let topic = store::events::Topic::Job(job_id(&id)?);
     event_stream(&state, topic, &headers, query).await
 }
@@ -293,9 +291,8 @@ async fn run_events(
     State(state): State<AppState>,
     JsonPath(id): JsonPath<String>,
     headers: HeaderMap,
-    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    JsonQuery(query): JsonQuery<StreamQuery>,
 ) -> ApiResult<Response> {
-    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     let topic = store::events::Topic::Run(run_id(&id)?);
     event_stream(&state, topic, &headers, query).await
 }
@@ -470,9 +467,8 @@ struct VersionQuery {
 async fn get_workflow(
     State(state): State<AppState>,
     JsonPath(name): JsonPath<String>,
-    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+    JsonQuery(query): JsonQuery<VersionQuery>,
 ) -> ApiResult<Json<Workflow>> {
-    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     Ok(Json(
         workflows::get(&state, &name, query.version.as_deref()).await?,
     ))
@@ -658,9 +654,8 @@ struct RunsQuery {
 )]
 async fn list_runs(
     State(state): State<AppState>,
-    query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+    JsonQuery(query): JsonQuery<RunsQuery>,
 ) -> ApiResult<Json<RunList>> {
-    let Query(query) = query.map_err(|e| Error::invalid("query", e.body_text()))?;
     Ok(Json(
         workflows::list_runs(
             &state,
