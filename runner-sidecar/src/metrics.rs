@@ -52,16 +52,27 @@ pub struct Metrics {
 }
 
 /// This process's metrics.
-pub static METRICS: Metrics = Metrics {
-    attempts: [const { AtomicU64::new(0) }; 4],
-    running: AtomicI64::new(0),
-    outbox: AtomicI64::new(0),
-    spawn_buckets: [const { AtomicU64::new(0) }; BUCKETS.len()],
-    spawn_count: AtomicU64::new(0),
-    spawn_sum_us: AtomicU64::new(0),
-};
+pub static METRICS: Metrics = Metrics::new();
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Metrics {
+    /// All zero.
+    pub const fn new() -> Metrics {
+        Metrics {
+            attempts: [const { AtomicU64::new(0) }; 4],
+            running: AtomicI64::new(0),
+            outbox: AtomicI64::new(0),
+            spawn_buckets: [const { AtomicU64::new(0) }; BUCKETS.len()],
+            spawn_count: AtomicU64::new(0),
+            spawn_sum_us: AtomicU64::new(0),
+        }
+    }
+
     pub fn attempt_ended(&self, outcome: Outcome) {
         self.attempts[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -204,14 +215,7 @@ mod tests {
 
     #[test]
     fn the_exposition_counts_what_was_reported() {
-        let metrics = Metrics {
-            attempts: [const { AtomicU64::new(0) }; 4],
-            running: AtomicI64::new(0),
-            outbox: AtomicI64::new(0),
-            spawn_buckets: [const { AtomicU64::new(0) }; BUCKETS.len()],
-            spawn_count: AtomicU64::new(0),
-            spawn_sum_us: AtomicU64::new(0),
-        };
+        let metrics = Metrics::new();
         metrics.attempt_ended(Outcome::Completed);
         metrics.attempt_ended(Outcome::Completed);
         metrics.attempt_ended(Outcome::LeaseLost);
