@@ -22,6 +22,7 @@ use super::{
 use crate::service::{dispatch, runners, sessions, workflows::artifacts};
 use crate::store::runners::RunnerIdentity;
 use crate::Error;
+use tracing::Instrument;
 
 /// The internal router (`/internal/*`), its paths from the wire contract.
 pub fn router(state: AppState) -> Router {
@@ -115,9 +116,22 @@ async fn stream(
     JsonPath(id): JsonPath<String>,
     JsonBody(request): JsonBody<StreamRequest>,
 ) -> ApiResult<Json<StreamResponse>> {
+    let job = job_id(&id)?;
+    let span = attempt_span(job, request.attempt, &runner);
     Ok(Json(
-        runners::stream(&state, &runner, job_id(&id)?, request).await?,
+        runners::stream(&state, &runner, job, request)
+            .instrument(span)
+            .await?,
     ))
+}
+
+/// What a request about one attempt logs under: its job, attempt and runner.
+fn attempt_span(
+    job: sluice_protocol::JobId,
+    attempt: sluice_protocol::Attempt,
+    runner: &RunnerIdentity,
+) -> tracing::Span {
+    tracing::info_span!("attempt", job_id = %job, attempt = %attempt, runner_id = %runner.id)
 }
 
 async fn complete(
@@ -126,8 +140,12 @@ async fn complete(
     JsonPath(id): JsonPath<String>,
     JsonBody(completion): JsonBody<Completion>,
 ) -> ApiResult<Json<CompleteResponse>> {
+    let job = job_id(&id)?;
+    let span = attempt_span(job, completion.attempt, &runner);
     Ok(Json(
-        dispatch::complete(&state, &runner, job_id(&id)?, completion).await?,
+        dispatch::complete(&state, &runner, job, completion)
+            .instrument(span)
+            .await?,
     ))
 }
 
