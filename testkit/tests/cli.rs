@@ -161,6 +161,28 @@ async fn tail_follows_a_job_live_and_exits_with_its_status() {
         "{tail:?}"
     );
 
+    // A workflow run: its steps' output, each line tagged with its step; `--run` spells it too.
+    api.register_workflow(
+        "tail-two",
+        "steps:\n  - {id: first, kind: bash, script: \"echo one\"}\n  - {id: second, depends_on: [first], kind: bash, script: \"echo two\"}\n",
+    )
+    .await;
+    let run = api.start_run(json!({"workflow": "tail-two"})).await;
+    for args in [
+        vec!["tail".to_string(), format!("run:{run}")],
+        vec!["tail".into(), run.to_string(), "--run".into()],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let tail = cli.run(&args).await;
+        assert_eq!(tail.code, Some(0), "{tail:?}");
+        assert!(tail.stdout.contains("[first] one"), "{tail:?}");
+        assert!(tail.stdout.contains("[second] two"), "{tail:?}");
+        assert!(
+            tail.stdout.lines().last().unwrap().starts_with("succeeded"),
+            "{tail:?}"
+        );
+    }
+
     for bad in ["0", "run:", "step:1", "abc", "run:-3"] {
         cli.run(&["tail", bad]).await.assert_one_line_error();
     }

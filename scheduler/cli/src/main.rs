@@ -102,8 +102,11 @@ enum Command {
     /// Follow a job's (or `run:ID`, a workflow run's) events live until it ends; exit with its
     /// status (0 succeeded, the tool's exit code or 1 failed, 1 cancelled).
     Tail {
-        /// `42` or `job:42` for a job, `run:42` for a workflow run.
+        /// `42` or `job:42` for a job, `run:42` (or `42 --run`) for a workflow run.
         target: String,
+        /// TARGET is a workflow run's id.
+        #[arg(long, env = "SLUICE_TAIL_RUN")]
+        run: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -560,10 +563,15 @@ fn main() -> ExitCode {
             init_tracing("warn");
             block_on(queues(command, api, output))
         }
-        Command::Tail { target, api } => {
+        Command::Tail { target, run, api } => {
             init_tracing("warn");
             block_on(async move {
-                let target = commands::Target::parse(&target)?;
+                let target = match run {
+                    true if !target.contains(':') => {
+                        commands::Target::parse(&format!("run:{target}"))?
+                    }
+                    _ => commands::Target::parse(&target)?,
+                };
                 commands::tail(&api.client()?, output, target).await
             })
         }
