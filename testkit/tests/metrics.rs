@@ -249,3 +249,34 @@ fn strip_ansi(line: &str) -> String {
     }
     out
 }
+
+/// Streams asked for jobs that do not exist make no topic; a stream that closes lets its
+/// topic go (both visible as `sluice_event_topics`).
+#[tokio::test]
+async fn unknown_jobs_make_no_topics_and_closed_streams_let_theirs_go() {
+    let db = TestDb::new().await;
+    let scheduler =
+        Scheduler::start_with(&db, Timings::TEST, &[("SLUICE_SSE_KEEPALIVE_MS", "200")]).await;
+    let api = scheduler.api();
+    for id in 1_000_000..1_000_050 {
+        let path = api_paths::job_events(sluice_protocol::JobId(id));
+        let (status, _) = api.events(&path, None).await.err().expect("refused");
+        assert_eq!(status, 404);
+    }
+    assert_eq!(scrape(&scheduler).await.value("sluice_event_topics"), 0.0);
+    let job = api
+        .enqueue(json!({"spec": {"kind": "noop"}, "delay_ms": 3_600_000}))
+        .await;
+    let stream = api
+        .events(&api_paths::job_events(sluice_protocol::JobId(job)), None)
+        .await
+        .expect("a stream");
+    assert_eq!(scrape(&scheduler).await.value("sluice_event_topics"), 1.0);
+    drop(stream);
+    poll_until(WAIT, || async {
+        let s = scrape(&scheduler).await;
+        Ok::<_, String>((s.value("sluice_event_topics") == 0.0).then_some(()))
+    })
+    .await
+    .expect("the closed stream's topic is let go");
+}

@@ -107,7 +107,10 @@ async fn require_api_token(
     )
 )]
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(&state.pool).await;
+    let text = state
+        .metrics
+        .render(&state.pool, state.events.topics())
+        .await;
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -220,6 +220,13 @@ impl Hub {
                 count - 1
             )));
         }
+        // Before any topic is made for it: an unknown id costs one lookup, nothing more.
+        if events::topic_head(&self.inner.pool, topic).await?.is_none() {
+            return Err(Error::NotFound(match topic {
+                Topic::Job(_) => "job",
+                Topic::Run(_) => "run",
+            }));
+        }
         // Subscribe before anything is read: every event past the history read below then
         // reaches this subscriber through the topic.
         let (state, rx) = self.subscribe(topic);
@@ -227,18 +234,19 @@ impl Hub {
         // Whether it got ready, gave up or timed out is read off the flag below.
         let _ = tokio::time::timeout(TOPIC_READY_TIMEOUT, ready.wait_for(|r| *r)).await;
         if !*state.ready.borrow() {
+            drop(rx);
+            state.wake.notify_one();
             return Err(Error::Unavailable(
                 "the event stream could not read where it stands".into(),
             ));
         }
-        if events::topic_head(&self.inner.pool, topic).await?.is_none() {
-            return Err(Error::NotFound(match topic {
-                Topic::Job(_) => "job",
-                Topic::Run(_) => "run",
-            }));
-        }
         let (tx, out) = mpsc::channel(self.inner.settings.client_buffer);
-        tokio::spawn(serve_client(self.inner.clone(), topic, after, rx, tx, open));
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            serve_client(inner, topic, after, rx, tx, open).await;
+            // Its receiver is gone: the topic may be followed by nobody now.
+            state.wake.notify_one();
+        });
         Ok(out)
     }
 

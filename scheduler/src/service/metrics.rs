@@ -263,11 +263,19 @@ impl Metrics {
         self.sse_dropped.inc();
     }
 
-    /// The whole exposition: what was counted, then the gauges read from `pool` now.
-    pub async fn render(&self, pool: &PgPool) -> String {
+    /// The whole exposition: what was counted, then the gauges read from `pool` now, and
+    /// `topics`, the jobs and runs the event streams follow.
+    pub async fn render(&self, pool: &PgPool, topics: usize) -> String {
         let mut text = String::new();
         let _ = encode_registry(&mut text, &self.registry);
         let mut sampled = Registry::with_prefix("sluice");
+        let followed: Gauge = Gauge::default();
+        followed.set(topics as i64);
+        sampled.register(
+            "event_topics",
+            "Jobs and runs followed by open event streams (one read per new event each)",
+            followed,
+        );
         sample(&mut sampled, pool).await;
         let _ = encode_registry(&mut text, &sampled);
         let _ = encode_eof(&mut text);
