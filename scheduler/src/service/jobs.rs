@@ -29,7 +29,7 @@ pub async fn enqueue(ctx: &Context, request: EnqueueRequest) -> Result<(EnqueueR
         .first()
         .ok_or_else(|| Error::Internal("enqueue returned nothing".into()))?;
     if first.created {
-        ctx.metrics.enqueued(&job.queue, 1);
+        ctx.metrics.enqueued(std::iter::once(job.queue.as_str()));
     }
     Ok((response_of(first), first.created))
 }
@@ -61,11 +61,13 @@ pub async fn enqueue_batch(
         new_jobs.push(job);
     }
     let enqueued = jobs::insert_many(&ctx.pool, &new_jobs).await?;
-    for (job, result) in new_jobs.iter().zip(&enqueued) {
-        if result.created {
-            ctx.metrics.enqueued(&job.queue, 1);
-        }
-    }
+    ctx.metrics.enqueued(
+        new_jobs
+            .iter()
+            .zip(&enqueued)
+            .filter(|(_, result)| result.created)
+            .map(|(job, _)| job.queue.as_str()),
+    );
     Ok(enqueued.iter().map(response_of).collect())
 }
 

@@ -49,7 +49,9 @@ pub struct Metrics {
     claimed: Family<Labels, Counter>,
     claim_seconds: Histogram,
     pickup_seconds: Histogram,
-    attempt_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// The two series of `attempt_duration_seconds`, held so that a completion looks nothing
+    /// up.
+    attempt_by_outcome: (Histogram, Histogram),
     reclaims: Family<Labels, Counter>,
     heartbeat_gap: Histogram,
     http_requests: Family<Labels, Counter>,
@@ -143,13 +145,22 @@ impl Metrics {
             "Event stream clients dropped for falling too far behind",
             sse_dropped.clone(),
         );
+        // One statement each: `get_or_create` answers under a read lock that a temporary
+        // holds to the statement's end, and creating the second series needs the write lock.
+        let succeeded = attempt_seconds
+            .get_or_create(&vec![("outcome", "succeeded".to_string())])
+            .clone();
+        let failed = attempt_seconds
+            .get_or_create(&vec![("outcome", "failed".to_string())])
+            .clone();
+        let attempt_by_outcome = (succeeded, failed);
         Metrics {
             registry,
             enqueued,
             claimed,
             claim_seconds,
             pickup_seconds,
-            attempt_seconds,
+            attempt_by_outcome,
             reclaims,
             heartbeat_gap,
             http_requests,
@@ -161,10 +172,13 @@ impl Metrics {
         }
     }
 
-    pub fn enqueued(&self, queue: &str, count: u64) {
-        self.enqueued
-            .get_or_create(&vec![("queue", self.queue_label(queue))])
-            .inc_by(count);
+    /// Jobs enqueued, by the queue of each.
+    pub fn enqueued<'a>(&self, queues: impl Iterator<Item = &'a str>) {
+        for (queue, count) in runs(queues) {
+            self.enqueued
+                .get_or_create(&vec![("queue", self.queue_label(queue))])
+                .inc_by(count);
+        }
     }
 
     /// A queue's label: its name for the first [`MAX_QUEUE_LABELS`] queues seen, `_other`
@@ -182,21 +196,27 @@ impl Metrics {
     }
 
     /// One claim statement's time, and what it leased: (queue, seconds waited) per job.
+    /// One claim statement's time, and what it leased: (queue, seconds waited) per job.
     pub fn claimed<'a>(&self, took: Duration, jobs: impl Iterator<Item = (&'a str, f64)>) {
         self.claim_seconds.observe(took.as_secs_f64());
-        for (queue, waited) in jobs {
+        let queues = jobs.map(|(queue, waited)| {
+            self.pickup_seconds.observe(waited);
+            queue
+        });
+        for (queue, count) in runs(queues) {
             self.claimed
                 .get_or_create(&vec![("queue", self.queue_label(queue))])
-                .inc();
-            self.pickup_seconds.observe(waited);
+                .inc_by(count);
         }
     }
 
     pub fn attempt_ended(&self, succeeded: bool, seconds: f64) {
-        let outcome = if succeeded { "succeeded" } else { "failed" };
-        self.attempt_seconds
-            .get_or_create(&vec![("outcome", outcome.to_string())])
-            .observe(seconds);
+        let (succeeded_seconds, failed_seconds) = &self.attempt_by_outcome;
+        if succeeded {
+            succeeded_seconds.observe(seconds)
+        } else {
+            failed_seconds.observe(seconds)
+        }
     }
 
     pub fn reclaimed(&self, reason: &'static str, result: &'static str, count: u64) {
@@ -281,6 +301,19 @@ impl Metrics {
         let _ = encode_eof(&mut text);
         text
     }
+}
+
+/// Runs of equal queue names and their lengths: a counter is looked up once per run (a
+/// claim's or a batch's jobs mostly share one queue), not once per job.
+fn runs<'a>(queues: impl Iterator<Item = &'a str>) -> Vec<(&'a str, u64)> {
+    let mut runs: Vec<(&str, u64)> = Vec::new();
+    for queue in queues {
+        match runs.last_mut() {
+            Some((same, count)) if *same == queue => *count += 1,
+            _ => runs.push((queue, 1)),
+        }
+    }
+    runs
 }
 
 /// Counts an open event stream until dropped.
@@ -374,4 +407,30 @@ async fn sample(registry: &mut Registry, pool: &PgPool) {
         "Samples of this scrape that could not be read",
         errors,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_count_consecutive_queues_once_each() {
+        let queues = ["a", "a", "b", "a", "a", "a"];
+        assert_eq!(runs(queues.into_iter()), vec![("a", 2), ("b", 1), ("a", 3)]);
+        assert!(runs(std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    fn queue_labels_stop_at_the_cap() {
+        let metrics = Metrics::new();
+        for n in 0..MAX_QUEUE_LABELS {
+            assert_eq!(metrics.queue_label(&format!("q{n}")), format!("q{n}"));
+        }
+        assert_eq!(metrics.queue_label("one-too-many"), OTHER_QUEUES);
+        assert_eq!(
+            metrics.queue_label("q7"),
+            "q7",
+            "a known queue keeps its label"
+        );
+    }
 }
